@@ -1,0 +1,5 @@
+"""`python -m gpuflops` runs the CLI."""
+
+from gpuflops.cli import main
+
+main()

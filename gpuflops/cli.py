@@ -1,0 +1,211 @@
+"""Command line: thin click commands over the daemon and the library."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from gpuflops import __version__
+from gpuflops.config import ConfigError, Settings, load_settings
+from gpuflops.sampler import SamplerError
+
+log = logging.getLogger("gpuflops")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose if verbose else logging.INFO
+    logging.basicConfig(
+        level=max(level, logging.DEBUG),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@click.group()
+@click.version_option(__version__, prog_name="gpuflops")
+def main() -> None:
+    """gpuflops: FLOPs executed by GPUs, measured from hardware counters."""
+
+
+@main.command()
+@click.option("--backend", type=click.Choice(["auto", "nvml", "replay"]), default=None)
+@click.option("--demo", is_flag=True, help="Replay the H100 trace shipped with gpuflops (no GPU needed).")
+@click.option("--replay", "replay_path", type=click.Path(dir_okay=False), default=None,
+              help="Trace to replay (implies --backend replay).")
+@click.option("--speed", type=float, default=None, help="Replay speed factor.")
+@click.option("--no-loop", is_flag=True, help="Stop when the replayed trace ends.")
+@click.option("--listen", default=None, help="HOST:PORT for /metrics and /healthz [0.0.0.0:9450].")
+@click.option("--interval", "interval_s", type=float, default=None, help="GPM interval in seconds [0.1].")
+@click.option("--precision", "hmma_precision", default=None,
+              help="Assumed tensor-core (HMMA) precision: fp8, bf16, fp16, tf32 [bf16].")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None)
+@click.option("--record", "record_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write every interval to this trace file.")
+@click.option("-v", "--verbose", count=True)
+def daemon(
+    backend: str | None,
+    demo: bool,
+    replay_path: str | None,
+    speed: float | None,
+    no_loop: bool,
+    listen: str | None,
+    interval_s: float | None,
+    hmma_precision: str | None,
+    config_path: str | None,
+    record_path: str | None,
+    verbose: int,
+) -> None:
+    """Run the metering daemon."""
+    from gpuflops.daemon import Daemon, build_sampler, handle_signals
+
+    _setup_logging(verbose)
+    try:
+        settings = load_settings(Path(config_path) if config_path else None)
+        if demo or replay_path:
+            if backend not in (None, "replay"):
+                raise ConfigError("--demo/--replay cannot be combined with --backend " + backend)
+            backend = "replay"
+        settings = settings.with_overrides(
+            backend=backend,
+            listen=listen,
+            interval_s=interval_s,
+            hmma_precision=hmma_precision,
+            replay_path=replay_path,
+            replay_speed=speed,
+            replay_loop=False if no_loop else None,
+        ).validate()
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    stop = threading.Event()
+    try:
+        sampler = build_sampler(settings, stop)
+    except SamplerError as e:
+        click.echo(f"gpuflops: {e}", err=True)
+        sys.exit(2)
+    d = Daemon(settings, sampler, stop=stop)
+    if record_path:
+        _attach_recorder(d, Path(record_path))
+    try:
+        d.serve()
+    except OSError as e:
+        d.close()
+        raise click.ClickException(f"cannot listen on {settings.listen}: {e}") from None
+    with handle_signals(stop):
+        d.run()
+
+
+def _attach_recorder(d: object, path: Path) -> None:
+    from gpuflops.daemon import Daemon
+    from gpuflops.sampler.trace import TraceWriter
+
+    assert isinstance(d, Daemon)
+    meta = {"recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "backend": d.sampler.name}
+    describe = getattr(d.sampler, "describe", None)
+    if callable(describe):
+        meta.update(describe())
+    writer = TraceWriter(path, d.sampler.gpus(), getattr(d.sampler, "interval_s", None), meta)
+    batch: dict[float, list] = {}
+
+    def hook(sample, _flops):  # type: ignore[no-untyped-def]
+        batch.setdefault(sample.t1_s, []).append(sample)
+        if len(batch[sample.t1_s]) == len(d.pipeline.gpus):
+            writer.interval(batch.pop(sample.t1_s))
+
+    d.pipeline.on_interval.append(hook)
+    d.add_closer(writer.close)
+
+
+@main.command()
+@click.option("--out", "out", type=click.Path(dir_okay=False), required=True,
+              help="Trace file to write (.jsonl or .jsonl.gz).")
+@click.option("--seconds", type=float, required=True, help="How long to record.")
+@click.option("--interval", "interval_s", type=float, default=0.1, show_default=True)
+@click.option("--clock-period", "clock_period_s", type=float, default=0.02, show_default=True)
+def record(out: str, seconds: float, interval_s: float, clock_period_s: float) -> None:
+    """Record a trace from the NVML backend."""
+    from gpuflops.sampler.nvml import NvmlSampler
+    from gpuflops.sampler.trace import TraceWriter
+
+    _setup_logging(0)
+    stop = threading.Event()
+    try:
+        sampler = NvmlSampler(interval_s=interval_s, clock_period_s=clock_period_s, stop=stop)
+    except SamplerError as e:
+        raise click.ClickException(str(e)) from None
+    meta = {
+        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "backend": "nvml",
+        **sampler.describe(),
+    }
+    writer = TraceWriter(Path(out), sampler.gpus(), interval_s, meta)
+    from gpuflops.daemon import handle_signals
+
+    end = time.time() + seconds
+    n = 0
+    try:
+        with handle_signals(stop):
+            while time.time() < end and not stop.is_set():
+                try:
+                    writer.interval(sampler.sample())
+                except StopIteration:
+                    break
+                n += 1
+    finally:
+        writer.close()
+        sampler.close()
+    click.echo(f"wrote {n} intervals for {len(sampler.gpus())} unit(s) to {out}")
+
+
+@main.command()
+@click.option("--url", default="http://127.0.0.1:9450/metrics", show_default=True)
+@click.option("--once", is_flag=True, help="Print one table and exit.")
+@click.option("--interval", "interval_s", type=float, default=1.0, show_default=True)
+def status(url: str, once: bool, interval_s: float) -> None:
+    """Live terminal view of each GPU: activity, clock, TFLOP/s, cumulative FLOPs, processes."""
+    from gpuflops.status import fetch_status, render
+
+    while True:
+        try:
+            text = render(fetch_status(url))
+        except OSError as e:
+            raise click.ClickException(f"cannot read {url}: {e}") from None
+        if once:
+            click.echo(text)
+            return
+        click.clear()
+        click.echo(text)
+        time.sleep(interval_s)
+
+
+def _register_optional() -> None:
+    """Commands that live in their own modules."""
+    import importlib
+
+    for module, attr in [
+        ("gpuflops.runcmd", "run"),
+        ("gpuflops.estimate_cli", "estimate"),
+        ("gpuflops.ledger_cli", "verify"),
+        ("gpuflops.ledger_cli", "report"),
+    ]:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:
+                continue
+            raise
+        cmd = getattr(mod, attr, None)
+        if isinstance(cmd, click.Command):
+            main.add_command(cmd)
+
+
+_register_optional()
+
+__all__ = ["Settings", "main"]
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Daemon settings: defaults, overridden by a TOML file, overridden by command-line flags."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from gpuflops.integrate.rates import DEFAULT_HMMA_PRECISION, HMMA_PRECISIONS
+
+DEFAULT_LISTEN = "0.0.0.0:9450"
+DEFAULT_SOCKET = "/run/gpuflops/gpuflops.sock"
+DEFAULT_STATE_DIR = "/var/lib/gpuflops"
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    backend: str = "auto"  # auto | nvml | replay
+    listen: str = DEFAULT_LISTEN
+    # GPM sampling interval. 0.1 s keeps the activity x clock product within the accuracy
+    # target under the power cap (docs/accuracy.md); NVML refuses anything shorter.
+    interval_s: float = 0.1
+    clock_period_s: float = 0.02  # SM clock reads within each interval, averaged
+    process_period_s: float = 1.0  # process list and per-process utilisation refresh
+    process_ttl_s: float = 300.0  # exited processes' series age out after this
+    attribution_hold_s: float = 3.0  # how long a shared interval waits for per-process samples
+    hmma_precision: str = DEFAULT_HMMA_PRECISION
+    hmma_precision_per_gpu: dict[str, str] = field(default_factory=dict)
+    replay_path: str | None = None
+    replay_speed: float = 1.0
+    replay_loop: bool = True
+    socket_path: str = DEFAULT_SOCKET
+    socket_group: str | None = None
+    socket_mode: int = 0o660
+    state_dir: str = DEFAULT_STATE_DIR
+    ledger: bool = True
+    web_config: str | None = None
+    job_sources: tuple[str, ...] = ("socket", "env", "kubernetes", "slurm", "torchrun", "systemd")
+    program_config: str | None = None
+    devices: tuple[int, ...] | None = None
+
+    def validate(self) -> Settings:
+        if self.backend not in ("auto", "nvml", "replay"):
+            raise ConfigError(f"backend must be auto, nvml or replay, not {self.backend!r}")
+        if self.interval_s < 0.1:
+            raise ConfigError(f"interval must be >= 0.1 s (NVML GPM limit), got {self.interval_s}")
+        if not 0 < self.clock_period_s <= self.interval_s:
+            raise ConfigError("clock_period_s must be in (0, interval_s]")
+        for key, p in [("hmma_precision", self.hmma_precision), *self.hmma_precision_per_gpu.items()]:
+            if p not in HMMA_PRECISIONS:
+                raise ConfigError(f"{key}: precision {p!r} is not one of {HMMA_PRECISIONS}")
+        if self.replay_speed <= 0:
+            raise ConfigError("replay_speed must be positive")
+        return self
+
+    def with_overrides(self, **kw: Any) -> Settings:
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Defaults, then the ``[daemon]`` table of a TOML file if given."""
+    if path is None:
+        return Settings()
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    table = data.get("daemon", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [daemon] must be a table")
+    known = {f.name for f in fields(Settings)}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"{path}: unknown settings {sorted(unknown)}")
+    if "job_sources" in table:
+        table["job_sources"] = tuple(table["job_sources"])
+    if "devices" in table:
+        table["devices"] = tuple(table["devices"])
+    try:
+        return Settings(**table).validate()
+    except TypeError as e:
+        raise ConfigError(f"{path}: {e}") from None

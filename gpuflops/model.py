@@ -1,0 +1,107 @@
+"""Domain types that flow through the pipeline: sampler -> integrator -> attribution -> exporter.
+
+Everything here is immutable. Units are base SI units (seconds, hertz, bytes); backends convert
+NVML's MHz, microseconds and percentages at their boundary. A quantity a backend could not
+measure is ``None``: never NaN, never 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Pipe(str, Enum):
+    """GPU execution pipes whose activity the counters report."""
+
+    HMMA = "hmma"  # tensor cores, half/bf16/tf32/fp8 matrix multiply-accumulate
+    IMMA = "imma"  # tensor cores, integer matrix multiply-accumulate
+    DFMA = "dfma"  # tensor cores, fp64 matrix multiply-accumulate
+    FP16 = "fp16"  # non-tensor FP16 pipe
+    FP32 = "fp32"  # non-tensor FP32 pipe
+    FP64 = "fp64"  # non-tensor FP64 pipe
+
+
+class Metric(str, Enum):
+    """Activity metrics a sampler reports as ratios in [0, 1] over an interval."""
+
+    TENSOR_ANY = "tensor_any"
+    HMMA = "hmma"
+    IMMA = "imma"
+    DFMA = "dfma"
+    FP16 = "fp16"
+    FP32 = "fp32"
+    FP64 = "fp64"
+    SM_ACTIVE = "sm_active"
+    SM_OCCUPANCY = "sm_occupancy"
+
+
+PIPE_METRIC: Mapping[Pipe, Metric] = {
+    Pipe.HMMA: Metric.HMMA,
+    Pipe.IMMA: Metric.IMMA,
+    Pipe.DFMA: Metric.DFMA,
+    Pipe.FP16: Metric.FP16,
+    Pipe.FP32: Metric.FP32,
+    Pipe.FP64: Metric.FP64,
+}
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """Static facts about one measured unit: a whole GPU or one MIG GPU instance."""
+
+    key: str  # stable label: "0" for GPU 0, "0/gi1" for GPU instance 1 on GPU 0
+    index: int  # NVML index of the physical GPU
+    uuid: str
+    name: str
+    architecture: str  # "volta", "ampere", "ada", "hopper", "blackwell", ... or "unknown"
+    sm_count: int | None  # SMs in this unit (a MIG instance has fewer), None when unknown
+    gpu_instance_id: int | None = None
+    # Metrics this unit can report at all; empty when tensor activity is unavailable.
+    metrics: frozenset[Metric] = field(default_factory=frozenset)
+    # Why activity is unavailable, when it is ("GPM not supported on this GPU", ...).
+    unavailable_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A compute process seen on a GPU during an interval."""
+
+    pid: int
+    comm: str  # process name, from /proc/<pid>/comm; "" when it could not be read
+    used_memory_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class ProcessUtilSample:
+    """One per-process utilisation sample from the driver's ring buffer (~1 s windows)."""
+
+    pid: int
+    timestamp_s: float  # end of the sample's window, wall-clock seconds
+    sm_util: float  # ratio in [0, 1] of the window during which this process had a kernel
+
+
+@dataclass(frozen=True)
+class GpuSample:
+    """What one unit did over one interval [t0_s, t1_s].
+
+    ``activity`` is None when the interval is a gap (the counters could not be read); the
+    integrator then counts the gap and never integrates it. ``clock_hz`` is the mean SM clock
+    over the interval from ``clock_reads`` evenly spaced reads.
+    """
+
+    key: str
+    t0_s: float
+    t1_s: float
+    activity: Mapping[Metric, float] | None
+    clock_hz: float | None
+    clock_reads: int = 0
+    processes: tuple[ProcessInfo, ...] = ()
+    process_util: tuple[ProcessUtilSample, ...] = ()
+    gpu_util: float | None = None  # nvidia-smi "utilization.gpu" as a ratio, for comparison only
+    error: str | None = None  # why this interval is a gap, or a partial problem
+
+    @property
+    def duration_s(self) -> float:
+        return self.t1_s - self.t0_s

@@ -1,0 +1,492 @@
+"""NVML backend: GPM activity metrics (Hopper and newer), SM clock, processes.
+
+The only module that imports ``pynvml``; every call goes through :func:`nvml_query`, which maps
+NVML's errors to :class:`NvmlCallError` with a stable ``kind`` and tolerates functions that an
+older driver lacks. Units are converted here: MHz -> Hz, percent -> ratio, microseconds -> s.
+
+Timing: GPM is sampled once per ``interval_s`` (NVML requires >= 100 ms between samples); in
+between, the SM clock is read every ``clock_period_s`` and averaged over exactly the interval
+the GPM metrics cover, so the clock's swings under the power cap stay correlated with the
+activity they multiply (shared/gpu-facts.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from gpuflops.model import GpuInfo, GpuSample, Metric, ProcessInfo, ProcessUtilSample
+from gpuflops.sampler import SamplerError
+
+log = logging.getLogger(__name__)
+
+# NVML GPM metric ids (nvml.h, NVML_GPM_METRIC_*); values are percentages.
+GPM_METRIC_IDS: dict[Metric, int] = {
+    Metric.TENSOR_ANY: 5,
+    Metric.DFMA: 6,
+    Metric.HMMA: 7,
+    Metric.IMMA: 9,
+    Metric.FP64: 11,
+    Metric.FP32: 12,
+    Metric.FP16: 13,
+    Metric.SM_ACTIVE: 2,
+    Metric.SM_OCCUPANCY: 3,
+}
+
+_ARCHITECTURES = {
+    5: "volta",
+    6: "turing",
+    7: "ampere",
+    8: "ada",
+    9: "hopper",
+    10: "blackwell",
+}
+
+MIN_GPM_INTERVAL_S = 0.1
+_LOST_RETRY_S = 10.0
+
+
+class NvmlCallError(Exception):
+    """An NVML call failed; ``kind`` is stable across driver versions."""
+
+    def __init__(self, function: str, kind: str, code: int | None, message: str) -> None:
+        super().__init__(f"{function}: {message}")
+        self.function = function
+        self.kind = kind
+        self.code = code
+
+
+def _error_kinds(nvml: ModuleType) -> dict[int, str]:
+    names = {
+        "NVML_ERROR_UNINITIALIZED": "uninitialized",
+        "NVML_ERROR_INVALID_ARGUMENT": "invalid_argument",
+        "NVML_ERROR_NOT_SUPPORTED": "not_supported",
+        "NVML_ERROR_NO_PERMISSION": "no_permission",
+        "NVML_ERROR_NOT_FOUND": "not_found",
+        "NVML_ERROR_DRIVER_NOT_LOADED": "driver_not_loaded",
+        "NVML_ERROR_TIMEOUT": "timeout",
+        "NVML_ERROR_LIBRARY_NOT_FOUND": "library_not_found",
+        "NVML_ERROR_FUNCTION_NOT_FOUND": "function_not_found",
+        "NVML_ERROR_GPU_IS_LOST": "gpu_lost",
+        "NVML_ERROR_RESET_REQUIRED": "reset_required",
+        "NVML_ERROR_UNKNOWN": "unknown",
+    }
+    return {getattr(nvml, n): k for n, k in names.items() if hasattr(nvml, n)}
+
+
+def nvml_query(nvml: ModuleType, kinds: dict[int, str], function: str, *args: Any) -> Any:
+    """Call ``nvml.<function>(*args)``, mapping every failure to NvmlCallError."""
+    fn = getattr(nvml, function, None)
+    if fn is None:
+        raise NvmlCallError(function, "function_not_found", None, "not in this nvidia-ml-py")
+    try:
+        return fn(*args)
+    except nvml.NVMLError as e:
+        code = getattr(e, "value", None)
+        kind = kinds.get(code, "unknown") if isinstance(code, int) else "unknown"
+        raise NvmlCallError(function, kind, code, str(e)) from None
+
+
+def _load_pynvml() -> ModuleType:
+    import pynvml
+
+    return pynvml
+
+
+@dataclass
+class _Unit:
+    info: GpuInfo
+    handle: Any  # physical device handle (GPM sampling, clocks)
+    proc_handle: Any  # handle for process queries (the MIG device handle on MIG)
+    samples: list[Any] = field(default_factory=list)  # two GPM sample buffers
+    metrics_get: Any = None
+    metric_order: tuple[Metric, ...] = ()
+    cur: int = 0
+    synced: bool = False  # samples[cur] is a valid start for the next interval
+    t_prev: float = 0.0
+    clock_sum_hz: float = 0.0
+    clock_n: int = 0
+    processes: tuple[ProcessInfo, ...] = ()
+    util_ts_us: int = 0
+    pending_util: tuple[ProcessUtilSample, ...] = ()  # read at the last refresh, not yet sent
+    gpu_util: float | None = None
+    lost_since: float | None = None
+    warned: set[str] = field(default_factory=set)
+
+
+class NvmlSampler:
+    """A Sampler over NVML GPM. Constructing it initialises NVML and enumerates units."""
+
+    name = "nvml"
+
+    def __init__(
+        self,
+        *,
+        interval_s: float = 0.1,
+        clock_period_s: float = 0.02,
+        process_period_s: float = 1.0,
+        proc_root: Path = Path("/proc"),
+        clock: Callable[[], float] = time.time,
+        stop: threading.Event | None = None,
+        nvml: ModuleType | None = None,
+        devices: list[int] | None = None,
+    ) -> None:
+        if interval_s < MIN_GPM_INTERVAL_S:
+            raise SamplerError(f"GPM samples must be >= {MIN_GPM_INTERVAL_S}s apart")
+        try:
+            self._nvml = nvml or _load_pynvml()
+        except ImportError as e:
+            raise SamplerError(f"nvidia-ml-py is not installed: {e}") from None
+        self._kinds = _error_kinds(self._nvml)
+        self.interval_s = interval_s
+        self._clock_period = max(0.001, min(clock_period_s, interval_s))
+        self._process_period = process_period_s
+        self._proc_root = proc_root
+        self._clock = clock
+        self._stop = stop or threading.Event()
+        self.errors: dict[tuple[str, str], int] = {}
+        try:
+            self._q("nvmlInit")
+        except NvmlCallError as e:
+            raise SamplerError(
+                f"cannot initialise NVML ({e.kind}: {e}); is the NVIDIA driver installed?"
+            ) from None
+        self._closed = False
+        self.driver_version = self._safe_str("nvmlSystemGetDriverVersion")
+        self.nvml_version = self._safe_str("nvmlSystemGetNVMLVersion")
+        self._units = self._enumerate(devices)
+        if not self._units:
+            self.close()
+            raise SamplerError("NVML reports no GPUs on this node")
+        self._physical = {u.info.index: u.handle for u in self._units}
+        self._next_proc_refresh = 0.0
+        now = self._clock()
+        for u in self._units:
+            u.t_prev = now
+            if u.info.metrics:
+                self._gpm_sample(u, now, first=True)
+        self._deadline = now + interval_s
+
+    # ------------------------------------------------------------ plumbing
+
+    def _q(self, function: str, *args: Any) -> Any:
+        return nvml_query(self._nvml, self._kinds, function, *args)
+
+    def _safe_str(self, function: str, *args: Any) -> str:
+        try:
+            v = self._q(function, *args)
+        except NvmlCallError:
+            return ""
+        return v.decode() if isinstance(v, bytes) else str(v)
+
+    def _count(self, unit: _Unit, kind: str, message: str) -> None:
+        key = (unit.info.key, kind)
+        self.errors[key] = self.errors.get(key, 0) + 1
+        if kind not in unit.warned:
+            unit.warned.add(kind)
+            log.warning("gpu %s: %s (further occurrences at debug)", unit.info.key, message)
+        else:
+            log.debug("gpu %s: %s", unit.info.key, message)
+
+    # ------------------------------------------------------------ enumeration
+
+    def _enumerate(self, devices: list[int] | None) -> list[_Unit]:
+        count = self._q("nvmlDeviceGetCount")
+        units: list[_Unit] = []
+        for index in range(count):
+            if devices is not None and index not in devices:
+                continue
+            try:
+                units.extend(self._units_of(index))
+            except NvmlCallError as e:
+                # A GPU that fails enumeration is reported, not fatal for the others.
+                log.warning("gpu %d: cannot be enumerated (%s); skipping it", index, e)
+        return units
+
+    def _units_of(self, index: int) -> list[_Unit]:
+        h = self._q("nvmlDeviceGetHandleByIndex", index)
+        uuid = self._safe_str("nvmlDeviceGetUUID", h)
+        name = self._safe_str("nvmlDeviceGetName", h)
+        try:
+            arch = _ARCHITECTURES.get(self._q("nvmlDeviceGetArchitecture", h), "unknown")
+        except NvmlCallError:
+            arch = "unknown"
+        gpm_ok, reason = self._gpm_support(h, arch)
+        mig = False
+        try:
+            current, _pending = self._q("nvmlDeviceGetMigMode", h)
+            mig = current == getattr(self._nvml, "NVML_DEVICE_MIG_ENABLE", 1)
+        except NvmlCallError:
+            mig = False
+        if not mig:
+            info = GpuInfo(
+                key=str(index),
+                index=index,
+                uuid=uuid,
+                name=name,
+                architecture=arch,
+                sm_count=self._sm_count(h, arch, name),
+                metrics=frozenset(GPM_METRIC_IDS) if gpm_ok else frozenset(),
+                unavailable_reason=None if gpm_ok else reason,
+            )
+            return [self._make_unit(info, h, h)]
+        units = []
+        for mi in range(self._q("nvmlDeviceGetMaxMigDeviceCount", h)):
+            try:
+                mh = self._q("nvmlDeviceGetMigDeviceHandleByIndex", h, mi)
+            except NvmlCallError as e:
+                if e.kind in ("not_found", "invalid_argument"):
+                    continue
+                raise
+            gi = self._q("nvmlDeviceGetGpuInstanceId", mh)
+            try:
+                sm = int(self._q("nvmlDeviceGetAttributes", mh).multiprocessorCount)
+            except NvmlCallError:
+                sm = None
+            info = GpuInfo(
+                key=f"{index}/gi{gi}",
+                index=index,
+                uuid=self._safe_str("nvmlDeviceGetUUID", mh) or uuid,
+                name=name,
+                architecture=arch,
+                sm_count=sm,
+                gpu_instance_id=gi,
+                metrics=frozenset(GPM_METRIC_IDS) if gpm_ok else frozenset(),
+                unavailable_reason=None if gpm_ok else reason,
+            )
+            units.append(self._make_unit(info, h, mh))
+        return units
+
+    def _gpm_support(self, h: Any, arch: str) -> tuple[bool, str | None]:
+        try:
+            support = self._q("nvmlGpmQueryDeviceSupport", h)
+        except NvmlCallError as e:
+            return False, f"GPM not available ({e.kind}); tensor activity unavailable on {arch}"
+        if not support.isSupportedDevice:
+            return False, f"GPM not supported on this {arch} GPU; tensor activity unavailable"
+        return True, None
+
+    def _sm_count(self, h: Any, arch: str, name: str) -> int | None:
+        try:
+            return int(self._q("nvmlDeviceGetAttributes", h).multiprocessorCount)
+        except NvmlCallError:
+            pass
+        # Pass-through VMs answer NotSupported above (gpu-facts); derive from the core count.
+        from gpuflops.integrate.rates import family_for
+
+        family = family_for(arch, name)
+        try:
+            cores = int(self._q("nvmlDeviceGetNumGpuCores", h))
+        except NvmlCallError:
+            return None
+        if family is None or cores % family.cores_per_sm:
+            return None
+        return cores // family.cores_per_sm
+
+    def _make_unit(self, info: GpuInfo, handle: Any, proc_handle: Any) -> _Unit:
+        unit = _Unit(info=info, handle=handle, proc_handle=proc_handle)
+        if info.metrics:
+            n = self._nvml
+            unit.samples = [self._q("nvmlGpmSampleAlloc"), self._q("nvmlGpmSampleAlloc")]
+            mg = n.c_nvmlGpmMetricsGet_t()
+            mg.version = n.NVML_GPM_METRICS_GET_VERSION
+            order = tuple(GPM_METRIC_IDS)
+            mg.numMetrics = len(order)
+            for i, metric in enumerate(order):
+                mg.metrics[i].metricId = GPM_METRIC_IDS[metric]
+            unit.metrics_get = mg
+            unit.metric_order = order
+        return unit
+
+    def gpus(self) -> list[GpuInfo]:
+        return [u.info for u in self._units]
+
+    # ------------------------------------------------------------ sampling
+
+    def _read_clocks(self) -> None:
+        sm_clock = getattr(self._nvml, "NVML_CLOCK_SM", 1)
+        by_index: dict[int, float | None] = {}
+        for index, h in self._physical.items():
+            try:
+                by_index[index] = float(self._q("nvmlDeviceGetClockInfo", h, sm_clock)) * 1e6
+            except NvmlCallError:
+                by_index[index] = None
+        for u in self._units:
+            hz = by_index.get(u.info.index)
+            if hz is not None and u.lost_since is None:
+                u.clock_sum_hz += hz
+                u.clock_n += 1
+
+    def _gpm_sample(self, u: _Unit, now: float, first: bool = False) -> NvmlCallError | None:
+        nxt = 1 - u.cur if u.synced else u.cur
+        try:
+            if u.info.gpu_instance_id is None:
+                self._q("nvmlGpmSampleGet", u.handle, u.samples[nxt])
+            else:
+                self._q("nvmlGpmMigSampleGet", u.handle, u.info.gpu_instance_id, u.samples[nxt])
+        except NvmlCallError as e:
+            u.synced = False
+            return e
+        if first or not u.synced:
+            u.cur = nxt
+            u.synced = True
+        return None
+
+    def _metrics(self, u: _Unit, first: int, second: int) -> dict[Metric, float]:
+        mg = u.metrics_get
+        mg.sample1 = u.samples[first]
+        mg.sample2 = u.samples[second]
+        self._q("nvmlGpmMetricsGet", mg)
+        ok = getattr(self._nvml, "NVML_SUCCESS", 0)
+        out: dict[Metric, float] = {}
+        for i, metric in enumerate(u.metric_order):
+            m = mg.metrics[i]
+            if m.nvmlReturn == ok:
+                out[metric] = min(max(float(m.value) / 100.0, 0.0), 1.0)
+        return out
+
+    def _sample_unit(self, u: _Unit, t: float) -> GpuSample:
+        t0 = u.t_prev
+        clock_hz = u.clock_sum_hz / u.clock_n if u.clock_n else None
+        reads = u.clock_n
+        u.t_prev, u.clock_sum_hz, u.clock_n = t, 0.0, 0
+        common: dict[str, Any] = {
+            "key": u.info.key,
+            "t0_s": t0,
+            "t1_s": t,
+            "clock_hz": clock_hz,
+            "clock_reads": reads,
+            "processes": u.processes,
+            "process_util": self._take_process_util(u),
+            "gpu_util": u.gpu_util,
+        }
+        u.gpu_util = None
+        if not u.info.metrics:
+            return GpuSample(activity=None, error="tensor_activity_unavailable", **common)
+        if u.lost_since is not None and t - u.lost_since < _LOST_RETRY_S:
+            return GpuSample(activity=None, error="gpu_lost", **common)
+        was_synced = u.synced
+        err = self._gpm_sample(u, t)
+        if err is not None:
+            if err.kind == "gpu_lost":
+                u.lost_since = t
+            self._count(u, err.kind, f"GPM sample failed: {err}")
+            return GpuSample(activity=None, error=err.kind, **common)
+        u.lost_since = None
+        if not was_synced:
+            # First good sample after a failure: it starts the next interval; this one is a gap.
+            return GpuSample(activity=None, error="resync", **common)
+        nxt = 1 - u.cur
+        try:
+            activity = self._metrics(u, u.cur, nxt)
+        except NvmlCallError as e:
+            u.cur = nxt
+            self._count(u, e.kind, f"GPM metrics failed: {e}")
+            return GpuSample(activity=None, error=e.kind, **common)
+        u.cur = nxt
+        if not activity:
+            self._count(u, "no_metrics", "GPM returned no metric for this interval")
+            return GpuSample(activity=None, error="no_metrics", **common)
+        return GpuSample(activity=activity, **common)
+
+    @staticmethod
+    def _take_process_util(u: _Unit) -> tuple[ProcessUtilSample, ...]:
+        pending, u.pending_util = u.pending_util, ()
+        return pending
+
+    def _refresh_processes(self) -> None:
+        for u in self._units:
+            if u.lost_since is not None:
+                continue
+            try:
+                running = self._q("nvmlDeviceGetComputeRunningProcesses", u.proc_handle)
+                procs = []
+                for p in running:
+                    mem = getattr(p, "usedGpuMemory", None)
+                    procs.append(
+                        ProcessInfo(int(p.pid), self._comm(int(p.pid)), mem if mem else None)
+                    )
+                u.processes = tuple(sorted(procs, key=lambda p: p.pid))
+            except NvmlCallError as e:
+                self._count(u, f"processes_{e.kind}", f"process list unavailable: {e}")
+            try:
+                raw = self._q("nvmlDeviceGetProcessUtilization", u.proc_handle, u.util_ts_us)
+            except NvmlCallError as e:
+                if e.kind != "not_found":  # NotFound = no new sample since util_ts_us
+                    self._count(u, f"process_util_{e.kind}", f"process utilisation failed: {e}")
+                raw = []
+            fresh = []
+            for s in raw:
+                ts = int(s.timeStamp)
+                u.util_ts_us = max(u.util_ts_us, ts)
+                fresh.append(ProcessUtilSample(int(s.pid), ts / 1e6, float(s.smUtil) / 100.0))
+            u.pending_util = (*u.pending_util, *fresh)
+            try:
+                u.gpu_util = float(self._q("nvmlDeviceGetUtilizationRates", u.handle).gpu) / 100
+            except NvmlCallError:
+                u.gpu_util = None
+
+    def _comm(self, pid: int) -> str:
+        try:
+            return (self._proc_root / str(pid) / "comm").read_text().strip()
+        except OSError:
+            return ""
+
+    def sample(self) -> list[GpuSample]:
+        if self._closed:
+            raise StopIteration
+        deadline = self._deadline
+        while True:
+            now = self._clock()
+            if now >= deadline:
+                break
+            self._read_clocks()
+            wake = min(deadline, now + self._clock_period)
+            if self._stop.wait(max(0.0, wake - self._clock())):
+                raise StopIteration
+        t = self._clock()
+        if t >= self._next_proc_refresh:
+            self._refresh_processes()
+            self._next_proc_refresh = t + self._process_period
+        out = [self._sample_unit(u, t) for u in self._units]
+        self._deadline = deadline + self.interval_s
+        if self._deadline <= self._clock():
+            # Fell behind (a stalled call): restart the grid rather than burst-sampling.
+            self._deadline = self._clock() + self.interval_s
+        return out
+
+    def close(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        self._stop.set()
+        for u in getattr(self, "_units", []):
+            for s in u.samples:
+                try:
+                    self._q("nvmlGpmSampleFree", s)
+                except NvmlCallError:
+                    pass
+        try:
+            self._q("nvmlShutdown")
+        except NvmlCallError:
+            pass
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for a trace header: driver, NVML and binding versions, host."""
+        return {
+            "driver_version": self.driver_version,
+            "nvml_version": self.nvml_version,
+            "nvidia_ml_py": getattr(self._nvml, "__version__", ""),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "clock_period_s": self._clock_period,
+            "process_period_s": self._process_period,
+        }
