@@ -28,6 +28,7 @@ from gpuflops.model import GpuSample, Pipe, ProcessInfo, ProcessUtilSample
 
 _HISTORY_S = 60.0
 _DEFAULT_WINDOW_S = 1.0
+_MAX_WINDOW_S = 3.5
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,14 @@ class AttributedInterval:
     method: str  # "single", "none_seen", "sm_util", "no_util_data", "idle"
 
 
+@dataclass(frozen=True)
+class _UtilWindow:
+    pid: int
+    start_s: float
+    end_s: float
+    sm_util: float
+
+
 @dataclass
 class _Pending:
     flops: IntervalFlops
@@ -60,10 +69,14 @@ class _Pending:
 class ProcessAttributor:
     """Per-unit state: process-utilisation history and intervals waiting for it."""
 
-    def __init__(self, hold_s: float = 3.0) -> None:
+    def __init__(self, hold_s: float = 4.0, smooth_s: float = 0.5) -> None:
+        if hold_s < smooth_s:
+            raise ValueError("hold_s must cover smooth_s: later samples are needed to split")
         self._hold_s = hold_s
-        self._util: dict[str, deque[ProcessUtilSample]] = {}
-        self._window_end: dict[str, list[float]] = {}
+        self._smooth_s = smooth_s
+        self._util: dict[str, deque[_UtilWindow]] = {}
+        self._last_ts: dict[str, dict[int, float]] = {}
+        self._latest: dict[str, float] = {}
         self._pending: dict[str, deque[_Pending]] = {}
         self._comm: dict[int, str] = {}
 
@@ -99,27 +112,32 @@ class ProcessAttributor:
 
     def _record_util(self, key: str, samples: tuple[ProcessUtilSample, ...]) -> None:
         hist = self._util.setdefault(key, deque())
-        ends = self._window_end.setdefault(key, [])
-        for s in sorted(samples, key=lambda s: s.timestamp_s):
-            hist.append(s)
-            if not ends or s.timestamp_s > ends[-1]:
-                ends.append(s.timestamp_s)
+        last = self._last_ts.setdefault(key, {})
+        for u in sorted(samples, key=lambda u: u.timestamp_s):
+            prev = last.get(u.pid)
+            if prev is not None and prev >= u.timestamp_s:
+                continue  # a duplicate delivery
+            # The driver samples each process about once a second and reports its share of
+            # the time since that process's previous sample (measured on an H100: samples of
+            # different processes interleave, so the GPU-wide sample times are not windows).
+            start = prev if prev is not None and u.timestamp_s - prev <= _MAX_WINDOW_S else (
+                u.timestamp_s - _DEFAULT_WINDOW_S
+            )
+            last[u.pid] = u.timestamp_s
+            hist.append(_UtilWindow(u.pid, start, u.timestamp_s, u.sm_util))
+            self._latest[key] = max(self._latest.get(key, float("-inf")), u.timestamp_s)
         if hist:
-            horizon = hist[-1].timestamp_s - _HISTORY_S
-            while hist and hist[0].timestamp_s < horizon:
+            horizon = hist[-1].end_s - _HISTORY_S
+            while hist and hist[0].end_s < horizon:
                 hist.popleft()
-            while len(ends) > 1 and ends[0] < horizon:
-                ends.pop(0)
 
     def _settle(self, key: str, now_s: float, force: bool) -> list[AttributedInterval]:
         q = self._pending.get(key)
         out: list[AttributedInterval] = []
-        latest = self._window_end.get(key) or [float("-inf")]
         while q:
             p = q[0]
-            covered = latest[-1] >= p.flops.t1_s
-            expired = now_s - p.since_s >= self._hold_s
-            if not (covered or expired or force):
+            # Wait until every process's sample covering the interval can have arrived.
+            if not (force or now_s - p.since_s >= self._hold_s):
                 break
             q.popleft()
             if p.flops.total == 0:
@@ -142,31 +160,20 @@ class ProcessAttributor:
 
     def _split(self, key: str, p: _Pending) -> AttributedInterval:
         t0, t1 = p.flops.t0_s, p.flops.t1_s
-        ends = self._window_end.get(key, [])
+        # Per-process samples are ~1 s long and noisy (a process can miss a sample while it
+        # runs); shares are taken over the interval widened by smooth_s on each side.
+        lo, hi = t0 - self._smooth_s, t1 + self._smooth_s
         weights: dict[int, float] = {}
-        for s in self._util.get(key, ()):
-            start = _window_start(ends, s.timestamp_s)
-            overlap = min(t1, s.timestamp_s) - max(t0, start)
-            if overlap > 0 and s.sm_util > 0:
-                weights[s.pid] = weights.get(s.pid, 0.0) + overlap * s.sm_util
+        for w in self._util.get(key, ()):
+            overlap = min(hi, w.end_s) - max(lo, w.start_s)
+            if overlap > 0 and w.sm_util > 0:
+                weights[w.pid] = weights.get(w.pid, 0.0) + overlap * w.sm_util
         total = sum(weights.values())
         if total <= 0:
             shares = _shares(p.flops.flops, {}, self._comm)
             return AttributedInterval(key, t0, t1, shares, "no_util_data")
         fractions = {pid: w / total for pid, w in weights.items()}
         return AttributedInterval(key, t0, t1, _shares(p.flops.flops, fractions, self._comm), "sm_util")
-
-
-def _window_start(ends: list[float], ts: float) -> float:
-    """A util sample covers (previous sample time on this unit, its own time]."""
-    prev = None
-    for e in ends:
-        if e >= ts:
-            break
-        prev = e
-    if prev is None or ts - prev > 5 * _DEFAULT_WINDOW_S:
-        return ts - _DEFAULT_WINDOW_S
-    return prev
 
 
 def _shares(

@@ -135,6 +135,7 @@ class NvmlSampler:
         process_period_s: float = 1.0,
         proc_root: Path = Path("/proc"),
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
         stop: threading.Event | None = None,
         nvml: ModuleType | None = None,
         devices: list[int] | None = None,
@@ -151,6 +152,7 @@ class NvmlSampler:
         self._process_period = process_period_s
         self._proc_root = proc_root
         self._clock = clock
+        self._sleep = sleep
         self._stop = stop or threading.Event()
         self.errors: dict[tuple[str, str], int] = {}
         try:
@@ -450,7 +452,10 @@ class NvmlSampler:
                 break
             self._read_clocks()
             wake = min(deadline, now + self._clock_period)
-            if self._stop.wait(max(0.0, wake - self._clock())):
+            # time.sleep, not Event.wait: it costs less CPU per wake-up, and a stop is seen
+            # within one clock period.
+            self._sleep(max(0.0, wake - self._clock()))
+            if self._stop.is_set():
                 raise StopIteration
         t = self._clock()
         if t >= self._next_proc_refresh:

@@ -1,0 +1,5 @@
+"""Client library for training code: report a job's analytic FLOPs and tokens to the daemon."""
+
+from gpuflops.client.reporter import DEFAULT_SOCKET_PATH, JobReporter, ReporterStats
+
+__all__ = ["DEFAULT_SOCKET_PATH", "JobReporter", "ReporterStats"]

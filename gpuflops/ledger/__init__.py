@@ -1,0 +1,1 @@
+"""The persistent FLOPs ledger: hash-chained store, reconciliation, thresholds, audit report."""

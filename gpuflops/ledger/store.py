@@ -1,0 +1,672 @@
+"""Append-only SQLite ledger of measured FLOPs and job events, chained by SHA-256 hashes.
+
+Every record (one per sampling interval with work, one per job event) stores the hash of the
+record before it; ``hash = sha256(prev_hash || canonical JSON of the content)`` and the content
+carries its own sequence number, so editing, deleting or reordering a record breaks the chain.
+The newest sequence number and hash are also kept in ``chain_head``, written in the same
+transaction, so deleting the last records is detected as well (unless ``chain_head`` is
+rewritten too: anchor the head hash outside the machine, see docs/ledger.md).
+
+Derived tables (``gpu_totals``, ``job_totals``, ``job_intervals``, ``job_events``) are updated
+in the same transaction as the record; ``verify`` recomputes them from the chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sqlite3
+import threading
+import uuid as uuidlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+SCHEMA_VERSION = 1
+GENESIS_PREV_HASH = "0" * 64
+LEDGER_FILENAME = "ledger.sqlite3"
+
+JobEventKind = Literal["register", "estimate", "end"]
+JOB_EVENT_KINDS: frozenset[str] = frozenset({"register", "estimate", "end"})
+Synchronous = Literal["FULL", "NORMAL"]
+
+
+class LedgerError(Exception):
+    """Base class for ledger failures; carries the ledger path."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+class LedgerCorruptError(LedgerError):
+    """The file is not a readable ledger (not SQLite, damaged, or its chain head is broken)."""
+
+
+class LedgerVersionError(LedgerError):
+    """The file was written by a newer schema version than this code knows."""
+
+
+class LedgerWriteError(LedgerError):
+    """An append failed; nothing of it was committed."""
+
+
+@dataclass(frozen=True)
+class FlopsRow:
+    """FLOPs one GPU pipe did for one job (and process) during one interval."""
+
+    gpu: str
+    uuid: str
+    pipe: str
+    precision: str
+    job: str
+    program: str
+    pid: int | None
+    flops: float
+
+
+@dataclass(frozen=True)
+class GpuKey:
+    gpu: str
+    uuid: str
+    pipe: str
+    precision: str
+
+
+@dataclass(frozen=True)
+class JobKey:
+    job: str
+    program: str
+
+
+@dataclass(frozen=True)
+class JobTotals:
+    """Persisted per-job sums; ``recompute_flops`` is the analytic recomputation term."""
+
+    measured_flops: float = 0.0
+    analytic_flops: float = 0.0
+    tokens: float = 0.0
+    recompute_flops: float = 0.0
+    # Span covered by analytic estimates (None before the first estimate).
+    estimate_t0_s: float | None = None
+    estimate_t1_s: float | None = None
+    first_t_s: float | None = None
+    last_t_s: float | None = None
+
+
+@dataclass(frozen=True)
+class LedgerTotals:
+    """Everything the daemon needs to restore its counters at start."""
+
+    gpu: Mapping[GpuKey, float]
+    jobs: Mapping[JobKey, JobTotals]
+    records: int
+    head_seq: int
+    head_hash: str
+
+    def program_measured(self, program: str) -> float:
+        return sum(t.measured_flops for k, t in self.jobs.items() if k.program == program)
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One job event as stored in the chain."""
+
+    seq: int
+    kind: str
+    job: str
+    program: str
+    t_s: float
+    payload: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of a full chain check; ``first_bad_id`` is the first failing sequence number."""
+
+    ok: bool
+    records: int
+    first_bad_id: int | None
+    reason: str | None
+    head_hash: str
+    head_seq: int = 0
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON: sorted keys, no spaces, no NaN/Infinity."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False)
+
+
+def record_hash(prev_hash: str, content: str) -> str:
+    return hashlib.sha256(prev_hash.encode("ascii") + content.encode("utf-8")).hexdigest()
+
+
+_SCHEMA_V1 = """
+CREATE TABLE records (
+    seq INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    content TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE chain_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE gpu_totals (
+    gpu TEXT NOT NULL, uuid TEXT NOT NULL, pipe TEXT NOT NULL, precision TEXT NOT NULL,
+    flops REAL NOT NULL,
+    PRIMARY KEY (gpu, uuid, pipe, precision)
+);
+CREATE TABLE job_totals (
+    job TEXT NOT NULL, program TEXT NOT NULL,
+    measured_flops REAL NOT NULL DEFAULT 0,
+    analytic_flops REAL NOT NULL DEFAULT 0,
+    tokens REAL NOT NULL DEFAULT 0,
+    recompute_flops REAL NOT NULL DEFAULT 0,
+    estimate_t0_s REAL, estimate_t1_s REAL,
+    first_t_s REAL, last_t_s REAL,
+    PRIMARY KEY (job, program)
+);
+CREATE TABLE job_intervals (
+    seq INTEGER NOT NULL, job TEXT NOT NULL, program TEXT NOT NULL,
+    t0_s REAL NOT NULL, t1_s REAL NOT NULL, flops REAL NOT NULL,
+    PRIMARY KEY (seq, job, program)
+);
+CREATE INDEX job_intervals_job_t ON job_intervals (job, program, t1_s);
+CREATE INDEX job_intervals_program_t ON job_intervals (program, t1_s);
+CREATE TABLE job_events (
+    seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, job TEXT NOT NULL, program TEXT NOT NULL,
+    t_s REAL NOT NULL
+);
+CREATE INDEX job_events_program ON job_events (program);
+"""
+
+# Index i migrates schema version i to i + 1 inside one transaction.
+def _run_script(con: sqlite3.Connection, script: str) -> None:
+    # executescript() would COMMIT the migration's transaction half-way; run statements singly.
+    for statement in script.split(";"):
+        if statement.strip():
+            con.execute(statement)
+
+
+_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    lambda con: _run_script(con, _SCHEMA_V1),
+)
+
+
+def _finite(value: float, what: str) -> float:
+    v = float(value)
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{what} must be a finite non-negative number, got {value!r}")
+    return v
+
+
+class Ledger:
+    """The persistent, hash-chained ledger; thread-safe (one lock, one connection)."""
+
+    def __init__(self, path: Path, con: sqlite3.Connection, clock: Callable[[], float]) -> None:
+        self.path = path
+        self._con = con
+        self._clock = clock
+        self._lock = threading.Lock()
+        row = con.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
+        self._head_seq: int = row[0]
+        self._head_hash: str = row[1]
+
+    @classmethod
+    def open(cls, path: Path, *, clock: Callable[[], float],
+             synchronous: Synchronous = "FULL", readonly: bool = False) -> Ledger:
+        """Open (creating and migrating as needed) the ledger at ``path``.
+
+        WAL with ``synchronous=FULL`` fsyncs the WAL at every commit: a ``kill -9`` loses
+        only the uncommitted interval, and so does a power cut. ``NORMAL`` also survives
+        ``kill -9`` (the WAL is in the page cache) but may lose the last commits on power loss.
+        Raises LedgerCorruptError / LedgerVersionError and never rewrites a bad file.
+        """
+        path = Path(path)
+        if readonly and not path.exists():
+            raise LedgerError(path, "no ledger here")
+        if not readonly:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target = f"file:{path}?mode=ro" if readonly else str(path)
+            con = sqlite3.connect(target, uri=readonly, isolation_level=None,
+                                  check_same_thread=False, timeout=10.0)
+        except sqlite3.Error as exc:
+            raise LedgerCorruptError(path, f"cannot open: {exc}") from exc
+        try:
+            if readonly:
+                version = con.execute("PRAGMA user_version").fetchone()[0]
+                if version != SCHEMA_VERSION:
+                    raise LedgerVersionError(
+                        path, f"schema version {version}, this gpuflops reads {SCHEMA_VERSION}")
+            else:
+                con.execute("PRAGMA journal_mode=WAL").fetchone()
+                con.execute(f"PRAGMA synchronous={synchronous}")
+                cls._migrate(path, con, clock)
+            cls._check_head(path, con)
+            return cls(path, con, clock)
+        except sqlite3.DatabaseError as exc:
+            con.close()
+            raise LedgerCorruptError(path, f"not a readable ledger: {exc}") from exc
+        except LedgerError:
+            con.close()
+            raise
+
+    @staticmethod
+    def _migrate(path: Path, con: sqlite3.Connection, clock: Callable[[], float]) -> None:
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if version == 0 and tables:
+            raise LedgerCorruptError(path, "SQLite file with tables but no ledger schema version")
+        if version > SCHEMA_VERSION:
+            raise LedgerVersionError(
+                path, f"schema version {version} is newer than this gpuflops ({SCHEMA_VERSION})")
+        if version == SCHEMA_VERSION:
+            return
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            for v in range(version, SCHEMA_VERSION):
+                _MIGRATIONS[v](con)
+            if version == 0:
+                content = canonical_json({
+                    "seq": 1, "kind": "genesis", "ledger_id": str(uuidlib.uuid4()),
+                    "schema_version": SCHEMA_VERSION, "t_s": clock()})
+                h = record_hash(GENESIS_PREV_HASH, content)
+                con.execute("INSERT INTO records VALUES (1, 'genesis', ?, ?, ?)",
+                            (content, GENESIS_PREV_HASH, h))
+                con.execute("INSERT INTO chain_head VALUES (1, 1, ?)", (h,))
+            else:
+                content = canonical_json({"kind": "migration", "from": version,
+                                          "to": SCHEMA_VERSION, "t_s": clock()})
+                _append_record(con, "migration", content)
+            con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _check_head(path: Path, con: sqlite3.Connection) -> None:
+        head = con.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
+        last = con.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+        if head is None or last is None or tuple(head) != tuple(last):
+            raise LedgerCorruptError(
+                path, f"chain head {head!r} does not match the last record {last!r}; "
+                "run `gpuflops verify` and keep this file as evidence")
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def append_interval(self, t0_s: float, t1_s: float, rows: Sequence[FlopsRow]) -> int | None:
+        """Commit one sampling interval as one record; returns its seq, None if nothing to write.
+
+        Rows with zero FLOPs are dropped; an interval with no work writes nothing.
+        """
+        t0 = float(t0_s)
+        t1 = float(t1_s)
+        if not (math.isfinite(t0) and math.isfinite(t1) and t1 >= t0):
+            raise ValueError(f"bad interval [{t0_s!r}, {t1_s!r}]")
+        kept = [r for r in rows if _finite(r.flops, f"flops of {r}") > 0]
+        if not kept:
+            return None
+        body = [[r.gpu, r.uuid, r.pipe, r.precision, r.job, r.program, r.pid, float(r.flops)]
+                for r in kept]
+        with self._lock:
+            return self._write("interval", lambda seq: {"seq": seq, "kind": "interval", "t0_s": t0,
+                                            "t1_s": t1, "rows": body},
+                               lambda seq: self._apply_interval(seq, t0, t1, kept))
+
+    def append_job_event(self, kind: JobEventKind | str, job: str, program: str,
+                         payload: Mapping[str, Any], t_s: float) -> int:
+        """Commit one job event (registration metadata, analytic estimate, end) to the chain.
+
+        An ``estimate`` payload adds ``analytic_flops``, ``tokens`` and ``recompute_flops``
+        (this rank's share, covering ``window_t0_s``..``window_t1_s``) to the job's totals.
+        """
+        if kind not in JOB_EVENT_KINDS:
+            raise ValueError(f"unknown job event kind {kind!r}")
+        if not job or not program:
+            raise ValueError("job and program must be non-empty")
+        t = float(t_s)
+        data = dict(payload)
+        canonical_json(data)  # reject NaN / unserialisable payloads before touching the file
+        if kind == "estimate":
+            for key in ("analytic_flops", "tokens", "recompute_flops"):
+                _finite(float(data.get(key, 0.0)), key)
+            w0 = float(data.get("window_t0_s", t))
+            w1 = float(data.get("window_t1_s", t))
+            if not (math.isfinite(w0) and math.isfinite(w1) and w1 >= w0):
+                raise ValueError(f"bad estimate window [{w0!r}, {w1!r}]")
+        with self._lock:
+            return self._write(kind, lambda seq: {"seq": seq, "kind": kind, "job": job,
+                                            "program": program, "t_s": t, "payload": data},
+                               lambda seq: self._apply_event(seq, kind, job, program, t, data))
+
+    def _write(self, kind: str, content_of: Callable[[int], dict[str, Any]],
+               apply: Callable[[int], None]) -> int:
+        seq = self._head_seq + 1
+        content = canonical_json(content_of(seq))
+        h = record_hash(self._head_hash, content)
+        con = self._con
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                con.execute("INSERT INTO records VALUES (?, ?, ?, ?, ?)",
+                            (seq, kind, content, self._head_hash, h))
+                con.execute("UPDATE chain_head SET seq = ?, hash = ? WHERE id = 1", (seq, h))
+                apply(seq)
+                con.execute("COMMIT")
+            except BaseException:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise LedgerWriteError(self.path, f"append of record {seq} failed: {exc}") from exc
+        self._head_seq = seq
+        self._head_hash = h
+        return seq
+
+    def _apply_interval(self, seq: int, t0: float, t1: float, rows: Sequence[FlopsRow]) -> None:
+        _apply_interval(self._con, seq, t0, t1,
+                        [(r.gpu, r.uuid, r.pipe, r.precision, r.job, r.program, float(r.flops))
+                         for r in rows])
+
+    def _apply_event(self, seq: int, kind: str, job: str, program: str, t: float,
+                     data: Mapping[str, Any]) -> None:
+        _apply_event(self._con, seq, kind, job, program, t, data)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def head(self) -> tuple[int, str]:
+        """(sequence number, hash) of the newest record."""
+        with self._lock:
+            return self._head_seq, self._head_hash
+
+    def totals(self) -> LedgerTotals:
+        """Persisted totals, for restoring counters at daemon start."""
+        with self._lock:
+            return _read_totals(self._con, self._head_seq, self._head_hash)
+
+    def job_events(self, program: str | None = None) -> list[JobEvent]:
+        """Job events in chain order, optionally for one program."""
+        with self._lock:
+            return _read_events(self._con, program)
+
+    def matched_measured(self, job: str, program: str, t0_s: float, t1_s: float) -> float:
+        """Measured FLOPs of a job inside [t0_s, t1_s], prorating intervals that straddle it."""
+        with self._lock:
+            return _matched_measured(self._con, job, program, t0_s, t1_s)
+
+    def program_series(self, program: str, max_points: int = 500) -> list[tuple[float, float]]:
+        """Cumulative measured FLOPs of a program over time: [(t_s, cumulative_flops)]."""
+        with self._lock:
+            return _program_series(self._con, program, max_points)
+
+    def verify(self) -> VerifyResult:
+        """Check the whole chain on a separate read-only connection (appends keep going)."""
+        return verify_path(self.path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+
+def _append_record(con: sqlite3.Connection, kind: str, partial_content: str) -> None:
+    head = con.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
+    seq = head[0] + 1
+    obj = json.loads(partial_content)
+    obj["seq"] = seq
+    content = canonical_json(obj)
+    h = record_hash(head[1], content)
+    con.execute("INSERT INTO records VALUES (?, ?, ?, ?, ?)", (seq, kind, content, head[1], h))
+    con.execute("UPDATE chain_head SET seq = ?, hash = ? WHERE id = 1", (seq, h))
+
+
+def _apply_interval(con: sqlite3.Connection, seq: int, t0: float, t1: float,
+                    rows: Sequence[tuple[str, str, str, str, str, str, float]]) -> None:
+    per_job: dict[tuple[str, str], float] = {}
+    for gpu, uuid, pipe, precision, job, program, flops in rows:
+        con.execute(
+            "INSERT INTO gpu_totals VALUES (?, ?, ?, ?, ?) ON CONFLICT (gpu, uuid, pipe, precision)"
+            " DO UPDATE SET flops = flops + excluded.flops",
+            (gpu, uuid, pipe, precision, flops))
+        per_job[(job, program)] = per_job.get((job, program), 0.0) + flops
+    for (job, program), flops in per_job.items():
+        con.execute("INSERT INTO job_intervals VALUES (?, ?, ?, ?, ?, ?)",
+                    (seq, job, program, t0, t1, flops))
+        con.execute(
+            "INSERT INTO job_totals (job, program, measured_flops, first_t_s, last_t_s)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (job, program) DO UPDATE SET"
+            " measured_flops = measured_flops + excluded.measured_flops,"
+            " first_t_s = min(coalesce(first_t_s, excluded.first_t_s), excluded.first_t_s),"
+            " last_t_s = max(coalesce(last_t_s, excluded.last_t_s), excluded.last_t_s)",
+            (job, program, flops, t0, t1))
+
+
+def _apply_event(con: sqlite3.Connection, seq: int, kind: str, job: str, program: str,
+                 t: float, data: Mapping[str, Any]) -> None:
+    con.execute("INSERT INTO job_events VALUES (?, ?, ?, ?, ?)", (seq, kind, job, program, t))
+    analytic = tokens = recompute = 0.0
+    w0: float | None = None
+    w1: float | None = None
+    if kind == "estimate":
+        analytic = float(data.get("analytic_flops", 0.0))
+        tokens = float(data.get("tokens", 0.0))
+        recompute = float(data.get("recompute_flops", 0.0))
+        w0 = float(data.get("window_t0_s", t))
+        w1 = float(data.get("window_t1_s", t))
+    con.execute(
+        "INSERT INTO job_totals (job, program, analytic_flops, tokens, recompute_flops,"
+        " estimate_t0_s, estimate_t1_s, first_t_s, last_t_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (job, program) DO UPDATE SET"
+        " analytic_flops = analytic_flops + excluded.analytic_flops,"
+        " tokens = tokens + excluded.tokens,"
+        " recompute_flops = recompute_flops + excluded.recompute_flops,"
+        " estimate_t0_s = CASE WHEN excluded.estimate_t0_s IS NULL THEN estimate_t0_s"
+        "   ELSE min(coalesce(estimate_t0_s, excluded.estimate_t0_s), excluded.estimate_t0_s) END,"
+        " estimate_t1_s = CASE WHEN excluded.estimate_t1_s IS NULL THEN estimate_t1_s"
+        "   ELSE max(coalesce(estimate_t1_s, excluded.estimate_t1_s), excluded.estimate_t1_s) END,"
+        " first_t_s = min(coalesce(first_t_s, excluded.first_t_s), excluded.first_t_s),"
+        " last_t_s = max(coalesce(last_t_s, excluded.last_t_s), excluded.last_t_s)",
+        (job, program, analytic, tokens, recompute, w0, w1, t, t))
+
+
+def _read_totals(con: sqlite3.Connection, head_seq: int, head_hash: str) -> LedgerTotals:
+    gpu = {GpuKey(g, u, p, pr): f
+           for g, u, p, pr, f in con.execute("SELECT * FROM gpu_totals")}
+    jobs = {}
+    for row in con.execute(
+            "SELECT job, program, measured_flops, analytic_flops, tokens, recompute_flops,"
+            " estimate_t0_s, estimate_t1_s, first_t_s, last_t_s FROM job_totals"):
+        jobs[JobKey(row[0], row[1])] = JobTotals(*row[2:])
+    records = con.execute("SELECT count(*) FROM records").fetchone()[0]
+    return LedgerTotals(gpu=gpu, jobs=jobs, records=records, head_seq=head_seq,
+                        head_hash=head_hash)
+
+
+def _read_events(con: sqlite3.Connection, program: str | None) -> list[JobEvent]:
+    sql = ("SELECT r.seq, r.content FROM job_events e JOIN records r ON r.seq = e.seq"
+           + (" WHERE e.program = ?" if program is not None else "") + " ORDER BY r.seq")
+    out = []
+    for seq, content in con.execute(sql, (program,) if program is not None else ()):
+        obj = json.loads(content)
+        out.append(JobEvent(seq=seq, kind=obj["kind"], job=obj["job"], program=obj["program"],
+                            t_s=obj["t_s"], payload=obj["payload"]))
+    return out
+
+
+def _matched_measured(con: sqlite3.Connection, job: str, program: str,
+                      t0_s: float, t1_s: float) -> float:
+    row = con.execute(
+        "SELECT sum(CASE WHEN t1_s <= t0_s THEN flops ELSE"
+        " flops * max(0.0, min(t1_s, :b) - max(t0_s, :a)) / (t1_s - t0_s) END)"
+        " FROM job_intervals WHERE job = :job AND program = :program"
+        " AND t1_s >= :a AND t0_s <= :b",
+        {"a": t0_s, "b": t1_s, "job": job, "program": program}).fetchone()
+    return float(row[0] or 0.0)
+
+
+def _program_series(con: sqlite3.Connection, program: str,
+                    max_points: int) -> list[tuple[float, float]]:
+    n = con.execute("SELECT count(*) FROM job_intervals WHERE program = ?",
+                    (program,)).fetchone()[0]
+    if n == 0:
+        return []
+    stride = max(1, math.ceil(n / max(1, max_points)))
+    out: list[tuple[float, float]] = []
+    total = 0.0
+    last_t = 0.0
+    for i, (t1, flops) in enumerate(con.execute(
+            "SELECT t1_s, flops FROM job_intervals WHERE program = ? ORDER BY t1_s, seq",
+            (program,))):
+        total += flops
+        last_t = t1
+        if i % stride == 0:
+            out.append((t1, total))
+    if out[-1] != (last_t, total):
+        out.append((last_t, total))
+    return out
+
+
+def _iter_records(con: sqlite3.Connection) -> Iterator[tuple[int, str, str, str, str]]:
+    yield from con.execute("SELECT seq, kind, content, prev_hash, hash FROM records ORDER BY seq")
+
+
+def verify_path(path: Path) -> VerifyResult:
+    """Check a ledger file's chain, head and derived totals without writing to it."""
+    path = Path(path)
+    if not path.exists():
+        return VerifyResult(False, 0, None, f"{path} does not exist", "")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    except sqlite3.Error as exc:
+        return VerifyResult(False, 0, None, f"cannot open: {exc}", "")
+    try:
+        con.execute("BEGIN")  # one consistent snapshot while the daemon keeps appending
+        return _verify(con)
+    except sqlite3.DatabaseError as exc:
+        return VerifyResult(False, 0, None, f"not a readable ledger: {exc}", "")
+    finally:
+        con.close()
+
+
+def _verify(con: sqlite3.Connection) -> VerifyResult:
+    prev_hash = GENESIS_PREV_HASH
+    expected_seq = 1
+    count = 0
+    scratch = sqlite3.connect(":memory:", isolation_level=None)
+    _run_script(scratch, _SCHEMA_V1)
+
+    def bad(seq: int | None, reason: str) -> VerifyResult:
+        return VerifyResult(False, count, seq, reason, prev_hash, expected_seq - 1)
+
+    for seq, kind, content, stored_prev, stored_hash in _iter_records(con):
+        if seq != expected_seq:
+            return bad(expected_seq, f"record {expected_seq} is missing (next is {seq})")
+        if stored_prev != prev_hash:
+            return bad(seq, "prev_hash does not match the previous record's hash "
+                            "(a record before it was edited, deleted or moved)")
+        if record_hash(prev_hash, content) != stored_hash:
+            return bad(seq, "hash does not match the content (record edited)")
+        try:
+            obj = json.loads(content)
+        except ValueError:
+            return bad(seq, "content is not JSON")
+        if obj.get("seq") != seq:
+            return bad(seq, f"content says seq {obj.get('seq')!r} (record moved)")
+        if obj.get("kind") != kind:
+            return bad(seq, "kind column does not match the content")
+        if canonical_json(obj) != content:
+            return bad(seq, "content is not in canonical form")
+        if seq == 1 and kind != "genesis":
+            return bad(seq, "first record is not the genesis record")
+        if kind == "interval":
+            rows = [(g, u, p, pr, j, prog, float(f)) for g, u, p, pr, j, prog, _pid, f
+                    in obj["rows"]]
+            _apply_interval(scratch, seq, obj["t0_s"], obj["t1_s"], rows)
+        elif kind in JOB_EVENT_KINDS:
+            _apply_event(scratch, seq, kind, obj["job"], obj["program"], obj["t_s"],
+                         obj["payload"])
+        prev_hash = stored_hash
+        expected_seq = seq + 1
+        count += 1
+    head = con.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
+    if count == 0:
+        return bad(1, "ledger has no records (genesis missing)")
+    if head is None:
+        return bad(None, "chain_head is missing")
+    if head[0] != expected_seq - 1 or head[1] != prev_hash:
+        return bad(expected_seq if head[0] >= expected_seq else head[0],
+                   f"chain_head says seq {head[0]} but the chain ends at {expected_seq - 1}"
+                   " (records deleted from the end, or chain_head edited)")
+    mismatch = _compare_derived(con, scratch)
+    if mismatch:
+        return VerifyResult(False, count, None, mismatch, prev_hash, expected_seq - 1)
+    return VerifyResult(True, count, None, None, prev_hash, expected_seq - 1)
+
+
+def _compare_derived(con: sqlite3.Connection, scratch: sqlite3.Connection) -> str | None:
+    """Compare the derived tables (which restore counters) with a replay of the chain."""
+    queries = {
+        "gpu_totals": "SELECT gpu, uuid, pipe, precision, flops FROM gpu_totals"
+                      " ORDER BY gpu, uuid, pipe, precision",
+        "job_totals": "SELECT job, program, measured_flops, analytic_flops, tokens,"
+                      " recompute_flops FROM job_totals ORDER BY job, program",
+        "job_intervals": "SELECT seq, job, program, flops FROM job_intervals"
+                         " ORDER BY seq, job, program",
+        "job_events": "SELECT seq, kind, job, program FROM job_events ORDER BY seq",
+    }
+    for table, sql in queries.items():
+        stored = con.execute(sql).fetchall()
+        replayed = scratch.execute(sql).fetchall()
+        if len(stored) != len(replayed):
+            return f"derived table {table} has {len(stored)} rows, chain implies {len(replayed)}"
+        for a, b in zip(stored, replayed, strict=True):
+            for x, y in zip(a, b, strict=True):
+                same = (math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-6)
+                        if isinstance(x, float) and isinstance(y, float) else x == y)
+                if not same:
+                    return f"derived table {table} row {a!r} differs from the chain ({b!r})"
+    return None
+
+
+def open_or_quarantine(path: Path, *, clock: Callable[[], float],
+                       synchronous: Synchronous = "FULL") -> tuple[Ledger, Path | None]:
+    """Open the ledger; if it is corrupt, move it (and its -wal/-shm) aside and start a new one.
+
+    Returns (ledger, quarantined_path or None). Nothing is deleted: the bad file keeps its
+    bytes under ``<name>.corrupt-<unix time>`` and the new ledger's first event names it.
+    A LedgerVersionError (newer schema) is not corruption and is re-raised.
+    """
+    path = Path(path)
+    try:
+        return Ledger.open(path, clock=clock, synchronous=synchronous), None
+    except LedgerVersionError:
+        raise
+    except LedgerCorruptError as exc:
+        reason = exc.message
+    stamp = int(clock())
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.rename(target.with_name(target.name + suffix))
+    path.rename(target)
+    ledger = Ledger.open(path, clock=clock, synchronous=synchronous)
+    with ledger._lock:
+        ledger._write("quarantine", lambda seq: {
+            "seq": seq, "kind": "quarantine", "t_s": clock(), "moved_to": target.name,
+            "sha256": digest, "reason": reason}, lambda seq: None)
+    return ledger, target
