@@ -17,6 +17,8 @@ Writes results.json, the annotated trace and logs under --out; prints a table la
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -77,10 +79,8 @@ class Poller(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             t = time.time()
-            try:
+            with contextlib.suppress(OSError):
                 self.scrapes.append((time.time(), scrape(self.url)))
-            except OSError:
-                pass
             self.util.append((time.time(), pynvml.nvmlDeviceGetUtilizationRates(self.h).gpu / 100))
             self.stop.wait(max(0.0, self.period - (time.time() - t)))
 
@@ -106,7 +106,7 @@ def start_daemon(out: Path, listen: str, record: Path | None, extra: list[str]) 
     cmd = [PY, "-m", "gpuflops.cli", "daemon", "--backend", "nvml", "--listen", listen, *extra]
     if record:
         cmd += ["--record", str(record)]
-    log = open(out / f"daemon-{listen.rsplit(':', 1)[1]}.log", "w")
+    log = open(out / f"daemon-{listen.rsplit(':', 1)[1]}.log", "w")  # noqa: SIM115
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://{listen}/healthz"
@@ -133,7 +133,8 @@ def hmma_rescaled(d: dict, precision: str) -> float:
     for (pipe, prec), v in d.items():
         if pipe == "hmma":
             want = precision if precision in ("fp8", "fp16", "bf16", "tf32") else prec
-            total += v * hop[f"hmma:{want}"].flops_per_clock_per_sm / hop[f"hmma:{prec}"].flops_per_clock_per_sm
+            rate = hop[f"hmma:{want}"].flops_per_clock_per_sm
+            total += v * rate / hop[f"hmma:{prec}"].flops_per_clock_per_sm
         else:
             total += v
     return total
@@ -211,7 +212,7 @@ def accuracy(out: Path, seconds: float) -> dict:
                     break
     idle = sum(delta(poll.at(idle0), poll.at(idle1)).values())
     gaps = []
-    for a, b in zip(phases, phases[1:], strict=False):
+    for a, b in itertools.pairwise(phases):
         gaps.append(sum(delta(poll.at(a["t1"] + 0.6), poll.at(b["t0"] - 0.1)).values()))
     # two-process attribution: process counters after settling, minus before the phase
     t_before = min(p["t0"] for p in two) - 1.0

@@ -46,6 +46,15 @@ def main() -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None)
 @click.option("--record", "record_path", type=click.Path(dir_okay=False), default=None,
               help="Also write every interval to this trace file.")
+@click.option("--socket", "socket_path", default=None, help="Job socket path [/run/gpuflops/gpuflops.sock].")
+@click.option("--socket-group", default=None, help="Group (name or gid) that may use the job socket.")
+@click.option("--no-socket", is_flag=True, help="Do not open the job socket.")
+@click.option("--state-dir", default=None, help="Ledger directory [/var/lib/gpuflops].")
+@click.option("--no-ledger", is_flag=True, help="Run without the persistent ledger (counters restart at 0).")
+@click.option("--programs", "program_config", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Program thresholds and policy (TOML, docs/ledger.md).")
+@click.option("--web-config", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="TLS and basic auth for /metrics (Prometheus exporter-toolkit format).")
 @click.option("-v", "--verbose", count=True)
 def daemon(
     backend: str | None,
@@ -58,10 +67,18 @@ def daemon(
     hmma_precision: str | None,
     config_path: str | None,
     record_path: str | None,
+    socket_path: str | None,
+    socket_group: str | None,
+    no_socket: bool,
+    state_dir: str | None,
+    no_ledger: bool,
+    program_config: str | None,
+    web_config: str | None,
     verbose: int,
 ) -> None:
     """Run the metering daemon."""
-    from gpuflops.daemon import Daemon, build_sampler, handle_signals
+    from gpuflops import sdnotify
+    from gpuflops.daemon import Daemon, build_sampler, handle_signals, wire_jobs
 
     _setup_logging(verbose)
     try:
@@ -78,7 +95,15 @@ def daemon(
             replay_path=replay_path,
             replay_speed=speed,
             replay_loop=False if no_loop else None,
+            socket_path=socket_path,
+            socket_group=socket_group,
+            job_socket=False if no_socket else None,
+            state_dir=state_dir,
+            ledger=False if no_ledger else None,
+            program_config=program_config,
+            web_config=web_config,
         ).validate()
+        http_kwargs = _web_config(settings.web_config)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     stop = threading.Event()
@@ -91,12 +116,41 @@ def daemon(
     if record_path:
         _attach_recorder(d, Path(record_path))
     try:
-        d.serve()
-    except OSError as e:
+        wire_jobs(d, socket=settings.job_socket)
+        d.serve(**http_kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
         d.close()
-        raise click.ClickException(f"cannot listen on {settings.listen}: {e}") from None
+        raise click.ClickException(f"cannot start: {e}") from None
+    watchdog = _Throttle(5.0)
     with handle_signals(stop):
-        d.run()
+        d.run(
+            on_ready=lambda: sdnotify.notify("READY=1"),
+            on_tick=lambda: watchdog(lambda: sdnotify.notify("WATCHDOG=1")),
+        )
+
+
+class _Throttle:
+    def __init__(self, period_s: float) -> None:
+        self._period = period_s
+        self._next = 0.0
+
+    def __call__(self, fn: object) -> None:
+        now = time.monotonic()
+        if now >= self._next and callable(fn):
+            self._next = now + self._period
+            fn()
+
+
+def _web_config(path: str | None) -> dict[str, object]:
+    if path is None:
+        return {}
+    from gpuflops.exporter.webconfig import WebConfigError, load_web_config
+
+    try:
+        wc = load_web_config(Path(path))
+        return {"ssl_context": wc.ssl_context(), "auth": wc.check_auth if wc.auth_required else None}
+    except WebConfigError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _attach_recorder(d: object, path: Path) -> None:
@@ -182,28 +236,16 @@ def status(url: str, once: bool, interval_s: float) -> None:
         time.sleep(interval_s)
 
 
-def _register_optional() -> None:
-    """Commands that live in their own modules."""
-    import importlib
+def _register_commands() -> None:
+    """Commands that live beside the code they drive."""
+    from gpuflops.ledger_cli import report_command, verify_command
+    from gpuflops.runcmd import run_command
 
-    for module, attr in [
-        ("gpuflops.runcmd", "run"),
-        ("gpuflops.estimate_cli", "estimate"),
-        ("gpuflops.ledger_cli", "verify"),
-        ("gpuflops.ledger_cli", "report"),
-    ]:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:
-                continue
-            raise
-        cmd = getattr(mod, attr, None)
-        if isinstance(cmd, click.Command):
-            main.add_command(cmd)
+    for cmd in (run_command, verify_command, report_command):
+        main.add_command(cmd)
 
 
-_register_optional()
+_register_commands()
 
 __all__ = ["Settings", "main"]
 

@@ -1,6 +1,7 @@
 """Composition root: the only place that builds real objects and wires the pipeline.
 
-sampler -> integrator -> attribution -> (ledger) -> totals -> exporter
+sampler -> integrator -> attribution -> ledger -> totals -> exporter, with the job socket
+feeding attribution (pid -> job) and the ledger (registrations, analytic estimates).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Literal
 
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -23,16 +25,20 @@ from gpuflops.config import Settings
 from gpuflops.exporter.collector import FlopsCollector
 from gpuflops.exporter.http import MetricsServer
 from gpuflops.integrate.integrator import Integrator, IntervalFlops
+from gpuflops.integrate.rates import HMMA_PRECISIONS
 from gpuflops.model import GpuInfo, GpuSample
 from gpuflops.sampler import Sampler, SamplerError
-from gpuflops.totals import Totals
+from gpuflops.totals import UNATTRIBUTED, Row, Totals
 
 log = logging.getLogger(__name__)
 
 DEMO_TRACE = "h100-demo.jsonl.gz"
+PROGRAM_REFRESH_S = 10.0
 
+JobResolver = Callable[[int], tuple[str, str]]
+PrecisionOf = Callable[[str, str], str | None]  # (job, program) -> declared HMMA precision
 IntervalHook = Callable[[GpuSample, IntervalFlops], None]
-AttributedHook = Callable[[list[tuple[AttributedInterval, list[tuple[str, str, int | None]]]]], None]
+RowSink = Callable[[list[tuple[float, float, list[Row]]], int], None]
 
 
 class NoDriverError(SamplerError):
@@ -72,6 +78,27 @@ def build_sampler(settings: Settings, stop: threading.Event) -> Sampler:
         raise
 
 
+class _Memo:
+    """pid -> job for one second: resolution reads /proc, and runs for every share."""
+
+    def __init__(self, resolve: JobResolver, clock: Callable[[], float], ttl_s: float = 1.0) -> None:
+        self._resolve = resolve
+        self._clock = clock
+        self._ttl = ttl_s
+        self._cache: dict[int, tuple[float, tuple[str, str]]] = {}
+
+    def __call__(self, pid: int) -> tuple[str, str]:
+        now = self._clock()
+        hit = self._cache.get(pid)
+        if hit is not None and now - hit[0] < self._ttl:
+            return hit[1]
+        value = self._resolve(pid)
+        if len(self._cache) > 4096:
+            self._cache.clear()
+        self._cache[pid] = (now, value)
+        return value
+
+
 @dataclass
 class Pipeline:
     """One sampling step end to end; usable without threads (tests, benchmarks)."""
@@ -80,8 +107,10 @@ class Pipeline:
     integrator: Integrator
     attributor: ProcessAttributor
     totals: Totals
+    resolve_job: JobResolver = lambda _pid: (UNATTRIBUTED, UNATTRIBUTED)
+    precision_of: PrecisionOf | None = None
+    sink: RowSink | None = None
     on_interval: list[IntervalHook] = field(default_factory=list)
-    on_attributed: list[AttributedHook] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._infos = {g.key: g for g in self.gpus}
@@ -93,8 +122,8 @@ class Pipeline:
             if info is None:
                 log.warning("sample for unknown unit %r ignored", s.key)
                 continue
-            flops = self.integrator.integrate(info, s)
-            self.totals.record_interval(s, flops)
+            flops = self.integrator.integrate(info, s, self._job_precision(s))
+            self.totals.record_live(s, flops)
             for hook in self.on_interval:
                 hook(s, flops)
             settled.extend(self.attributor.add(s, flops))
@@ -103,15 +132,43 @@ class Pipeline:
     def flush(self) -> None:
         self._settle(self.attributor.flush())
 
+    def _job_precision(self, s: GpuSample) -> str | None:
+        """The HMMA precision every job on this unit declared, if they agree."""
+        if self.precision_of is None or not s.processes or not s.activity:
+            return None
+        found = set()
+        for p in s.processes:
+            job, program = self.resolve_job(p.pid)
+            found.add(self.precision_of(job, program) if job != UNATTRIBUTED else None)
+        if len(found) == 1:
+            (only,) = found
+            return only if only in HMMA_PRECISIONS else None
+        return None
+
     def _settle(self, settled: list[AttributedInterval]) -> None:
-        done = self.totals.record_attributed(settled, self.attributor.held())
-        if done:
-            for hook in self.on_attributed:
-                hook(done)
+        batch: list[tuple[float, float, list[Row]]] = []
+        for item in settled:
+            info = self._infos[item.key]
+            rows = []
+            for share in item.shares:
+                job, program = (
+                    (UNATTRIBUTED, UNATTRIBUTED) if share.pid is None else self.resolve_job(share.pid)
+                )
+                rows.append(
+                    Row(item.key, info.uuid, share.pipe.value, share.precision, job, program,
+                        share.pid, share.comm, share.flops)
+                )
+            if rows:
+                batch.append((item.t0_s, item.t1_s, rows))
+        held = self.attributor.held()
+        if self.sink is not None:
+            self.sink(batch, held)
+        else:
+            self.totals.add_rows((r for _a, _b, rows in batch for r in rows), held)
 
 
 class Daemon:
-    """Runs the sampling loop in the calling thread and the HTTP endpoint in another."""
+    """Runs the sampling loop in the calling thread and the endpoints in others."""
 
     def __init__(
         self,
@@ -131,7 +188,10 @@ class Daemon:
         self.integrator = Integrator(lambda key: per_gpu.get(key, settings.hmma_precision))
         self.totals = Totals(gpus, process_ttl_s=settings.process_ttl_s, clock=clock)
         self.pipeline = Pipeline(
-            gpus, self.integrator, ProcessAttributor(settings.attribution_hold_s), self.totals
+            gpus,
+            self.integrator,
+            ProcessAttributor(settings.attribution_hold_s),
+            self.totals,
         )
         self.registry = registry or CollectorRegistry(auto_describe=False)
         self.registry.register(FlopsCollector(self.totals.snapshot, sampler.name))
@@ -139,6 +199,8 @@ class Daemon:
         self._started_s = clock()
         self.server: MetricsServer | None = None
         self._closers: list[Callable[[], None]] = []
+        self._periodic: list[tuple[float, Callable[[], None]]] = []
+        self._next_periodic: list[float] = []
         for g in gpus:
             if not g.metrics:
                 log.warning(
@@ -154,6 +216,11 @@ class Daemon:
 
     def add_closer(self, fn: Callable[[], None]) -> None:
         self._closers.append(fn)
+
+    def every(self, period_s: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the sampling thread about every ``period_s`` (and at once)."""
+        self._periodic.append((period_s, fn))
+        self._next_periodic.append(0.0)
 
     def health(self) -> tuple[bool, str]:
         now = self.clock()
@@ -172,7 +239,11 @@ class Daemon:
         self.server.start()
         log.info("serving /metrics on %s (port %d)", self.settings.listen, self.server.port)
 
-    def run(self, on_ready: Callable[[], None] | None = None) -> None:
+    def run(
+        self,
+        on_ready: Callable[[], object] | None = None,
+        on_tick: Callable[[], object] | None = None,
+    ) -> None:
         """Sample until stopped or the source ends; always flushes and closes."""
         ready = False
         try:
@@ -185,13 +256,26 @@ class Daemon:
                 errors = getattr(self.sampler, "errors", None)
                 if errors:
                     self.totals.count_errors(errors)
+                self._run_periodic()
                 self._last_loop_s = self.clock()
+                if on_tick is not None:
+                    on_tick()
                 if not ready and on_ready is not None:
                     on_ready()
                     ready = True
         finally:
             self.pipeline.flush()
             self.close()
+
+    def _run_periodic(self) -> None:
+        now = self.clock()
+        for i, (period, fn) in enumerate(self._periodic):
+            if now >= self._next_periodic[i]:
+                self._next_periodic[i] = now + period
+                try:
+                    fn()
+                except Exception:
+                    log.exception("periodic task failed; will retry")
 
     def close(self) -> None:
         for fn in reversed(self._closers):
@@ -204,6 +288,91 @@ class Daemon:
         if self.server is not None:
             self.server.stop()
             self.server = None
+
+
+def wire_jobs(d: Daemon, *, socket: bool = True) -> Any:
+    """Job socket, process -> job mapping, ledger and program evaluation, as configured."""
+    from gpuflops.attribution.jobmap import JobMapper
+    from gpuflops.attribution.jobmap import JobRef as MapRef
+    from gpuflops.exporter.jobs_collector import JobsCollector
+    from gpuflops.jobs import JobRegistry, JobSocketServer, PsutilProcessLookup
+    from gpuflops.ledger.reconcile import normalize_precision
+    from gpuflops.ledger.sink import LedgerSink, ProgramView
+    from gpuflops.ledger.thresholds import load_programs_config
+
+    s = d.settings
+    registry = JobRegistry(process_lookup=PsutilProcessLookup(), clock=d.clock)
+
+    def from_socket(pid: int) -> MapRef | None:
+        ref = registry.job_for_pid(pid)
+        return None if ref is None else MapRef(ref.job_id, ref.program_id, "socket", {})
+
+    mapper = JobMapper(order=s.job_sources, socket_lookup=from_socket)
+
+    def resolve(pid: int) -> tuple[str, str]:
+        ref = mapper.resolve(pid)
+        return ref.job, ref.program
+
+    def precision_of(job: str, program: str) -> str | None:
+        snap = registry.snapshot().job(job)
+        if snap is None:
+            return None
+        return normalize_precision(snap.metadata.get("precision"))
+
+    ledger = _open_ledger(s, d.clock) if s.ledger else None
+    sink = LedgerSink(ledger, d.totals, clock=d.clock)
+    registry.on_event(sink.on_job_event)
+    p = d.pipeline
+    p.resolve_job = _Memo(resolve, d.clock)
+    p.precision_of = precision_of
+    p.sink = sink.commit
+    programs_cfg = load_programs_config(Path(s.program_config) if s.program_config else None)
+    view = [ProgramView()]
+
+    def refresh_programs() -> None:
+        if ledger is None:
+            return
+        from gpuflops.ledger.programs import evaluate_ledger
+
+        statuses, errors = evaluate_ledger(ledger, programs_cfg)
+        view[0] = ProgramView(MappingProxyType(statuses), MappingProxyType(errors), d.clock())
+
+    d.every(PROGRAM_REFRESH_S, refresh_programs)
+    server = None
+    if socket:
+        server = JobSocketServer(
+            registry, s.socket_path, mode=s.socket_mode, group=s.socket_group
+        )
+        server.start()
+        d.add_closer(server.stop)
+        log.info("job socket listening on %s", s.socket_path)
+    d.add_closer(sink.close)
+    d.add_collector(
+        JobsCollector(d.totals.snapshot, lambda: view[0], registry.snapshot, sink,
+                      server.stats if server else None)
+    )
+    return registry
+
+
+def _open_ledger(s: Settings, clock: Callable[[], float]) -> Any:
+    from gpuflops.ledger.store import LEDGER_FILENAME, LedgerError, open_or_quarantine
+
+    path = Path(s.state_dir) / LEDGER_FILENAME
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sync: Literal["NORMAL", "FULL"] = "FULL" if s.ledger_sync == "FULL" else "NORMAL"
+        ledger, moved = open_or_quarantine(path, clock=clock, synchronous=sync)
+    except (LedgerError, OSError) as e:
+        log.error(
+            "ledger %s cannot be used (%s); metering continues WITHOUT persistence: counters "
+            "will restart at zero and nothing is written to the file",
+            path,
+            e,
+        )
+        return None
+    if moved is not None:
+        log.warning("ledger %s was corrupt; moved intact to %s and started a new one", path, moved)
+    return ledger
 
 
 @contextlib.contextmanager

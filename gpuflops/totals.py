@@ -1,20 +1,22 @@
 """Cumulative counters fed by the pipeline, read by the exporter as an immutable snapshot.
 
-The sampling thread calls :meth:`Totals.record_interval` and :meth:`Totals.record_attributed`;
-a scrape calls :meth:`Totals.snapshot`, which copies under a short lock so a scrape never sees
-a half-applied interval. Counters only grow; the ledger seeds them at start so they continue
-across restarts.
+FLOPs counters grow only from rows the ledger has committed (or directly when running without
+a ledger), and start from the ledger's totals: so after a restart, even a ``kill -9``, they
+continue from where the durable record stands and never go backwards. (A counter that fell
+back a little would look like a reset to Prometheus and be counted again in full.)
+
+Per-process and unattributed series are not persisted; after a restart they start at zero,
+which Prometheus handles as an ordinary reset.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from gpuflops.attribution.process import AttributedInterval
 from gpuflops.integrate.integrator import IntervalFlops
 from gpuflops.model import GpuInfo, GpuSample, Metric
 
@@ -23,6 +25,28 @@ UNATTRIBUTED = "unattributed"
 GpuFlopsKey = tuple[str, str, str]  # gpu key, pipe, precision
 ProcKey = tuple[str, int, str]  # gpu key, pid, comm
 JobKey = tuple[str, str]  # job, program
+
+
+@dataclass(frozen=True)
+class Row:
+    """FLOPs of one interval, one unit, one pipe and precision, for one process and job."""
+
+    gpu: str
+    uuid: str
+    pipe: str
+    precision: str
+    job: str
+    program: str
+    pid: int | None  # None: not attributable to a process
+    comm: str
+    flops: float
+
+
+@dataclass(frozen=True)
+class JobAnalytic:
+    flops: float = 0.0
+    tokens: float = 0.0
+    recompute_flops: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +68,7 @@ class Snapshot:
     process_flops: Mapping[ProcKey, float]
     unattributed_flops: Mapping[str, float]
     job_flops: Mapping[JobKey, float]
+    job_analytic: Mapping[JobKey, JobAnalytic]
     live: Mapping[str, GpuLive]
     intervals: Mapping[str, int]
     gaps: Mapping[tuple[str, str], int]
@@ -54,9 +79,6 @@ class Snapshot:
     extra: Mapping[str, object] = field(default_factory=dict)
 
 
-JobResolver = Callable[[int], tuple[str, str]]
-
-
 class Totals:
     def __init__(
         self,
@@ -64,18 +86,17 @@ class Totals:
         *,
         process_ttl_s: float = 300.0,
         clock: Callable[[], float] = time.time,
-        job_resolver: JobResolver | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._gpus = tuple(gpus)
         self._clock = clock
         self._process_ttl_s = process_ttl_s
-        self._job_resolver = job_resolver
-        self.gpu_flops: dict[GpuFlopsKey, float] = {}
-        self.process_flops: dict[ProcKey, float] = {}
+        self._gpu_flops: dict[GpuFlopsKey, float] = {}
+        self._process_flops: dict[ProcKey, float] = {}
         self._process_seen: dict[ProcKey, float] = {}
-        self.unattributed: dict[str, float] = {g.key: 0.0 for g in gpus}
-        self.job_flops: dict[JobKey, float] = {}
+        self._unattributed: dict[str, float] = {g.key: 0.0 for g in gpus}
+        self._job_flops: dict[JobKey, float] = {}
+        self._job_analytic: dict[JobKey, JobAnalytic] = {}
         self._live: dict[str, GpuLive] = {}
         self._intervals: dict[str, int] = {g.key: 0 for g in gpus}
         self._gaps: dict[tuple[str, str], int] = {}
@@ -84,25 +105,20 @@ class Totals:
         self._last: dict[str, float] = {}
         self._held = 0
 
-    def set_job_resolver(self, resolver: JobResolver | None) -> None:
-        self._job_resolver = resolver
-
     def seed(
         self,
         gpu_flops: Mapping[GpuFlopsKey, float],
         job_flops: Mapping[JobKey, float],
-        unattributed: Mapping[str, float],
+        job_analytic: Mapping[JobKey, JobAnalytic],
     ) -> None:
-        """Start counters from persisted totals (never lower than what we already hold)."""
+        """Start counters from persisted totals."""
         with self._lock:
-            for k, v in gpu_flops.items():
-                self.gpu_flops[k] = max(self.gpu_flops.get(k, 0.0), v)
-            for jk, v in job_flops.items():
-                self.job_flops[jk] = max(self.job_flops.get(jk, 0.0), v)
-            for gk, v in unattributed.items():
-                self.unattributed[gk] = max(self.unattributed.get(gk, 0.0), v)
+            self._gpu_flops.update(gpu_flops)
+            self._job_flops.update(job_flops)
+            self._job_analytic.update(job_analytic)
 
-    def record_interval(self, sample: GpuSample, flops: IntervalFlops) -> None:
+    def record_live(self, sample: GpuSample, flops: IntervalFlops) -> None:
+        """Gauges and sampler health for one interval (immediately, not after the ledger)."""
         with self._lock:
             key = sample.key
             self._intervals[key] = self._intervals.get(key, 0) + 1
@@ -111,9 +127,6 @@ class Totals:
                 gk = (key, flops.gap_reason)
                 self._gaps[gk] = self._gaps.get(gk, 0) + 1
                 self._gap_s[gk] = self._gap_s.get(gk, 0.0) + max(0.0, flops.duration_s)
-            for (pipe, precision), value in flops.flops.items():
-                fk = (key, pipe.value, precision)
-                self.gpu_flops[fk] = self.gpu_flops.get(fk, 0.0) + value
             dt = flops.duration_s
             self._live[key] = GpuLive(
                 activity=sample.activity,
@@ -123,63 +136,55 @@ class Totals:
                 gpu_util=sample.gpu_util,
             )
 
-    def record_attributed(self, items: list[AttributedInterval], held: int) -> list[
-        tuple[AttributedInterval, list[tuple[str, str, int | None]]]
-    ]:
-        """Add settled shares; return each interval with the (job, program, pid) of its shares."""
-        out = []
+    def add_rows(self, rows: Iterable[Row], held: int) -> None:
+        """Count rows that are now durable."""
         now = self._clock()
         with self._lock:
             self._held = held
-            for item in items:
-                jobs: list[tuple[str, str, int | None]] = []
-                for share in item.shares:
-                    if share.pid is None:
-                        self.unattributed[item.key] = (
-                            self.unattributed.get(item.key, 0.0) + share.flops
-                        )
-                        job: JobKey = (UNATTRIBUTED, UNATTRIBUTED)
-                    else:
-                        pk = (item.key, share.pid, share.comm)
-                        self.process_flops[pk] = self.process_flops.get(pk, 0.0) + share.flops
-                        self._process_seen[pk] = now
-                        job = self._resolve(share.pid)
-                    self.job_flops[job] = self.job_flops.get(job, 0.0) + share.flops
-                    jobs.append((job[0], job[1], share.pid))
-                out.append((item, jobs))
-            self._age_out(now)
-        return out
+            for r in rows:
+                gk = (r.gpu, r.pipe, r.precision)
+                self._gpu_flops[gk] = self._gpu_flops.get(gk, 0.0) + r.flops
+                jk = (r.job, r.program)
+                self._job_flops[jk] = self._job_flops.get(jk, 0.0) + r.flops
+                if r.pid is None:
+                    self._unattributed[r.gpu] = self._unattributed.get(r.gpu, 0.0) + r.flops
+                else:
+                    pk = (r.gpu, r.pid, r.comm)
+                    self._process_flops[pk] = self._process_flops.get(pk, 0.0) + r.flops
+                    self._process_seen[pk] = now
+            stale = [k for k, t in self._process_seen.items() if now - t > self._process_ttl_s]
+            for k in stale:
+                del self._process_seen[k]
+                del self._process_flops[k]
 
-    def _resolve(self, pid: int) -> JobKey:
-        if self._job_resolver is None:
-            return (UNATTRIBUTED, UNATTRIBUTED)
-        try:
-            return self._job_resolver(pid)
-        except Exception:  # a resolver bug must not stop metering; count it
-            self._errors[("*", "job_resolver")] = self._errors.get(("*", "job_resolver"), 0) + 1
-            return (UNATTRIBUTED, UNATTRIBUTED)
-
-    def _age_out(self, now: float) -> None:
-        stale = [k for k, seen in self._process_seen.items() if now - seen > self._process_ttl_s]
-        for k in stale:
-            del self._process_seen[k]
-            del self.process_flops[k]
+    def add_estimate(self, job: str, program: str, flops: float, tokens: float, recompute: float) -> None:
+        with self._lock:
+            k = (job, program)
+            a = self._job_analytic.get(k, JobAnalytic())
+            self._job_analytic[k] = JobAnalytic(
+                a.flops + flops, a.tokens + tokens, a.recompute_flops + recompute
+            )
 
     def count_errors(self, errors: Mapping[tuple[str, str], int]) -> None:
-        """Replace backend error counters with the backend's cumulative view."""
+        """Take the backend's cumulative error counters."""
         with self._lock:
             for k, v in errors.items():
                 self._errors[k] = max(self._errors.get(k, 0), v)
+
+    def count_error(self, gpu: str, kind: str) -> None:
+        with self._lock:
+            self._errors[(gpu, kind)] = self._errors.get((gpu, kind), 0) + 1
 
     def snapshot(self, extra: Mapping[str, object] | None = None) -> Snapshot:
         with self._lock:
             return Snapshot(
                 taken_s=self._clock(),
                 gpus=self._gpus,
-                gpu_flops=MappingProxyType(dict(self.gpu_flops)),
-                process_flops=MappingProxyType(dict(self.process_flops)),
-                unattributed_flops=MappingProxyType(dict(self.unattributed)),
-                job_flops=MappingProxyType(dict(self.job_flops)),
+                gpu_flops=MappingProxyType(dict(self._gpu_flops)),
+                process_flops=MappingProxyType(dict(self._process_flops)),
+                unattributed_flops=MappingProxyType(dict(self._unattributed)),
+                job_flops=MappingProxyType(dict(self._job_flops)),
+                job_analytic=MappingProxyType(dict(self._job_analytic)),
                 live=MappingProxyType(dict(self._live)),
                 intervals=MappingProxyType(dict(self._intervals)),
                 gaps=MappingProxyType(dict(self._gaps)),

@@ -50,6 +50,7 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    timeout = 30  # a client that stalls (or never finishes a TLS handshake) frees its thread
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http: " + format, *args)
@@ -120,7 +121,10 @@ class MetricsServer:
         host, port = parse_listen(listen)
         self._httpd = _Server((host, port), self)
         if ssl_context is not None:
-            self._httpd.socket = ssl_context.wrap_socket(self._httpd.socket, server_side=True)
+            # Handshake in the handler thread (on first read), so a slow client cannot block accept().
+            self._httpd.socket = ssl_context.wrap_socket(
+                self._httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="http", daemon=True)
 
     @property

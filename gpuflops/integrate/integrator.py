@@ -64,7 +64,10 @@ class Integrator:
     def hmma_precision(self, key: str) -> str:
         return self._precision_for(key)
 
-    def integrate(self, info: GpuInfo, sample: GpuSample) -> IntervalFlops:
+    def integrate(
+        self, info: GpuInfo, sample: GpuSample, hmma_precision: str | None = None
+    ) -> IntervalFlops:
+        """FLOPs of one interval; ``hmma_precision`` overrides the configured one (a job's)."""
         if sample.activity is None:
             return self._gap(sample, sample.error or "no_activity")
         if sample.clock_hz is None:
@@ -78,7 +81,7 @@ class Integrator:
         if dt <= 0:
             return self._gap(sample, "empty_interval")
         cycles = sample.clock_hz * dt
-        hmma_precision = self._precision_for(info.key)
+        hmma_precision = hmma_precision or self._precision_for(info.key)
         flops: dict[tuple[Pipe, str], float] = {}
         unmeasured: list[Pipe] = []
         for pipe, metric in PIPE_METRIC.items():

@@ -222,6 +222,8 @@ class JobSocketServer:
     def _resolve_gid(self) -> int | None:
         if self._group is None or isinstance(self._group, int):
             return self._group
+        if self._group.isdigit():  # a numeric gid, as containers pass it (no /etc/group entry)
+            return int(self._group)
         try:
             return grp.getgrnam(self._group).gr_gid
         except KeyError:

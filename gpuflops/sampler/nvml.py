@@ -12,6 +12,7 @@ activity they multiply (shared/gpu-facts.md).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -475,14 +476,10 @@ class NvmlSampler:
         self._stop.set()
         for u in getattr(self, "_units", []):
             for s in u.samples:
-                try:
+                with contextlib.suppress(NvmlCallError):
                     self._q("nvmlGpmSampleFree", s)
-                except NvmlCallError:
-                    pass
-        try:
+        with contextlib.suppress(NvmlCallError):
             self._q("nvmlShutdown")
-        except NvmlCallError:
-            pass
 
     def describe(self) -> dict[str, Any]:
         """Facts for a trace header: driver, NVML and binding versions, host."""

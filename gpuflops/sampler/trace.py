@@ -122,7 +122,11 @@ class TraceWriter:
         self, path: Path, gpus: list[GpuInfo], interval_s: float | None, meta: Mapping[str, Any]
     ) -> None:
         self.path = path
-        raw: IO[bytes] = gzip.open(path, "wb") if path.suffix == ".gz" else open(path, "wb")
+        raw: IO[bytes] = (
+            gzip.open(path, "wb")  # type: ignore[assignment]  # noqa: SIM115 (closed in close())
+            if path.suffix == ".gz"
+            else open(path, "wb")  # noqa: SIM115
+        )
         self._f = io.TextIOWrapper(raw, encoding="utf-8")
         self._write(header_to_json(gpus, interval_s, meta))
 
@@ -187,7 +191,7 @@ def _gpu_from_json(lc: _Line, d: Any) -> GpuInfo:
     except ValueError as e:
         raise lc.fail(f"unknown metric in gpu {d.get('key')!r}: {e}") from None
     key, uuid, name = d.get("key"), d.get("uuid"), d.get("name")
-    if not all(isinstance(x, str) for x in (key, uuid, name)):
+    if not (isinstance(key, str) and isinstance(uuid, str) and isinstance(name, str)):
         raise lc.fail("gpu entries need string 'key', 'uuid' and 'name'")
     sm = d.get("sm_count")
     if sm is not None and (not isinstance(sm, int) or sm <= 0):

@@ -74,14 +74,14 @@ class FakeGpu:
 @dataclass
 class _Proc:
     pid: int
-    usedGpuMemory: int  # noqa: N815 (pynvml's field name)
+    usedGpuMemory: int
 
 
 @dataclass
 class _Util:
     pid: int
-    timeStamp: int  # noqa: N815
-    smUtil: int  # noqa: N815
+    timeStamp: int
+    smUtil: int
 
 
 class _Support:

@@ -1,0 +1,210 @@
+"""The daemon's side of the ledger: one thread commits intervals and job events, in order.
+
+The job socket's thread only enqueues (``on_job_event``); analytic ``add`` messages are
+coalesced per job into one ``estimate`` record per commit, so a client sending thousands of
+messages a second does not turn into thousands of ledger records. Counters are raised only
+after the commit that makes them durable (see gpuflops/totals.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from gpuflops.ledger.store import FlopsRow, Ledger, LedgerError
+from gpuflops.totals import JobAnalytic, Row, Totals
+
+log = logging.getLogger(__name__)
+
+_MAX_PENDING_INTERVALS = 36000  # an hour at 10 Hz; beyond it rows are counted, not persisted
+
+
+@dataclass
+class _Estimate:
+    flops: float = 0.0
+    tokens: float = 0.0
+    recompute: float = 0.0
+    t0: float = float("inf")
+    t1: float = float("-inf")
+    adds: int = 0
+
+
+@dataclass
+class _Queue:
+    events: list[tuple[str, str, str, float, dict[str, Any]]] = field(default_factory=list)
+    estimates: dict[tuple[str, str], _Estimate] = field(default_factory=dict)
+
+
+class LedgerSink:
+    """Commits what the pipeline and the job socket produce; raises counters after commit."""
+
+    def __init__(
+        self,
+        ledger: Ledger | None,
+        totals: Totals,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.ledger = ledger
+        self._totals = totals
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._queue = _Queue()
+        self._pending: list[tuple[float, float, list[Row]]] = []
+        self.write_errors = 0
+        self.records = 0
+        self._warned = False
+        if ledger is not None:
+            self._seed(ledger)
+
+    def _seed(self, ledger: Ledger) -> None:
+        t = ledger.totals()
+        self.records = t.records
+        self._totals.seed(
+            {(k.gpu, k.pipe, k.precision): v for k, v in t.gpu.items()},
+            {(k.job, k.program): v.measured_flops for k, v in t.jobs.items()},
+            {
+                (k.job, k.program): JobAnalytic(v.analytic_flops, v.tokens, v.recompute_flops)
+                for k, v in t.jobs.items()
+            },
+        )
+
+    # ---------------------------------------------------------- socket thread
+
+    def on_job_event(self, event: Any) -> None:
+        """Registry listener: enqueue only (runs on the socket server's thread)."""
+        kind = event.kind
+        key = (event.job_id, event.program_id)
+        with self._lock:
+            if kind == "add":
+                est = self._queue.estimates.setdefault(key, _Estimate())
+                est.flops += float(event.data.get("flops", 0.0))
+                est.tokens += float(event.data.get("tokens", 0.0))
+                est.recompute += float(event.data.get("recompute_flops", 0.0))
+                est.adds += int(event.data.get("adds", 1))
+                est.t0 = min(est.t0, event.time_s)
+                est.t1 = max(est.t1, event.time_s)
+                return
+            if kind not in ("register", "end"):
+                return
+            payload = dict(event.data)
+            payload["peer"] = {"pid": event.peer.pid, "uid": event.peer.uid}
+            if kind == "end":
+                self._move_estimate(key)
+            self._queue.events.append((kind, event.job_id, event.program_id, event.time_s, payload))
+
+    def _move_estimate(self, key: tuple[str, str]) -> None:
+        est = self._queue.estimates.pop(key, None)
+        if est is not None and est.adds:
+            self._queue.events.append(("estimate", key[0], key[1], est.t1, _estimate_payload(est)))
+
+    # ---------------------------------------------------------- sampling thread
+
+    def commit(self, rows_by_interval: list[tuple[float, float, list[Row]]], held: int) -> None:
+        """Write job events, then intervals; count each once it is durable."""
+        with self._lock:
+            for key in list(self._queue.estimates):
+                self._move_estimate(key)
+            events, self._queue.events = self._queue.events, []
+        for kind, job, program, t, payload in events:
+            if self._write_event(kind, job, program, t, payload) and kind == "estimate":
+                self._totals.add_estimate(
+                    job, program, payload["analytic_flops"], payload["tokens"],
+                    payload["recompute_flops"],
+                )
+        self._pending.extend(rows_by_interval)
+        if not self._pending:
+            self._totals.add_rows((), held)
+            return
+        if self.ledger is None:
+            for _t0, _t1, rows in self._pending:
+                self._totals.add_rows(rows, held)
+            self._pending.clear()
+            return
+        t0 = min(p[0] for p in self._pending)
+        t1 = max(p[1] for p in self._pending)
+        rows = [r for p in self._pending for r in p[2]]
+        try:
+            seq = self.ledger.append_interval(t0, t1, [_flops_row(r) for r in rows])
+        except (LedgerError, OSError) as e:
+            self._write_failed(e)
+            if len(self._pending) > _MAX_PENDING_INTERVALS:
+                # Keep metering even when the disk is gone: count, but say it is not durable.
+                dropped = self._pending[: -_MAX_PENDING_INTERVALS]
+                del self._pending[: -_MAX_PENDING_INTERVALS]
+                for _a, _b, rs in dropped:
+                    self._totals.add_rows(rs, held)
+            return
+        except ValueError as e:  # a bad row: never write it, keep the rest for the next commit
+            log.error("ledger refused interval rows: %s", e)
+            self._totals.count_error("*", "ledger_bad_row")
+            good = [r for r in rows if math.isfinite(r.flops) and r.flops >= 0]
+            self._pending = [(t0, t1, good)] if good else []
+            return
+        if seq is not None:
+            self.records += 1
+        self._pending.clear()
+        self._totals.add_rows(rows, held)
+
+    def _write_event(self, kind: str, job: str, program: str, t: float, payload: dict[str, Any]) -> bool:
+        if self.ledger is None:
+            return True
+        try:
+            self.ledger.append_job_event(kind, job, program, payload, t)
+        except (LedgerError, OSError) as e:
+            self._write_failed(e)
+            with self._lock:  # retry next commit, keeping order
+                self._queue.events.insert(0, (kind, job, program, t, payload))
+            return False
+        except ValueError as e:
+            log.error("ledger refused %s event for job %s: %s", kind, job, e)
+            self._totals.count_error("*", "ledger_bad_event")
+            return False
+        self.records += 1
+        return True
+
+    def _write_failed(self, e: Exception) -> None:
+        self.write_errors += 1
+        if not self._warned:
+            self._warned = True
+            log.warning("ledger write failed (will retry every interval): %s", e)
+        else:
+            log.debug("ledger write failed: %s", e)
+
+    @property
+    def pending_intervals(self) -> int:
+        return len(self._pending)
+
+    def close(self) -> None:
+        if self.ledger is not None:
+            self.ledger.close()
+
+
+def _estimate_payload(est: _Estimate) -> dict[str, Any]:
+    return {
+        "analytic_flops": est.flops,
+        "tokens": est.tokens,
+        "recompute_flops": est.recompute,
+        "adds": est.adds,
+        "window_t0_s": est.t0,
+        "window_t1_s": est.t1,
+    }
+
+
+def _flops_row(r: Row) -> FlopsRow:
+    return FlopsRow(r.gpu, r.uuid, r.pipe, r.precision, r.job, r.program, r.pid, r.flops)
+
+
+@dataclass(frozen=True)
+class ProgramView:
+    """Reconciliation and threshold results for the exporter, replaced whole every refresh."""
+
+    statuses: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    errors: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    refreshed_s: float | None = None
