@@ -33,14 +33,16 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--backend", type=click.Choice(["auto", "nvml", "replay"]), default=None)
+@click.option("--backend", type=click.Choice(["auto", "nvml", "dcgm", "replay"]), default=None)
+@click.option("--dcgm-endpoint", default=None, help="DCGM host engine: host:port, unix:///path or embedded.")
+@click.option("--dcgm-bindings", multiple=True, help="Directory of DCGM's Python bindings (repeatable).")
 @click.option("--demo", is_flag=True, help="Replay the H100 trace shipped with gpuflops (no GPU needed).")
 @click.option("--replay", "replay_path", type=click.Path(dir_okay=False), default=None,
               help="Trace to replay (implies --backend replay).")
 @click.option("--speed", type=float, default=None, help="Replay speed factor.")
 @click.option("--no-loop", is_flag=True, help="Stop when the replayed trace ends.")
 @click.option("--listen", default=None, help="HOST:PORT for /metrics and /healthz [0.0.0.0:9450].")
-@click.option("--interval", "interval_s", type=float, default=None, help="GPM interval in seconds [0.1].")
+@click.option("--interval", "interval_s", type=float, default=None, help="GPM interval in seconds [0.5].")
 @click.option("--precision", "hmma_precision", default=None,
               help="Assumed tensor-core (HMMA) precision: fp8, bf16, fp16, tf32 [bf16].")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None)
@@ -58,6 +60,8 @@ def main() -> None:
 @click.option("-v", "--verbose", count=True)
 def daemon(
     backend: str | None,
+    dcgm_endpoint: str | None,
+    dcgm_bindings: tuple[str, ...],
     demo: bool,
     replay_path: str | None,
     speed: float | None,
@@ -102,6 +106,8 @@ def daemon(
             ledger=False if no_ledger else None,
             program_config=program_config,
             web_config=web_config,
+            dcgm_endpoint=dcgm_endpoint,
+            dcgm_bindings=dcgm_bindings or None,
         ).validate()
         http_kwargs = _web_config(settings.web_config)
     except ConfigError as e:
@@ -178,7 +184,8 @@ def _attach_recorder(d: object, path: Path) -> None:
 @click.option("--out", "out", type=click.Path(dir_okay=False), required=True,
               help="Trace file to write (.jsonl or .jsonl.gz).")
 @click.option("--seconds", type=float, required=True, help="How long to record.")
-@click.option("--interval", "interval_s", type=float, default=0.1, show_default=True)
+@click.option("--interval", "interval_s", type=float, default=0.1, show_default=True,
+              help="GPM interval; recordings use the finest NVML allows.")
 @click.option("--clock-period", "clock_period_s", type=float, default=0.02, show_default=True)
 def record(out: str, seconds: float, interval_s: float, clock_period_s: float) -> None:
     """Record a trace from the NVML backend."""
@@ -238,10 +245,11 @@ def status(url: str, once: bool, interval_s: float) -> None:
 
 def _register_commands() -> None:
     """Commands that live beside the code they drive."""
+    from gpuflops.estimate_cli import estimate_command
     from gpuflops.ledger_cli import report_command, verify_command
     from gpuflops.runcmd import run_command
 
-    for cmd in (run_command, verify_command, report_command):
+    for cmd in (run_command, estimate_command, verify_command, report_command):
         main.add_command(cmd)
 
 

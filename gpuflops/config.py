@@ -21,12 +21,13 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    backend: str = "auto"  # auto | nvml | replay
+    backend: str = "auto"  # auto | nvml | dcgm | replay
     listen: str = DEFAULT_LISTEN
-    # GPM sampling interval. 0.1 s keeps the activity x clock product within the accuracy
-    # target under the power cap (docs/accuracy.md); NVML refuses anything shorter.
-    interval_s: float = 0.1
-    clock_period_s: float = 0.02  # SM clock reads within each interval, averaged
+    # GPM sampling interval and SM clock reads within it (averaged). Chosen from measurements
+    # on an H100 (docs/accuracy.md, docs/overhead.md): with the clock read every 0.05-0.1 s,
+    # 0.5 s intervals were as accurate as 0.1 s ones, at a fraction of the CPU.
+    interval_s: float = 0.5
+    clock_period_s: float = 0.1
     process_period_s: float = 1.0  # process list and per-process utilisation refresh
     process_ttl_s: float = 300.0  # exited processes' series age out after this
     attribution_hold_s: float = 3.0  # how long a shared interval waits for per-process samples
@@ -48,10 +49,12 @@ class Settings:
     job_sources: tuple[str, ...] = ("socket", "env", "kubernetes", "slurm", "torchrun", "systemd")
     program_config: str | None = None
     devices: tuple[int, ...] | None = None
+    dcgm_endpoint: str = "localhost:5555"  # host:port, unix:///path, or "embedded"
+    dcgm_bindings: tuple[str, ...] = ()  # where DCGM's Python bindings live; () = known places
 
     def validate(self) -> Settings:
-        if self.backend not in ("auto", "nvml", "replay"):
-            raise ConfigError(f"backend must be auto, nvml or replay, not {self.backend!r}")
+        if self.backend not in ("auto", "nvml", "dcgm", "replay"):
+            raise ConfigError(f"backend must be auto, nvml, dcgm or replay, not {self.backend!r}")
         if self.interval_s < 0.1:
             raise ConfigError(f"interval must be >= 0.1 s (NVML GPM limit), got {self.interval_s}")
         if not 0 < self.clock_period_s <= self.interval_s:
@@ -70,7 +73,10 @@ class Settings:
 
 
 def load_settings(path: Path | None) -> Settings:
-    """Defaults, then the ``[daemon]`` table of a TOML file if given."""
+    """Defaults, then the ``[daemon]`` table of a TOML file if given.
+
+    Not validated here: command-line flags are applied on top, then ``validate()`` runs once.
+    """
     if path is None:
         return Settings()
     try:
@@ -86,9 +92,11 @@ def load_settings(path: Path | None) -> Settings:
         raise ConfigError(f"{path}: unknown settings {sorted(unknown)}")
     if "job_sources" in table:
         table["job_sources"] = tuple(table["job_sources"])
+    if "dcgm_bindings" in table:
+        table["dcgm_bindings"] = tuple(table["dcgm_bindings"])
     if "devices" in table:
         table["devices"] = tuple(table["devices"])
     try:
-        return Settings(**table).validate()
+        return Settings(**table)
     except TypeError as e:
         raise ConfigError(f"{path}: {e}") from None

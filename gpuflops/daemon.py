@@ -57,16 +57,40 @@ def build_sampler(settings: Settings, stop: threading.Event) -> Sampler:
 
         path = Path(settings.replay_path) if settings.replay_path else demo_trace_path()
         return ReplaySampler(path, speed=settings.replay_speed, loop=settings.replay_loop, stop=stop)
-    from gpuflops.sampler.nvml import NvmlSampler
+    from gpuflops.sampler.select import select_backend
 
-    try:
-        return NvmlSampler(
+    sm_counts: dict[tuple[int, int | None], int | None] = {}
+
+    def nvml() -> Sampler:
+        from gpuflops.sampler.nvml import NvmlSampler
+
+        sampler = NvmlSampler(
             interval_s=settings.interval_s,
             clock_period_s=settings.clock_period_s,
             process_period_s=settings.process_period_s,
             stop=stop,
             devices=list(settings.devices) if settings.devices is not None else None,
         )
+        for g in sampler.gpus():  # DCGM has no SM-count field: NVML's is reused there
+            sm_counts[(g.index, g.gpu_instance_id)] = g.sm_count
+        return sampler
+
+    def dcgm() -> Sampler:
+        from gpuflops.sampler.dcgm import DEFAULT_BINDINGS_PATHS, DcgmSampler
+
+        paths = [Path(p) for p in settings.dcgm_bindings] or list(DEFAULT_BINDINGS_PATHS)
+        return DcgmSampler(
+            endpoint=settings.dcgm_endpoint,
+            bindings_paths=paths,
+            interval_s=settings.interval_s,
+            clock_period_s=settings.clock_period_s,
+            sm_count_for=lambda index, gi: sm_counts.get((index, gi)),
+            devices=list(settings.devices) if settings.devices is not None else None,
+            stop=stop,
+        )
+
+    try:
+        return select_backend(settings, nvml=nvml, dcgm=dcgm)
     except SamplerError as e:
         if settings.backend == "auto":
             raise NoDriverError(

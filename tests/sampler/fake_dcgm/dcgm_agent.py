@@ -91,9 +91,7 @@ def dcgmGroupDestroy(dcgm_handle: Any, group_id: int) -> int:
     return dcgm_structs.DCGM_ST_OK
 
 
-def dcgmGroupAddEntity(
-    dcgm_handle: Any, group_id: int, entityGroupId: int, entityId: int
-) -> int:
+def dcgmGroupAddEntity(dcgm_handle: Any, group_id: int, entityGroupId: int, entityId: int) -> int:
     _engine().group_add(dcgm_handle, group_id, entityGroupId, entityId)
     return dcgm_structs.DCGM_ST_OK
 
