@@ -104,11 +104,15 @@ def main() -> int:
     callback = GpuflopsCallback(reporter)
     counter = StepCounter(a.seconds)
     with tempfile.TemporaryDirectory() as out_dir:
+        # transformers renamed gradient_checkpointing to activation_checkpointing in 5.2x
+        fields = transformers.TrainingArguments.__dataclass_fields__
+        ck = ("activation_checkpointing" if "activation_checkpointing" in fields
+              else "gradient_checkpointing")
         args = transformers.TrainingArguments(
             output_dir=out_dir, max_steps=100_000, per_device_train_batch_size=a.batch,
             gradient_accumulation_steps=a.accum, learning_rate=1e-4, bf16=True, report_to=[],
             save_strategy="no", logging_strategy="no", disable_tqdm=True,
-            activation_checkpointing=a.checkpointing, dataloader_num_workers=2)
+            dataloader_num_workers=2, **{ck: a.checkpointing})
         trainer = transformers.Trainer(
             model=model, args=args, train_dataset=RandomTokens(a.batch * a.accum * 2000),
             callbacks=[callback, counter])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -128,11 +129,23 @@ def daemon(
         d.close()
         raise click.ClickException(f"cannot start: {e}") from None
     watchdog = _Throttle(5.0)
-    with handle_signals(stop):
-        d.run(
-            on_ready=lambda: sdnotify.notify("READY=1"),
-            on_tick=lambda: watchdog(lambda: sdnotify.notify("WATCHDOG=1")),
-        )
+    profile_path = os.environ.get("GPUFLOPS_PROFILE")  # benchmarks/daemon_profile.py sets it
+    profiler = None
+    if profile_path:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    try:
+        with handle_signals(stop):
+            d.run(
+                on_ready=lambda: sdnotify.notify("READY=1"),
+                on_tick=lambda: watchdog(lambda: sdnotify.notify("WATCHDOG=1")),
+            )
+    finally:
+        if profiler is not None and profile_path:
+            profiler.disable()
+            profiler.dump_stats(profile_path)
 
 
 class _Throttle:
