@@ -213,7 +213,8 @@ def accuracy(out: Path, seconds: float) -> dict:
     idle = sum(delta(poll.at(idle0), poll.at(idle1)).values())
     gaps = []
     for a, b in itertools.pairwise(phases):
-        gaps.append(sum(delta(poll.at(a["t1"] + 0.6), poll.at(b["t0"] - 0.1)).values()))
+        # the last interval of a phase ends up to one interval after t1: start after it
+        gaps.append(sum(delta(poll.at(a["t1"] + 1.2), poll.at(b["t0"] - 0.1)).values()))
     # two-process attribution: process counters after settling, minus before the phase
     t_before = min(p["t0"] for p in two) - 1.0
     before, after = poll.at(t_before), poll.scrapes[-1][1]

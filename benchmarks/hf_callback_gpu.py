@@ -92,7 +92,8 @@ def main() -> int:
 
     cfg = transformers.LlamaConfig(
         hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
-        num_key_value_heads=8, vocab_size=VOCAB, max_position_embeddings=SEQ,
+        # no GQA: torch 2.11's FlopCounterMode rejects SDPA with fewer KV heads than heads
+        num_key_value_heads=16, vocab_size=VOCAB, max_position_embeddings=SEQ,
         tie_word_embeddings=False)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
