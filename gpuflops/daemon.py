@@ -337,11 +337,20 @@ def wire_jobs(d: Daemon, *, socket: bool = True) -> Any:
         ref = mapper.resolve(pid)
         return ref.job, ref.program
 
+    declared: dict[str, tuple[float, str | None]] = {}
+
     def precision_of(job: str, program: str) -> str | None:
+        """The HMMA precision a job declared at registration (cached for a second)."""
+        hit = declared.get(job)
+        now = d.clock()
+        if hit is not None and now - hit[0] < 1.0:
+            return hit[1]
         snap = registry.snapshot().job(job)
-        if snap is None:
-            return None
-        return normalize_precision(snap.metadata.get("precision"))
+        value = None if snap is None else normalize_precision(snap.metadata.get("precision"))
+        if len(declared) > 4096:
+            declared.clear()
+        declared[job] = (now, value)
+        return value
 
     ledger = _open_ledger(s, d.clock) if s.ledger else None
     sink = LedgerSink(ledger, d.totals, clock=d.clock)
