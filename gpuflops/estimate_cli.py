@@ -98,6 +98,11 @@ def estimate_command(config_path: Path | None, params: float | None, layers: int
             raise SpecError("--tokens must be >= 0")
         chosen = [Method.FULL, Method.LORA, Method.QLORA] if "all" in methods \
             else [Method(m) for m in dict.fromkeys(methods)]
+        skipped = []
+        if "all" in methods and not spec.has_shapes and adapter_params is None:
+            # LoRA's adapter size needs the model's shapes; plan what can be planned.
+            skipped = ["lora", "qlora"]
+            chosen = [Method.FULL]
         targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
         results = {m.value: _plan(
             spec, m, round(tokens), seq_len,
@@ -122,6 +127,8 @@ def estimate_command(config_path: Path | None, params: float | None, layers: int
                  "exceeded": c.exceeded}
                 for c in threshold_checks(e.total, base_compute)]}
             for name, e in results.items()},
+        "not_planned": {m: "adapter size unknown from a parameter count: give --adapter-params "
+                           "or --config" for m in skipped},
     }
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -137,6 +144,9 @@ def estimate_command(config_path: Path | None, params: float | None, layers: int
             mark = "EXCEEDS" if c.exceeded else "below"
             click.echo(f"  {mark:7} {c.description}: {c.threshold_flops:.3e} "
                        f"({c.ratio:.2%})")
+    for m in skipped:
+        click.echo(f"\n{m}: not planned: the adapter size cannot be derived from a parameter "
+                   "count; give --adapter-params or --config")
     click.echo("\nassumptions:")
     for line in next(iter(results.values())).assumptions:
         click.echo(f"  - {line}")

@@ -200,3 +200,24 @@ def test_tiny_gpt2_matches_flop_counter() -> None:
     cfg._attn_implementation = "eager"
     analytic, counted = _count_vs_estimate(cfg, 2, 40)
     assert analytic == pytest.approx(counted, rel=0.02)
+
+
+def test_lora_from_a_bare_parameter_count_needs_the_adapter_size() -> None:
+    # A parameter count alone has no shapes to size LoRA adapters from: refuse, never guess.
+    lora = CliRunner().invoke(estimate_command, ["--params", "7e9", "--tokens", "2e9",
+                                                 "--seq-len", "4096", "--method", "lora"])
+    assert lora.exit_code == 1
+    assert "--adapter-params" in lora.output
+    given = CliRunner().invoke(estimate_command, [
+        "--params", "7e9", "--tokens", "2e9", "--seq-len", "4096", "--method", "lora",
+        "--adapter-params", "4e7", "--json"])
+    assert given.exit_code == 0, given.output
+    total = json.loads(given.output)["estimates"]["lora"]["total"]
+    # frozen base: 4·N·D, plus 6·A·D for the adapters
+    assert total == pytest.approx(4 * 7e9 * 2e9 + 6 * 4e7 * 2e9, rel=1e-9)
+    every = CliRunner().invoke(estimate_command, ["--params", "7e9", "--tokens", "2e9",
+                                                  "--seq-len", "4096", "--json"])
+    assert every.exit_code == 0, every.output
+    doc = json.loads(every.output)
+    assert set(doc["estimates"]) == {"full"}
+    assert set(doc["not_planned"]) == {"lora", "qlora"}

@@ -60,6 +60,9 @@ class LayerGroup:
         return sum(p.active_params for p in self.projections if p.tail)
 
 
+_COUNT_ONLY = "params"  # the single pseudo-projection of a model known only by its size
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What the estimator needs to know about a model, with where each number came from."""
@@ -101,10 +104,19 @@ class ModelSpec:
         """N in 6·N·D: matmul parameters one token meets, LM head included."""
         return self.layer_params + self.head_params
 
+    @property
+    def has_shapes(self) -> bool:
+        """False for a model known only by its parameter count."""
+        return not (len(self.groups) == 1 and self.groups[0].projections[0].name == _COUNT_ONLY
+                    and len(self.groups[0].projections) == 1)
+
     def lora_params(self, rank: int, targets: Sequence[str] = ("all-linear",)) -> int:
         """Adapter parameters r·(d_in + d_out) per targeted matrix, as peft builds them."""
         if rank <= 0:
             raise SpecError(f"LoRA rank must be > 0, got {rank}")
+        if not self.has_shapes:
+            raise SpecError("a LoRA adapter's size cannot be derived from a bare parameter "
+                            "count: give --adapter-params, or --config with the model's shapes")
         every = "all-linear" in targets
         total = 0
         for g in self.groups:
@@ -129,7 +141,7 @@ class ModelSpec:
         width = attention_dim or 0
         if not (layers and width):
             notes.append("attention term omitted: give the layer count and attention width")
-        group = LayerGroup(1, (Projection("params", params, 1),))
+        group = LayerGroup(1, (Projection(_COUNT_ONLY, params, 1, adaptable=False),))
         return cls(name=name or f"{params} parameters", groups=(group,), head_params=0,
                    attention_layers=layers if width else 0, attention_dim=width if layers else 0,
                    params_total=params, notes=tuple(notes))
