@@ -48,6 +48,7 @@ class Settings:
     web_config: str | None = None
     job_sources: tuple[str, ...] = ("socket", "env", "kubernetes", "slurm", "torchrun", "systemd")
     program_config: str | None = None
+    program_refresh_s: float = 10.0  # reconciliation and thresholds are recomputed this often
     devices: tuple[int, ...] | None = None
     dcgm_endpoint: str = "localhost:5555"  # host:port, unix:///path, or "embedded"
     dcgm_bindings: tuple[str, ...] = ()  # where DCGM's Python bindings live; () = known places

@@ -33,7 +33,6 @@ from gpuflops.totals import UNATTRIBUTED, Row, Totals
 log = logging.getLogger(__name__)
 
 DEMO_TRACE = "h100-demo.jsonl.gz"
-PROGRAM_REFRESH_S = 10.0
 
 JobResolver = Callable[[int], tuple[str, str]]
 PrecisionOf = Callable[[str, str], str | None]  # (job, program) -> declared HMMA precision
@@ -370,7 +369,7 @@ def wire_jobs(d: Daemon, *, socket: bool = True) -> Any:
         statuses, errors = evaluate_ledger(ledger, programs_cfg)
         view[0] = ProgramView(MappingProxyType(statuses), MappingProxyType(errors), d.clock())
 
-    d.every(PROGRAM_REFRESH_S, refresh_programs)
+    d.every(s.program_refresh_s, refresh_programs)
     server = None
     if socket:
         server = JobSocketServer(

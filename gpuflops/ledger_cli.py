@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
 
 import click
@@ -26,6 +27,8 @@ DEFAULT_STATE_DIR = Path("/var/lib/gpuflops")
 state_dir_option = click.option(
     "--state-dir", type=click.Path(file_okay=False, path_type=Path),
     default=DEFAULT_STATE_DIR, show_default=True, help="Directory holding ledger.sqlite3.")
+
+DEFAULT_ACCURACY = Path(str(resources.files("gpuflops") / "data" / "accuracy-h100.json"))
 
 
 @click.command("verify")
@@ -66,7 +69,8 @@ def _write_atomic(path: Path, text: str) -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Program configuration (TOML or JSON); see docs/ledger.md.")
 @click.option("--accuracy", "accuracy_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="JSON object of accuracy figures from docs/accuracy.md.")
+              default=None, help="JSON object of accuracy figures [the H100 figures measured in "
+              "docs/accuracy.md, shipped as gpuflops/data/accuracy-h100.json].")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write here (atomically) instead of stdout.")
 def report_command(program: str, fmt: str, prometheus: str | None, state_dir: Path,
@@ -75,7 +79,7 @@ def report_command(program: str, fmt: str, prometheus: str | None, state_dir: Pa
     """Write the audit report of one program as JSON or self-contained HTML."""
     try:
         config = load_programs_config(config_path)
-        accuracy = load_accuracy(accuracy_path)
+        accuracy = load_accuracy(accuracy_path or DEFAULT_ACCURACY)
     except (ConfigError, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     ledger_path = state_dir / LEDGER_FILENAME

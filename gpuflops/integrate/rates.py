@@ -10,6 +10,7 @@ measured the rate on real hardware, the source says so (``../shared/gpu-facts.md
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -138,14 +139,15 @@ FAMILIES: Mapping[str, Family] = {
 }
 
 # Chips of the Ampere architecture that are GA100 (A100, A30); every other Ampere is GA10x.
-_GA100_NAMES = ("A100", "A30", "A800", "PG506")
+# Whole model numbers only: "RTX A1000" and "RTX A3000" are GA10x parts.
+_GA100_NAME = re.compile(r"\b(A100X?|A30X?|A800|PG506)\b")
 
 
 def family_for(architecture: str, name: str) -> Family | None:
     """The rate family of a GPU from NVML's architecture and the marketing name."""
     arch = architecture.lower()
     if arch == "ampere":
-        key = "ampere-ga100" if any(n in name for n in _GA100_NAMES) else "ampere-ga10x"
+        key = "ampere-ga100" if _GA100_NAME.search(name) else "ampere-ga10x"
         return FAMILIES[key]
     return FAMILIES.get(arch)
 

@@ -86,6 +86,7 @@ METADATA_FIELDS: Mapping[str, str] = {
     "activation_checkpointing": "bool",
     "base_model_flops": "num",
     "base_model_flops_source": "str",
+    "systemic_risk": "bool",  # the base model is a GPAI model with systemic risk
 }
 # Fields that differ per rank of one job; everything else in METADATA_FIELDS is per job.
 PER_RANK_FIELDS = frozenset({"rank", "local_rank", "node"})

@@ -383,7 +383,7 @@ code {{ word-break: break-all; }}
                             ["analytic recompute", _fmt(tot['recompute_flops'])],
                             ["compliance", _fmt(tot['compliance_flops'])],
                             ["threshold", _fmt(th['flops'])],
-                            ["ratio", f"{th['ratio']:.4f}"]])}
+                            ["ratio", f"{th['ratio']:.4g}"]])}
 <h2>Jobs</h2>
 {_table(["job", "measured", "analytic", "recompute", "measured/analytic", "inferred precision",
          "compliance", "findings"], jobs_rows)}

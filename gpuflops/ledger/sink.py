@@ -93,7 +93,10 @@ class LedgerSink:
                 return
             if kind not in ("register", "end"):
                 return
-            payload = dict(event.data)
+            data = dict(event.data)
+            # Registration metadata goes to the top level of the ledger payload, where the
+            # reconciliation, threshold and report code read it (docs/ledger.md).
+            payload = {**dict(data.pop("metadata", None) or {}), **data}
             payload["peer"] = {"pid": event.peer.pid, "uid": event.peer.uid}
             if kind == "end":
                 self._move_estimate(key)

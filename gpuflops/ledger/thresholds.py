@@ -152,10 +152,12 @@ def resolve_threshold(cfg: ProgramConfig,
     source = cfg.base_model_compute_source
     if base is None:
         for meta in job_metadata:
-            v = meta.get("base_model_compute_flops")
+            # The job socket's names (docs/protocol.md) and the config file's names.
+            v = meta.get("base_model_flops", meta.get("base_model_compute_flops"))
             if isinstance(v, int | float) and math.isfinite(v) and v > 0:
                 base = float(v)
-                source = meta.get("base_model_compute_source") or "registered by a job"
+                source = (meta.get("base_model_flops_source")
+                          or meta.get("base_model_compute_source") or "registered by a job")
                 break
     systemic = cfg.systemic_risk
     if systemic is None:
@@ -225,7 +227,8 @@ def program_status(cfg: ProgramConfig, jobs: Sequence[ReconcileResult],
                   f"{threshold.flops:.3e} FLOPs ({threshold.description})")
     else:
         decision = "downstream_modifier"
-        reason = (f"compliance figure {compliance:.3e} FLOPs is {ratio:.1%} of the threshold "
+        reason = (f"compliance figure {compliance:.3e} FLOPs is {ratio:.3g} ({ratio:.1%}) of the "
+                  f"threshold "
                   f"{threshold.flops:.3e} FLOPs ({threshold.description})")
     if flagged:
         reason += f"; reconciliation flags on jobs {', '.join(sorted(flagged))} need review"

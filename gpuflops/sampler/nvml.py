@@ -477,7 +477,9 @@ class NvmlSampler:
             if self._stop.is_set():
                 raise StopIteration
         t = self._clock()
-        if t >= self._next_proc_refresh:
+        # Half an interval of slack: samples land on the interval grid, and a refresh due at
+        # exactly a grid point must not slip to the next one (1.1 s periods instead of 1 s).
+        if t >= self._next_proc_refresh - self.interval_s / 2:
             self._refresh_processes()
             self._next_proc_refresh = t + self._process_period
         out = [self._sample_unit(u, t) for u in self._units]

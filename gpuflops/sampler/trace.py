@@ -22,6 +22,7 @@ import gzip
 import io
 import json
 import math
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,8 +187,11 @@ class _Line:
 def _gpu_from_json(lc: _Line, d: Any) -> GpuInfo:
     if not isinstance(d, dict):
         raise lc.fail("each entry of 'gpus' must be an object")
+    raw_metrics = d.get("metrics", [])
+    if not isinstance(raw_metrics, list):
+        raise lc.fail(f"gpu {d.get('key')!r}: 'metrics' must be a list")
     try:
-        metrics = frozenset(Metric(m) for m in d.get("metrics", []))
+        metrics = frozenset(Metric(m) for m in raw_metrics)
     except ValueError as e:
         raise lc.fail(f"unknown metric in gpu {d.get('key')!r}: {e}") from None
     key, uuid, name = d.get("key"), d.get("uuid"), d.get("name")
@@ -233,13 +237,21 @@ def _sample_from_json(lc: _Line, d: Any, keys: set[str]) -> GpuSample:
             except ValueError:
                 raise lc.fail(f"unknown activity metric {name!r}") from None
             activity[metric] = lc.ratio(v, f"activity {name!r}")
+    raw_procs, raw_utils = d.get("processes", []), d.get("process_util", [])
+    if not isinstance(raw_procs, list) or not isinstance(raw_utils, list):
+        raise lc.fail("'processes' and 'process_util' must be lists")
+    clock_reads, error = d.get("clock_reads") or 0, d.get("error")
+    if isinstance(clock_reads, bool) or not isinstance(clock_reads, int) or clock_reads < 0:
+        raise lc.fail(f"'clock_reads' must be a non-negative integer, got {clock_reads!r}")
+    if error is not None and not isinstance(error, str):
+        raise lc.fail(f"'error' must be a string or null, got {error!r}")
     procs = []
-    for p in d.get("processes", []):
+    for p in raw_procs:
         if not (isinstance(p, list) and len(p) == 3 and isinstance(p[0], int)):
             raise lc.fail(f"bad process entry {p!r}: want [pid, comm, used_memory_bytes]")
         procs.append(ProcessInfo(p[0], str(p[1]), p[2] if isinstance(p[2], int) else None))
     utils = []
-    for u in d.get("process_util", []):
+    for u in raw_utils:
         if not (isinstance(u, list) and len(u) == 3 and isinstance(u[0], int)):
             raise lc.fail(f"bad process_util entry {u!r}: want [pid, timestamp_s, sm_util]")
         ts = u[1]
@@ -253,11 +265,11 @@ def _sample_from_json(lc: _Line, d: Any, keys: set[str]) -> GpuSample:
         t1_s=t1,
         activity=activity,
         clock_hz=lc.num(d, "clock_hz", optional=True),
-        clock_reads=int(d.get("clock_reads") or 0),
+        clock_reads=clock_reads,
         processes=tuple(procs),
         process_util=tuple(utils),
         gpu_util=None if gpu_util is None else lc.ratio(gpu_util, "gpu_util"),
-        error=d.get("error"),
+        error=error,
     )
 
 
@@ -274,10 +286,17 @@ def read_trace(path: Path) -> tuple[TraceHeader, Iterator[TraceInterval | TraceE
     name = str(path)
     try:
         f = _open_text(path)
-        first = f.readline()
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise TraceError(name, 1, f"cannot read trace: {e}") from None
-    header = _parse_header(name, first)
+    try:
+        try:
+            first = f.readline()
+        except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
+            raise TraceError(name, 1, f"cannot read trace: {e}") from None
+        header = _parse_header(name, first)
+    except TraceError:
+        f.close()  # the records generator, which would close it, is never made
+        raise
     keys = {g.key for g in header.gpus}
     return header, _records(name, f, keys)
 
@@ -309,7 +328,8 @@ def _records(name: str, f: IO[str], keys: set[str]) -> Iterator[TraceInterval | 
         while True:
             try:
                 line = f.readline()
-            except (OSError, EOFError, UnicodeDecodeError) as e:
+            except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
+                # zlib.error: corrupt compressed data (truncation raises EOFError instead).
                 raise TraceError(name, lineno + 1, f"cannot read: {e}") from None
             if not line:
                 return
@@ -334,9 +354,10 @@ def parse_record(name: str, lineno: int, line: str, keys: set[str]) -> TraceInte
     samples = d.get("samples")
     if not isinstance(samples, list):
         raise lc.fail("interval line needs a 'samples' list")
-    return TraceInterval(
-        lc.req(d, "t0"), lc.req(d, "t1"), tuple(_sample_from_json(lc, s, keys) for s in samples)
-    )
+    t0, t1 = lc.req(d, "t0"), lc.req(d, "t1")
+    if t1 < t0:
+        raise lc.fail(f"interval ends before it starts (t0={t0}, t1={t1})")
+    return TraceInterval(t0, t1, tuple(_sample_from_json(lc, s, keys) for s in samples))
 
 
 def load_trace(path: Path) -> tuple[TraceHeader, list[TraceInterval], list[TraceEvent]]:
