@@ -40,7 +40,8 @@ def main() -> None:
 @click.option("--demo", is_flag=True, help="Replay the H100 trace shipped with gpuflops (no GPU needed).")
 @click.option("--replay", "replay_path", type=click.Path(dir_okay=False), default=None,
               help="Trace to replay (implies --backend replay).")
-@click.option("--speed", type=float, default=None, help="Replay speed factor.")
+@click.option("--speed", type=float, default=None,
+              help="Replay speed factor (above 1, sample timestamps run ahead of the wall clock).")
 @click.option("--no-loop", is_flag=True, help="Stop when the replayed trace ends.")
 @click.option("--listen", default=None, help="HOST:PORT for /metrics and /healthz [0.0.0.0:9450].")
 @click.option("--interval", "interval_s", type=float, default=None, help="GPM interval in seconds [0.5].")

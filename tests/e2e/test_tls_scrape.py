@@ -1,0 +1,129 @@
+"""Issue 5: a real Prometheus scrapes the daemon over TLS with basic auth (--web-config).
+
+The certificate authority, the server certificate for 127.0.0.1 and the bcrypt hash are made
+here; a scrape job with the right password is up, one with a wrong password is down with 401,
+an unauthenticated /metrics is refused, and /healthz needs no credentials.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import ipaddress
+import ssl
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import bcrypt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.e2e.promserver import daemon, healthz, prometheus, require_prometheus, short_tmpdir
+
+USER = "prometheus"
+PASSWORD = "e2e-scrape-secret"
+
+
+@pytest.fixture
+def tmp_short() -> Iterator[Path]:
+    with short_tmpdir() as d:
+        yield d
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _pki(d: Path) -> tuple[Path, Path, Path]:
+    """(CA certificate, server certificate for 127.0.0.1, server key) as PEM files."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gpuflops e2e CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+            key_encipherment=False, data_encipherment=False, key_agreement=False,
+            encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = (d / "ca.crt", d / "server.crt", d / "server.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(_pem_key(key))
+    paths[2].chmod(0o600)
+    return paths
+
+
+def _get(url: str, context: ssl.SSLContext, auth: tuple[str, str] | None = None) -> int:
+    req = urllib.request.Request(url)
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        req.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10, context=context) as resp:
+            body = resp.read()
+            assert b"gpuflops_build_info" in body or url.endswith("/healthz")
+            return int(resp.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+def test_prometheus_scrapes_over_tls_with_basic_auth(tmp_short: Path) -> None:
+    require_prometheus()
+    ca, cert, key = _pki(tmp_short)
+    # Cost 4 (the minimum) keeps the test fast; the verification path is the same as cost 12.
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+    web = tmp_short / "web.yml"
+    web.write_text(f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
+                   f"basic_auth_users:\n  {USER}: '{hashed}'\n")
+    context = ssl.create_default_context(cafile=str(ca))
+
+    with daemon(tmp_short / "node", extra_args=["--web-config", str(web), "--no-ledger"]) as d:
+        base = f"https://{d.target}"
+        assert _get(f"{base}/metrics", context) == 401
+        assert _get(f"{base}/metrics", context, (USER, "wrong")) == 401
+        assert _get(f"{base}/metrics", context, (USER, PASSWORD)) == 200
+        status, body = healthz(d, context)
+        assert status == 200, body
+        with pytest.raises(OSError):  # TLS only: plain HTTP gets no answer
+            urllib.request.urlopen(f"http://{d.target}/healthz", timeout=5).close()
+
+        def scrape_job(name: str, password: str) -> dict[str, object]:
+            return {"job_name": name, "honor_labels": True, "scheme": "https",
+                    "tls_config": {"ca_file": str(ca)},
+                    "basic_auth": {"username": USER, "password": password},
+                    "static_configs": [{"targets": [d.target]}]}
+
+        with prometheus(tmp_short / "prom", [scrape_job("gpuflops", PASSWORD),
+                                             scrape_job("gpuflops-wrong-password", "nope")]) as prom:
+            targets = prom.wait_targets({"gpuflops": "up", "gpuflops-wrong-password": "down"})
+            assert "401" in str(targets["gpuflops-wrong-password"]["lastError"]), targets
+            assert targets["gpuflops"]["lastError"] == ""
+            up = prom.values("up", "job")
+            assert up == {("gpuflops",): 1.0, ("gpuflops-wrong-password",): 0.0}
+            # What the authenticated scrape stored is the daemon's: the replayed H100 is metered.
+            assert prom.values('gpuflops_build_info{backend="replay"}', "job") == {("gpuflops",): 1.0}
