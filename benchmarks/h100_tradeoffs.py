@@ -23,7 +23,7 @@ import psutil
 import pynvml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import h100_accuracy as acc  # noqa: E402
+import h100_accuracy as acc
 
 CONFIGS = [(0.1, 0.02), (0.1, 0.05), (0.1, 0.1), (0.2, 0.05), (0.5, 0.05)]
 CPU_CONFIGS = [(0.1, 0.02), (0.1, 0.05), (0.1, 0.1), (0.2, 0.05), (0.2, 0.2), (0.5, 0.1)]
@@ -96,7 +96,9 @@ def accuracy_sweep(work: Path, seconds: float) -> dict:
     for name, (a, sa, b, off, sb) in SCENARIOS.items():
         start = time.time() + 7.0
         fa, fb = work / f"{name}-a.json", work / f"{name}-b.json"
-        pa = subprocess.Popen([acc.PY, acc.WORKER, str(fa), a, "--seconds", str(sa), "--start-at", str(start)])
+        pa = subprocess.Popen(
+            [acc.PY, acc.WORKER, str(fa), a, "--seconds", str(sa), "--start-at", str(start)]
+        )
         pb = subprocess.Popen(
             [acc.PY, acc.WORKER, str(fb), b, "--seconds", str(sb), "--start-at", str(start + off)]
         )
@@ -170,7 +172,8 @@ def main() -> None:
     names = [r["name"] for r in res["accuracy"]["configs"][0]["phases"]]
     print(f"{'config':<12}" + "".join(f"{n:>11}" for n in names))
     for c in res["accuracy"]["configs"]:
-        print(f"{c['interval_s']}/{c['clock_period_s']:<8}" + "".join(f"{r['ratio']:>11.4f}" for r in c["phases"]))
+        cells = "".join(f"{r['ratio']:>11.4f}" for r in c["phases"])
+        print(f"{c['interval_s']}/{c['clock_period_s']:<8}" + cells)
     print("\nattribution (attributed/true)")
     for s in res["accuracy"]["scenarios"]:
         print(s["name"], [(p["name"], round(p["attributed"] / p["flops"], 4)) for p in s["processes"]],

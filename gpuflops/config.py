@@ -91,13 +91,43 @@ def load_settings(path: Path | None) -> Settings:
     unknown = set(table) - known
     if unknown:
         raise ConfigError(f"{path}: unknown settings {sorted(unknown)}")
-    if "job_sources" in table:
-        table["job_sources"] = tuple(table["job_sources"])
-    if "dcgm_bindings" in table:
-        table["dcgm_bindings"] = tuple(table["dcgm_bindings"])
-    if "devices" in table:
-        table["devices"] = tuple(table["devices"])
-    try:
-        return Settings(**table)
-    except TypeError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    types = {f.name: str(f.type) for f in fields(Settings)}
+    values = {}
+    for key, value in table.items():
+        values[key] = _typed(value, types[key].removesuffix(" | None"))
+        if values[key] is None:
+            raise ConfigError(f"{path}: {key} must be {_WANT[types[key].removesuffix(' | None')]}")
+    return Settings(**values)
+
+
+_WANT = {
+    "float": "a number",
+    "int": "an integer",
+    "bool": "true or false",
+    "str": "a string",
+    "dict[str, str]": "a table of strings",
+    "tuple[str, ...]": "a list of strings",
+    "tuple[int, ...]": "a list of integers",
+}
+
+
+def _typed(value: Any, kind: str) -> Any:
+    """``value`` as the setting's type, or None when TOML gave something else (no coercion)."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return float(value) if is_int or isinstance(value, float) else None
+    if kind == "int":
+        return value if is_int else None
+    if kind == "bool":
+        return value if isinstance(value, bool) else None
+    if kind == "str":
+        return value if isinstance(value, str) else None
+    if kind == "dict[str, str]":
+        ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+        return dict(value) if ok else None
+    item = {"tuple[str, ...]": str, "tuple[int, ...]": int}.get(kind)
+    if item is None or not isinstance(value, list):
+        return None
+    if not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+        return None
+    return tuple(value)

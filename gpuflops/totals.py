@@ -141,17 +141,23 @@ class Totals:
         now = self._clock()
         with self._lock:
             self._held = held
+            # Sum per job first and then add, in the same order as the ledger's own totals
+            # (store._apply_interval), so a restart seeded from the ledger gets bit-identical
+            # values: a counter one rounding step lower would read as a reset in Prometheus.
+            per_job: dict[JobKey, float] = {}
             for r in rows:
                 gk = (r.gpu, r.pipe, r.precision)
                 self._gpu_flops[gk] = self._gpu_flops.get(gk, 0.0) + r.flops
                 jk = (r.job, r.program)
-                self._job_flops[jk] = self._job_flops.get(jk, 0.0) + r.flops
+                per_job[jk] = per_job.get(jk, 0.0) + r.flops
                 if r.pid is None:
                     self._unattributed[r.gpu] = self._unattributed.get(r.gpu, 0.0) + r.flops
                 else:
                     pk = (r.gpu, r.pid, r.comm)
                     self._process_flops[pk] = self._process_flops.get(pk, 0.0) + r.flops
                     self._process_seen[pk] = now
+            for jk, v in per_job.items():
+                self._job_flops[jk] = self._job_flops.get(jk, 0.0) + v
             stale = [k for k, t in self._process_seen.items() if now - t > self._process_ttl_s]
             for k in stale:
                 del self._process_seen[k]

@@ -19,7 +19,9 @@ SamplerFactory = Callable[[], Sampler]
 class BackendSettings(Protocol):
     """The settings select_backend reads (the daemon's config object satisfies it)."""
 
-    backend: str  # "auto", "nvml" or "dcgm"
+    @property
+    def backend(self) -> str:  # "auto", "nvml" or "dcgm"
+        ...
 
 
 def _measures(s: Sampler) -> bool:

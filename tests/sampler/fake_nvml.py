@@ -69,6 +69,15 @@ class FakeGpu:
     cores: int | None = None
     attributes_supported: bool = False  # pass-through VMs answer NotSupported (gpu-facts)
     fail: dict[str, int] = field(default_factory=dict)  # function name -> error code
+    # MIG mode: one (gpu instance id, SM count) per MIG device; empty = MIG disabled. Every
+    # instance replays this GPU's recorded timeline (enough for enumeration and routing tests).
+    mig: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MigHandle:
+    gpu: int
+    index: int
 
 
 @dataclass
@@ -145,12 +154,15 @@ class FakeNvml:
         self.calls: dict[str, int] = {}
         self.freed = 0
 
-    def _hit(self, name: str, handle: int | None = None) -> None:
+    def _hit(self, name: str, handle: int | MigHandle | None = None) -> None:
         self.calls[name] = self.calls.get(name, 0) + 1
         if handle is not None:
-            code = self.gpus[handle].fail.get(name)
+            code = self._gpu(handle).fail.get(name)
             if code is not None:
                 raise NVMLError(code)
+
+    def _gpu(self, h: int | MigHandle) -> FakeGpu:
+        return self.gpus[h.gpu if isinstance(h, MigHandle) else h]
 
     # -- system
     def nvmlInit(self) -> None:
@@ -175,7 +187,9 @@ class FakeNvml:
         self._hit("nvmlDeviceGetHandleByIndex", i)
         return i
 
-    def nvmlDeviceGetUUID(self, h: int) -> str:
+    def nvmlDeviceGetUUID(self, h: int | MigHandle) -> str:
+        if isinstance(h, MigHandle):
+            return f"MIG-{self.gpus[h.gpu].info.uuid}-{h.index}"
         return self.gpus[h].info.uuid
 
     def nvmlDeviceGetName(self, h: int) -> str:
@@ -185,15 +199,35 @@ class FakeNvml:
         return _ARCH_CODE.get(self.gpus[h].info.architecture, 0xFFFFFFFF)
 
     def nvmlDeviceGetMigMode(self, h: int) -> tuple[int, int]:
+        self._hit("nvmlDeviceGetMigMode", h)
+        if self.gpus[h].mig:
+            return (self.NVML_DEVICE_MIG_ENABLE, self.NVML_DEVICE_MIG_ENABLE)
         raise NVMLError(self.NVML_ERROR_NOT_SUPPORTED)
 
-    def nvmlDeviceGetAttributes(self, h: int) -> Any:
-        g = self.gpus[h]
-        if not g.attributes_supported:
+    def nvmlDeviceGetMaxMigDeviceCount(self, h: int) -> int:
+        return 7
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, h: int, i: int) -> MigHandle:
+        self._hit("nvmlDeviceGetMigDeviceHandleByIndex", h)
+        if i >= len(self.gpus[h].mig):
+            raise NVMLError(self.NVML_ERROR_NOT_FOUND)
+        return MigHandle(h, i)
+
+    def nvmlDeviceGetGpuInstanceId(self, mh: MigHandle) -> int:
+        return self.gpus[mh.gpu].mig[mh.index][0]
+
+    def nvmlDeviceGetAttributes(self, h: int | MigHandle) -> Any:
+        g = self._gpu(h)
+        sm: int | None
+        if isinstance(h, MigHandle):
+            sm = g.mig[h.index][1]
+        elif not g.attributes_supported:
             raise NVMLError(self.NVML_ERROR_NOT_SUPPORTED)
+        else:
+            sm = g.info.sm_count
 
         class _A:
-            multiprocessorCount = g.info.sm_count
+            multiprocessorCount = sm
 
         return _A()
 
@@ -219,6 +253,13 @@ class FakeNvml:
         s.t, s.gpu = self.clock(), h
         return s
 
+    def nvmlGpmMigSampleGet(self, h: int, gpu_instance_id: int, s: _Sample) -> _Sample:
+        self._hit("nvmlGpmMigSampleGet", h)
+        if gpu_instance_id not in [gi for gi, _sm in self.gpus[h].mig]:
+            raise NVMLError(self.NVML_ERROR_INVALID_ARGUMENT)
+        s.t, s.gpu = self.clock(), h
+        return s
+
     def nvmlGpmMetricsGet(self, mg: _MetricsGet) -> _MetricsGet:
         h = mg.sample1.gpu
         self._hit("nvmlGpmMetricsGet", h)
@@ -241,14 +282,14 @@ class FakeNvml:
             raise NVMLError(self.NVML_ERROR_NOT_SUPPORTED)
         return round(s.clock_hz / 1e6)
 
-    def nvmlDeviceGetComputeRunningProcesses(self, h: int) -> list[_Proc]:
+    def nvmlDeviceGetComputeRunningProcesses(self, h: int | MigHandle) -> list[_Proc]:
         self._hit("nvmlDeviceGetComputeRunningProcesses", h)
-        s = self.gpus[h].timeline.at(self.clock())
+        s = self._gpu(h).timeline.at(self.clock())
         return [_Proc(p.pid, p.used_memory_bytes or 0) for p in (s.processes if s else ())]
 
-    def nvmlDeviceGetProcessUtilization(self, h: int, last_ts: int) -> list[_Util]:
+    def nvmlDeviceGetProcessUtilization(self, h: int | MigHandle, last_ts: int) -> list[_Util]:
         self._hit("nvmlDeviceGetProcessUtilization", h)
-        tl = self.gpus[h].timeline
+        tl = self._gpu(h).timeline
         now = self.clock()
         out = []
         for s in tl.samples:
