@@ -70,8 +70,8 @@ def render(rows: dict[str, GpuRow]) -> str:
     if not rows:
         return "no GPUs reported"
     out = [
-        f"{'GPU':<8}{'tensor':>8}{'hmma':>7}{'fp32':>7}{'sm':>7}{'clock':>10}"
-        f"{'rate':>14}{'total':>14}{'gaps':>6}"
+        f"{'GPU':<8}{'tensor':>8}{'hmma':>7}{'fp32':>7}{'sm':>7}{'clock':>11}"
+        f"{'rate':>17}{'total':>15}{'gaps':>6}"
     ]
     for gpu in sorted(rows):
         r = rows[gpu]
@@ -82,13 +82,13 @@ def render(rows: dict[str, GpuRow]) -> str:
 
         out.append(
             f"{gpu:<8}{pct('tensor_any'):>8}{pct('hmma'):>7}{pct('fp32'):>7}{pct('sm_active'):>7}"
-            f"{(f'{r.clock_hz / 1e6:.0f} MHz' if r.clock_hz else '-'):>10}"
-            f"{_eng(r.flops_per_s, 'FLOP/s'):>14}{_eng(r.flops_total, 'FLOP'):>14}{r.gaps:>6}"
+            f"{(f'{r.clock_hz / 1e6:.0f} MHz' if r.clock_hz else '-'):>11}"
+            f"{_eng(r.flops_per_s, 'FLOP/s'):>17}{_eng(r.flops_total, 'FLOP'):>15}{r.gaps:>6}"
         )
         if not r.available:
             out.append(f"    tensor activity unavailable: {r.reason}")
         for pid, comm, flops in sorted(r.processes, key=lambda p: -p[2]):
-            out.append(f"    pid {pid:<8} {comm:<20} {_eng(flops, 'FLOP'):>14}")
+            out.append(f"{f'    pid {pid:<8} {comm}':<65}{_eng(flops, 'FLOP'):>15}")
         if r.unattributed:
-            out.append(f"    {'unattributed':<33} {_eng(r.unattributed, 'FLOP'):>14}")
+            out.append(f"{'    unattributed':<65}{_eng(r.unattributed, 'FLOP'):>15}")
     return "\n".join(out)
