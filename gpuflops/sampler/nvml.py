@@ -96,6 +96,15 @@ def nvml_query(nvml: ModuleType, kinds: dict[int, str], function: str, *args: An
         raise NvmlCallError(function, kind, code, str(e)) from None
 
 
+def _binding_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("nvidia-ml-py")
+    except Exception:  # not installed as a distribution (vendored copy): not fatal
+        return ""
+
+
 def _load_pynvml() -> ModuleType:
     import pynvml
 
@@ -506,7 +515,7 @@ class NvmlSampler:
         return {
             "driver_version": self.driver_version,
             "nvml_version": self.nvml_version,
-            "nvidia_ml_py": getattr(self._nvml, "__version__", ""),
+            "nvidia_ml_py": _binding_version(),
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "clock_period_s": self._clock_period,
