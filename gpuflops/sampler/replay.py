@@ -18,6 +18,9 @@ from gpuflops.model import GpuInfo, GpuSample, ProcessUtilSample
 from gpuflops.sampler import SamplerError
 from gpuflops.sampler.trace import TraceError, TraceInterval, load_trace
 
+# Gap reasons that are not a failed backend call (nvml.py counts those separately).
+_NOT_FAILURES = frozenset({"resync", "tensor_activity_unavailable"})
+
 
 class ReplaySampler:
     """A Sampler over a recorded trace; the whole file is validated when it is opened."""
@@ -53,6 +56,8 @@ class ReplaySampler:
         self._pos = 0
         self._loops = 0
         self._wall_start: float | None = None
+        # Backend failures the recording counted, replayed as this sampler's error counters.
+        self.errors: dict[tuple[str, str], int] = {}
 
     def gpus(self) -> list[GpuInfo]:
         return list(self.header.gpus)
@@ -77,6 +82,10 @@ class ReplaySampler:
         if delay > 0:
             self._stop.wait(delay)
         shift = self._wall_start - self._origin + self._loops * self._span
+        for s in rec.samples:
+            if s.error is not None and s.error not in _NOT_FAILURES:
+                key = (s.key, s.error)
+                self.errors[key] = self.errors.get(key, 0) + 1
         return [_shifted(s, shift) for s in rec.samples]
 
     def close(self) -> None:

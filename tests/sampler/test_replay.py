@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import gzip
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from gpuflops.sampler import Sampler, SamplerError
 from gpuflops.sampler.replay import ReplaySampler
-from gpuflops.sampler.trace import load_trace
+from gpuflops.sampler.trace import TraceWriter, load_trace
 
 ROOT = Path(__file__).parents[2]
 DEMO = ROOT / "gpuflops" / "data" / "h100-demo.jsonl.gz"
@@ -167,3 +168,20 @@ def test_bad_arguments_and_empty_traces(tmp_path: Path) -> None:
         ReplaySampler(header_only)
     with pytest.raises(SamplerError, match=r"missing\.jsonl:1: cannot read trace"):
         ReplaySampler(tmp_path / "missing.jsonl")
+
+
+def test_replay_counts_the_backend_errors_the_recording_saw(tmp_path: Path) -> None:
+    header, intervals, _ = load_trace(DEMO)
+    w = TraceWriter(tmp_path / "t.jsonl", list(header.gpus), header.interval_s, {})
+    for i, iv in enumerate(intervals[:30]):
+        samples = list(iv.samples)
+        if 10 <= i < 13:
+            samples = [replace(s, activity=None, error="timeout") for s in samples]
+        if i == 13:
+            samples = [replace(s, activity=None, error="resync") for s in samples]
+        w.interval(samples)
+    w.close()
+    r = ReplaySampler(tmp_path / "t.jsonl", speed=1e6)
+    for _ in range(30):
+        r.sample()
+    assert r.errors == {("0", "timeout"): 3}  # resync is a gap, not a failed call
