@@ -173,24 +173,27 @@ def _web_config(path: str | None) -> dict[str, object]:
         raise ConfigError(str(e)) from None
 
 
+def _trace_meta(sampler: object) -> dict[str, object]:
+    """Trace header facts: when, which backend, and what the backend says of the host."""
+    meta: dict[str, object] = {
+        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "backend": getattr(sampler, "name", "unknown"),
+    }
+    describe = getattr(sampler, "describe", None)
+    if callable(describe):
+        meta.update(describe())
+    return meta
+
+
 def _attach_recorder(d: object, path: Path) -> None:
     from gpuflops.daemon import Daemon
     from gpuflops.sampler.trace import TraceWriter
 
     assert isinstance(d, Daemon)
-    meta = {"recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "backend": d.sampler.name}
-    describe = getattr(d.sampler, "describe", None)
-    if callable(describe):
-        meta.update(describe())
-    writer = TraceWriter(path, d.sampler.gpus(), getattr(d.sampler, "interval_s", None), meta)
-    batch: dict[float, list] = {}
-
-    def hook(sample, _flops):  # type: ignore[no-untyped-def]
-        batch.setdefault(sample.t1_s, []).append(sample)
-        if len(batch[sample.t1_s]) == len(d.pipeline.gpus):
-            writer.interval(batch.pop(sample.t1_s))
-
-    d.pipeline.on_interval.append(hook)
+    writer = TraceWriter(
+        path, d.sampler.gpus(), getattr(d.sampler, "interval_s", None), _trace_meta(d.sampler)
+    )
+    d.pipeline.on_step.append(writer.interval)
     d.add_closer(writer.close)
 
 
@@ -212,12 +215,7 @@ def record(out: str, seconds: float, interval_s: float, clock_period_s: float) -
         sampler = NvmlSampler(interval_s=interval_s, clock_period_s=clock_period_s, stop=stop)
     except SamplerError as e:
         raise click.ClickException(str(e)) from None
-    meta = {
-        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "backend": "nvml",
-        **sampler.describe(),
-    }
-    writer = TraceWriter(Path(out), sampler.gpus(), interval_s, meta)
+    writer = TraceWriter(Path(out), sampler.gpus(), interval_s, _trace_meta(sampler))
     from gpuflops.daemon import handle_signals
 
     end = time.time() + seconds

@@ -24,7 +24,7 @@ from gpuflops.attribution.process import AttributedInterval, ProcessAttributor
 from gpuflops.config import Settings
 from gpuflops.exporter.collector import FlopsCollector
 from gpuflops.exporter.http import MetricsServer
-from gpuflops.integrate.integrator import Integrator, IntervalFlops
+from gpuflops.integrate.integrator import Integrator
 from gpuflops.integrate.rates import HMMA_PRECISIONS
 from gpuflops.model import GpuInfo, GpuSample
 from gpuflops.sampler import Sampler, SamplerError
@@ -36,7 +36,7 @@ DEMO_TRACE = "h100-demo.jsonl.gz"
 
 JobResolver = Callable[[int], tuple[str, str]]
 PrecisionOf = Callable[[str, str], str | None]  # (job, program) -> declared HMMA precision
-IntervalHook = Callable[[GpuSample, IntervalFlops], None]
+StepHook = Callable[[list[GpuSample]], None]
 RowSink = Callable[[list[tuple[float, float, list[Row]]], int], None]
 
 
@@ -133,7 +133,7 @@ class Pipeline:
     resolve_job: JobResolver = lambda _pid: (UNATTRIBUTED, UNATTRIBUTED)
     precision_of: PrecisionOf | None = None
     sink: RowSink | None = None
-    on_interval: list[IntervalHook] = field(default_factory=list)
+    on_step: list[StepHook] = field(default_factory=list)  # every step's samples (recording)
 
     def __post_init__(self) -> None:
         self._infos = {g.key: g for g in self.gpus}
@@ -147,9 +147,9 @@ class Pipeline:
                 continue
             flops = self.integrator.integrate(info, s, self._job_precision(s))
             self.totals.record_live(s, flops)
-            for hook in self.on_interval:
-                hook(s, flops)
             settled.extend(self.attributor.add(s, flops))
+        for hook in self.on_step:
+            hook(samples)
         self._settle(settled)
 
     def flush(self) -> None:

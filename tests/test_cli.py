@@ -185,3 +185,23 @@ def test_status_cannot_reach_daemon() -> None:
     r = _gpuflops("status", "--once", "--url", f"http://127.0.0.1:{port}/metrics")
     assert r.returncode == 1
     assert f"cannot read http://127.0.0.1:{port}/metrics" in r.stderr
+
+
+def test_daemon_record_writes_a_trace_that_replays_the_same_intervals(short_dir: Path) -> None:
+    from gpuflops.sampler.trace import load_trace
+
+    out = short_dir / "rec.jsonl.gz"
+    done = _gpuflops(
+        "daemon", "--demo", "--no-loop", "--speed", "200", "--listen", f"127.0.0.1:{_free_port()}",
+        "--socket", str(short_dir / "s.sock"), "--no-ledger", "--record", str(out), timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    header, recorded, _ = load_trace(out)
+    _h, source, _e = load_trace(ROOT / "gpuflops" / "data" / "h100-demo.jsonl.gz")
+    assert header.meta["backend"] == "replay" and "recorded_at" in header.meta
+    assert len(recorded) == len(source)
+    # Same activity and clocks, interval by interval (times are moved onto the wall clock).
+    for a, b in zip(recorded, source, strict=True):
+        assert [s.activity for s in a.samples] == [s.activity for s in b.samples]
+        assert [s.clock_hz for s in a.samples] == [s.clock_hz for s in b.samples]
+        assert abs(a.t1_s - a.t0_s - (b.t1_s - b.t0_s)) < 1e-6
