@@ -179,7 +179,7 @@ class Pipeline:
                 )
                 rows.append(
                     Row(item.key, info.uuid, share.pipe.value, share.precision, job, program,
-                        share.pid, share.comm, share.flops)
+                        share.pid, share.flops, share.comm)
                 )
             if rows:
                 batch.append((item.t0_s, item.t1_s, rows))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from gpuflops.integrate.integrator import IntervalFlops
+from gpuflops.ledger.store import FlopsRow as Row  # one row type from attribution to ledger
 from gpuflops.model import GpuInfo, GpuSample, Metric
 
 UNATTRIBUTED = "unattributed"
@@ -25,21 +26,6 @@ UNATTRIBUTED = "unattributed"
 GpuFlopsKey = tuple[str, str, str]  # gpu key, pipe, precision
 ProcKey = tuple[str, int, str]  # gpu key, pid, comm
 JobKey = tuple[str, str]  # job, program
-
-
-@dataclass(frozen=True)
-class Row:
-    """FLOPs of one interval, one unit, one pipe and precision, for one process and job."""
-
-    gpu: str
-    uuid: str
-    pipe: str
-    precision: str
-    job: str
-    program: str
-    pid: int | None  # None: not attributable to a process
-    comm: str
-    flops: float
 
 
 @dataclass(frozen=True)

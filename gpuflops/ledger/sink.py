@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from gpuflops.ledger.store import FlopsRow, Ledger, LedgerError
+from gpuflops.ledger.store import Ledger, LedgerError
 from gpuflops.totals import JobAnalytic, Row, Totals
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class LedgerSink:
         t1 = max(p[1] for p in self._pending)
         rows = [r for p in self._pending for r in p[2]]
         try:
-            seq = self.ledger.append_interval(t0, t1, [_flops_row(r) for r in rows])
+            seq = self.ledger.append_interval(t0, t1, rows)
         except (LedgerError, OSError) as e:
             self._write_failed(e)
             if len(self._pending) > _MAX_PENDING_INTERVALS:
@@ -198,10 +198,6 @@ def _estimate_payload(est: _Estimate) -> dict[str, Any]:
         "window_t0_s": est.t0,
         "window_t1_s": est.t1,
     }
-
-
-def _flops_row(r: Row) -> FlopsRow:
-    return FlopsRow(r.gpu, r.uuid, r.pipe, r.precision, r.job, r.program, r.pid, r.flops)
 
 
 @dataclass(frozen=True)

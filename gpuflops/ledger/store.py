@@ -56,7 +56,10 @@ class LedgerWriteError(LedgerError):
 
 @dataclass(frozen=True)
 class FlopsRow:
-    """FLOPs one GPU pipe did for one job (and process) during one interval."""
+    """FLOPs one GPU pipe did for one job (and process) during one interval.
+
+    ``comm`` labels the process series in /metrics; the ledger does not store it.
+    """
 
     gpu: str
     uuid: str
@@ -64,8 +67,9 @@ class FlopsRow:
     precision: str
     job: str
     program: str
-    pid: int | None
+    pid: int | None  # None: not attributable to a process
     flops: float
+    comm: str = ""
 
 
 @dataclass(frozen=True)
