@@ -59,6 +59,10 @@ def main() -> None:
               help="Program thresholds and policy (TOML, docs/ledger.md).")
 @click.option("--web-config", type=click.Path(dir_okay=False, exists=True), default=None,
               help="TLS and basic auth for /metrics (Prometheus exporter-toolkit format).")
+@click.option("--kubelet-url", default=None,
+              help="Kubelet /pods URL for pod names, e.g. https://$NODE_IP:10250/pods.")
+@click.option("--kubelet-ca", "kubelet_ca_file", default=None, help="CA bundle for the kubelet's TLS.")
+@click.option("--kubelet-insecure-tls", is_flag=True, help="Do not verify the kubelet's certificate.")
 @click.option("-v", "--verbose", count=True)
 def daemon(
     backend: str | None,
@@ -80,6 +84,9 @@ def daemon(
     no_ledger: bool,
     program_config: str | None,
     web_config: str | None,
+    kubelet_url: str | None,
+    kubelet_ca_file: str | None,
+    kubelet_insecure_tls: bool,
     verbose: int,
 ) -> None:
     """Run the metering daemon."""
@@ -109,6 +116,9 @@ def daemon(
             program_config=program_config,
             web_config=web_config,
             dcgm_endpoint=dcgm_endpoint,
+            kubelet_url=kubelet_url,
+            kubelet_ca_file=kubelet_ca_file,
+            kubelet_insecure_tls=True if kubelet_insecure_tls else None,
             dcgm_bindings=dcgm_bindings or None,
         ).validate()
         http_kwargs = _web_config(settings.web_config)

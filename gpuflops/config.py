@@ -50,6 +50,10 @@ class Settings:
     program_config: str | None = None
     program_refresh_s: float = 10.0  # reconciliation and thresholds are recomputed this often
     devices: tuple[int, ...] | None = None
+    # Pod names and labels for Kubernetes jobs (docs/attribution.md); None: pod UIDs only.
+    kubelet_url: str | None = None
+    kubelet_ca_file: str | None = None
+    kubelet_insecure_tls: bool = False
     dcgm_endpoint: str = "localhost:5555"  # host:port, unix:///path, or "embedded"
     dcgm_bindings: tuple[str, ...] = ()  # where DCGM's Python bindings live; () = known places
 

@@ -330,7 +330,18 @@ def wire_jobs(d: Daemon, *, socket: bool = True) -> Any:
         ref = registry.job_for_pid(pid)
         return None if ref is None else MapRef(ref.job_id, ref.program_id, "socket", {})
 
-    mapper = JobMapper(order=s.job_sources, socket_lookup=from_socket)
+    kubelet = None
+    if s.kubelet_url:
+        from gpuflops.attribution.jobmap import KubeletClient, urllib_fetch
+
+        kubelet = KubeletClient(
+            url=s.kubelet_url,
+            fetch=urllib_fetch(
+                Path(s.kubelet_ca_file) if s.kubelet_ca_file else None,
+                verify_tls=not s.kubelet_insecure_tls,
+            ),
+        )
+    mapper = JobMapper(order=s.job_sources, socket_lookup=from_socket, kubelet=kubelet)
 
     def resolve(pid: int) -> tuple[str, str]:
         ref = mapper.resolve(pid)

@@ -99,7 +99,30 @@ def test_schema_validation_rejects_a_wrong_field() -> None:
 
 
 def test_optional_kinds_are_off_by_default() -> None:
-    assert set(objects()) == {"DaemonSet", "Service", "ConfigMap", "ServiceAccount"}
+    kubelet_rbac = {"ClusterRole:gpu-gpuflops-kubelet-pods",
+                    "ClusterRoleBinding:gpu-gpuflops-kubelet-pods"}
+    assert set(objects()) == {"DaemonSet", "Service", "ConfigMap", "ServiceAccount"} | kubelet_rbac
+    assert set(objects({"kubelet": {"enabled": False}})) == {
+        "DaemonSet", "Service", "ConfigMap", "ServiceAccount"}
+
+
+def test_kubelet_lookup_gets_only_nodes_proxy_get_and_the_node_ip() -> None:
+    found = objects()
+    role = found["ClusterRole:gpu-gpuflops-kubelet-pods"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes/proxy"], "verbs": ["get"]}]
+    binding = found["ClusterRoleBinding:gpu-gpuflops-kubelet-pods"]
+    assert binding["subjects"][0]["name"] == found["ServiceAccount"]["metadata"]["name"]
+    pod = found["DaemonSet"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert args[args.index("--kubelet-url") + 1] == "https://$(NODE_IP):10250/pods"
+    assert "--kubelet-insecure-tls" not in args
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    assert pod["automountServiceAccountToken"] is True
+    off = objects({"kubelet": {"enabled": False}})["DaemonSet"]["spec"]["template"]["spec"]
+    assert "--kubelet-url" not in off["containers"][0]["args"]
+    assert off["automountServiceAccountToken"] is False
 
 
 def test_daemonset_has_the_access_attribution_needs() -> None:
@@ -209,3 +232,22 @@ def test_example_training_pod_mounts_the_socket_and_validates() -> None:
     volume = next(v for v in pod["spec"]["volumes"] if "hostPath" in v)
     assert volume["hostPath"]["path"] == values["socket"]["hostPath"]
     assert values["daemon"]["socketGroupId"] in pod["spec"]["securityContext"]["supplementalGroups"]
+
+
+def _daemon_flags() -> set[str]:
+    from gpuflops.cli import daemon
+
+    return {opt for p in daemon.params for opt in (*p.opts, *p.secondary_opts)}
+
+
+def test_chart_and_unit_pass_only_flags_the_daemon_accepts() -> None:
+    flags = _daemon_flags()
+    values = {"kubelet": {"insecureSkipVerify": True}, "webConfig": {"enabled": True,
+                                                                     "secretName": "s"}}
+    (container,) = objects(values)["DaemonSet"]["spec"]["template"]["spec"]["containers"]
+    assert container["args"][0] == "daemon"
+    used = {a for a in container["args"] if a.startswith("--")}
+    unit = (REPO / "systemd" / "gpuflops.service").read_text()
+    used |= {tok for tok in unit.split() if tok.startswith("--")}
+    assert used - flags == set()
+    assert {"--kubelet-url", "--kubelet-insecure-tls", "--web-config", "--socket-group"} <= used
