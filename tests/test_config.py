@@ -124,3 +124,24 @@ def test_every_setting_can_be_set_from_toml_with_its_default(tmp_path: Path) -> 
     text = "\n".join(lines).replace("'", '"') + "\n"
     tomllib.loads(text)
     assert load_settings(_toml(tmp_path, text)) == Settings()
+
+
+def test_shipped_example_config_names_every_setting_and_loads_uncommented(tmp_path: Path) -> None:
+    from dataclasses import fields
+
+    from gpuflops.config import Settings, load_settings
+
+    example = Path(__file__).parents[1] / "systemd" / "config.toml.example"
+    text = example.read_text()
+    for f in fields(Settings):
+        assert f"# {f.name} =" in text, f"{f.name} missing from {example.name}"
+    # Uncommented, every example value is accepted.
+    active = "\n".join(
+        line[2:] if line.startswith("# ") and " = " in line.split("#", 2)[1] else line
+        for line in text.splitlines()
+    )
+    path = tmp_path / "c.toml"
+    path.write_text(active)
+    settings = load_settings(path).validate()
+    assert settings.hmma_precision_per_gpu == {"0": "fp8"}
+    assert settings.devices == (0, 1)
