@@ -44,6 +44,8 @@ class Settings:
     # NORMAL in WAL mode survives kill -9 (the WAL is in the page cache); FULL also survives a
     # power cut at ~4 ms per commit instead of ~0.3 ms (docs/ledger.md).
     ledger_sync: str = "NORMAL"
+    # Seconds between ledger commits; 0 = every sampling interval (docs/ledger.md, "Size").
+    ledger_commit_s: float = 0.0
     job_socket: bool = True
     web_config: str | None = None
     job_sources: tuple[str, ...] = ("socket", "env", "kubernetes", "slurm", "torchrun", "systemd")

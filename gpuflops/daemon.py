@@ -363,7 +363,7 @@ def wire_jobs(d: Daemon, *, socket: bool = True) -> Any:
         return value
 
     ledger = _open_ledger(s, d.clock) if s.ledger else None
-    sink = LedgerSink(ledger, d.totals, clock=d.clock)
+    sink = LedgerSink(ledger, d.totals, clock=d.clock, commit_every_s=s.ledger_commit_s)
     registry.on_event(sink.on_job_event)
     p = d.pipeline
     p.resolve_job = _Memo(resolve, d.clock)
@@ -381,6 +381,8 @@ def wire_jobs(d: Daemon, *, socket: bool = True) -> Any:
         view[0] = ProgramView(MappingProxyType(statuses), MappingProxyType(errors), d.clock())
 
     d.every(s.program_refresh_s, refresh_programs)
+    # Closers run last-added first: the socket stops before the ledger takes its last commit.
+    d.add_closer(sink.close)
     server = None
     if socket:
         server = JobSocketServer(
@@ -389,7 +391,6 @@ def wire_jobs(d: Daemon, *, socket: bool = True) -> Any:
         server.start()
         d.add_closer(server.stop)
         log.info("job socket listening on %s", s.socket_path)
-    d.add_closer(sink.close)
     d.add_collector(
         JobsCollector(d.totals.snapshot, lambda: view[0], registry.snapshot, sink,
                       server.stats if server else None)

@@ -101,7 +101,7 @@ def evaluate_ledger(ledger: Ledger, config: ProgramsConfig
     so one bad program never stops the others from being exported.
     """
     totals = ledger.totals()
-    events = ledger.job_events()
+    events = ledger.job_events(kinds=("register",))  # all that job inputs need
     inputs = job_inputs(ledger, totals, events)
     statuses: dict[str, ProgramStatus] = {}
     errors: dict[str, str] = {}

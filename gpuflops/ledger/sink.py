@@ -50,8 +50,13 @@ class LedgerSink:
         totals: Totals,
         *,
         clock: Callable[[], float] = time.time,
+        commit_every_s: float = 0.0,
     ) -> None:
         self.ledger = ledger
+        # 0: one ledger record per sampling interval (kill -9 loses at most that interval).
+        # Larger values trade that bound for a smaller ledger (docs/ledger.md, "Size").
+        self._commit_every_s = commit_every_s
+        self._last_commit = float("-inf")
         self._totals = totals
         self._clock = clock
         self._lock = threading.Lock()
@@ -109,8 +114,16 @@ class LedgerSink:
 
     # ---------------------------------------------------------- sampling thread
 
-    def commit(self, rows_by_interval: list[tuple[float, float, list[Row]]], held: int) -> None:
+    def commit(
+        self, rows_by_interval: list[tuple[float, float, list[Row]]], held: int, *, force: bool = False
+    ) -> None:
         """Write job events, then intervals; count each once it is durable."""
+        now = self._clock()
+        if self.ledger is not None and not force and now - self._last_commit < self._commit_every_s:
+            self._pending.extend(rows_by_interval)
+            self._totals.add_rows((), held)
+            return
+        self._last_commit = now
         with self._lock:
             for key in list(self._queue.estimates):
                 self._move_estimate(key)
@@ -185,7 +198,9 @@ class LedgerSink:
         return len(self._pending)
 
     def close(self) -> None:
+        """Commit what is still pending, then close the ledger."""
         if self.ledger is not None:
+            self.commit([], 0, force=True)
             self.ledger.close()
 
 

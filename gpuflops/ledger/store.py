@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 GENESIS_PREV_HASH = "0" * 64
 LEDGER_FILENAME = "ledger.sqlite3"
 
@@ -200,8 +200,15 @@ def _run_script(con: sqlite3.Connection, script: str) -> None:
             con.execute(statement)
 
 
+# v2: indexes so that program evaluation stays cheap as a job's intervals pile up.
+_SCHEMA_V2 = """
+CREATE INDEX job_intervals_job_t0 ON job_intervals (job, program, t0_s);
+CREATE INDEX job_events_kind ON job_events (kind);
+"""
+
 _MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     lambda con: _run_script(con, _SCHEMA_V1),
+    lambda con: _run_script(con, _SCHEMA_V2),
 )
 
 
@@ -398,10 +405,11 @@ class Ledger:
         with self._lock:
             return _read_totals(self._con, self._head_seq, self._head_hash)
 
-    def job_events(self, program: str | None = None) -> list[JobEvent]:
-        """Job events in chain order, optionally for one program."""
+    def job_events(self, program: str | None = None,
+                   kinds: Sequence[str] | None = None) -> list[JobEvent]:
+        """Job events in chain order, optionally for one program and of some kinds only."""
         with self._lock:
-            return _read_events(self._con, program)
+            return _read_events(self._con, program, kinds)
 
     def matched_measured(self, job: str, program: str, t0_s: float, t1_s: float) -> float:
         """Measured FLOPs of a job inside [t0_s, t1_s], prorating intervals that straddle it."""
@@ -495,11 +503,19 @@ def _read_totals(con: sqlite3.Connection, head_seq: int, head_hash: str) -> Ledg
                         head_hash=head_hash)
 
 
-def _read_events(con: sqlite3.Connection, program: str | None) -> list[JobEvent]:
+def _read_events(con: sqlite3.Connection, program: str | None,
+                 kinds: Sequence[str] | None = None) -> list[JobEvent]:
+    where, params = [], []
+    if program is not None:
+        where.append("e.program = ?")
+        params.append(program)
+    if kinds is not None:
+        where.append(f"e.kind IN ({', '.join('?' * len(kinds))})")
+        params.extend(kinds)
     sql = ("SELECT r.seq, r.content FROM job_events e JOIN records r ON r.seq = e.seq"
-           + (" WHERE e.program = ?" if program is not None else "") + " ORDER BY r.seq")
+           + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY r.seq")
     out = []
-    for seq, content in con.execute(sql, (program,) if program is not None else ()):
+    for seq, content in con.execute(sql, params):
         obj = json.loads(content)
         out.append(JobEvent(seq=seq, kind=obj["kind"], job=obj["job"], program=obj["program"],
                             t_s=obj["t_s"], payload=obj["payload"]))
@@ -508,13 +524,24 @@ def _read_events(con: sqlite3.Connection, program: str | None) -> list[JobEvent]
 
 def _matched_measured(con: sqlite3.Connection, job: str, program: str,
                       t0_s: float, t1_s: float) -> float:
+    """A job's measured FLOPs inside [t0_s, t1_s], intervals cut pro rata at the edges.
+
+    Computed as the job's total minus what lies outside the window: only the intervals at the
+    window's ends are read (indexed), so the cost does not grow with the job's length.
+    """
+    total = con.execute("SELECT measured_flops FROM job_totals WHERE job = ? AND program = ?",
+                        (job, program)).fetchone()
     row = con.execute(
-        "SELECT sum(CASE WHEN t1_s <= t0_s THEN flops ELSE"
-        " flops * max(0.0, min(t1_s, :b) - max(t0_s, :a)) / (t1_s - t0_s) END)"
-        " FROM job_intervals WHERE job = :job AND program = :program"
-        " AND t1_s >= :a AND t0_s <= :b",
+        "SELECT sum(flops - CASE WHEN t1_s <= t0_s THEN"
+        "   (CASE WHEN t1_s >= :a AND t0_s <= :b THEN flops ELSE 0.0 END)"
+        " ELSE flops * max(0.0, min(t1_s, :b) - max(t0_s, :a)) / (t1_s - t0_s) END) FROM ("
+        " SELECT t0_s, t1_s, flops FROM job_intervals"
+        "  WHERE job = :job AND program = :program AND t1_s > :b"
+        " UNION ALL SELECT t0_s, t1_s, flops FROM job_intervals"
+        "  WHERE job = :job AND program = :program AND t0_s < :a AND t1_s <= :b)",
         {"a": t0_s, "b": t1_s, "job": job, "program": program}).fetchone()
-    return float(row[0] or 0.0)
+    inside = (float(total[0]) if total else 0.0) - float(row[0] or 0.0)
+    return max(0.0, inside)
 
 
 def _program_series(con: sqlite3.Connection, program: str,

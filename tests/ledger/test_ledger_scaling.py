@@ -1,0 +1,117 @@
+"""Ledger pieces that must stay cheap as it grows: matched-window sums, registration reads,
+schema migration, and the daemon sink's commit cadence."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from gpuflops.ledger.sink import LedgerSink
+from gpuflops.ledger.store import SCHEMA_VERSION, FlopsRow, Ledger
+from gpuflops.model import GpuInfo
+from gpuflops.totals import Totals
+
+
+def _row(job: str, flops: float) -> FlopsRow:
+    return FlopsRow("0", "GPU-x", "hmma", "bf16", job, "p", 1, flops)
+
+
+def test_matched_measured_equals_a_direct_pro_rata_sum(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    led = Ledger.open(tmp_path / "l.sqlite3", clock=time.time, synchronous="NORMAL")
+    spans: list[tuple[float, float, float]] = []
+    t = 100.0
+    for _ in range(400):
+        dt = rng.choice([0.0, 0.1, 0.5, 1.3])  # zero-length intervals included
+        flops = rng.uniform(1e12, 1e14)
+        led.append_interval(t, t + dt, [_row("j", flops), _row("other", 1e13)])
+        spans.append((t, t + dt, flops))
+        t += dt + rng.choice([0.0, 0.2])
+    try:
+        for _ in range(60):
+            a = rng.uniform(90.0, t + 5)
+            b = a + rng.uniform(0.0, 60.0)
+            want = 0.0
+            for t0, t1, f in spans:
+                if t1 <= t0:
+                    want += f if (t1 >= a and t0 <= b) else 0.0
+                else:
+                    want += f * max(0.0, min(t1, b) - max(t0, a)) / (t1 - t0)
+            got = led.matched_measured("j", "p", a, b)
+            assert got == pytest.approx(want, rel=1e-9, abs=1e3)
+    finally:
+        led.close()
+
+
+def test_only_registrations_are_read_when_asked(tmp_path: Path) -> None:
+    led = Ledger.open(tmp_path / "l.sqlite3", clock=time.time, synchronous="NORMAL")
+    try:
+        led.append_job_event("register", "j", "p", {"model": "m"}, 1.0)
+        for i in range(50):
+            led.append_job_event("estimate", "j", "p", {"analytic_flops": 1.0, "tokens": 1,
+                                                       "recompute_flops": 0.0}, 2.0 + i)
+        led.append_job_event("end", "j", "p", {}, 99.0)
+        assert [e.kind for e in led.job_events(kinds=("register",))] == ["register"]
+        assert len(led.job_events()) == 52
+        assert [e.kind for e in led.job_events("p", kinds=("register", "end"))] == [
+            "register", "end"]
+    finally:
+        led.close()
+
+
+def test_a_version_1_ledger_is_migrated_in_the_chain(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    led = Ledger.open(path, clock=time.time, synchronous="NORMAL")
+    led.append_interval(1.0, 2.0, [_row("j", 5e12)])
+    led.close()
+    # Make it look like a ledger written by schema 1 (no v2 indexes, user_version 1).
+    con = sqlite3.connect(path)
+    con.execute("DROP INDEX job_intervals_job_t0")
+    con.execute("DROP INDEX job_events_kind")
+    con.execute("PRAGMA user_version=1")
+    con.commit()
+    con.close()
+    led = Ledger.open(path, clock=time.time, synchronous="NORMAL")
+    try:
+        assert led.verify().ok
+        assert led.totals().jobs  # data intact
+        kinds = [k for (k,) in led._con.execute("SELECT kind FROM records ORDER BY seq")]
+        assert kinds[-1] == "migration"
+    finally:
+        led.close()
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    names = {n for (n,) in con.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"job_intervals_job_t0", "job_events_kind"} <= names
+    con.close()
+
+
+def test_sink_commit_cadence_and_final_commit_on_close(tmp_path: Path) -> None:
+    now = [1000.0]
+    gpus = [GpuInfo("0", 0, "GPU-x", "H100", "hopper", 132)]
+    totals = Totals(gpus)
+    led = Ledger.open(tmp_path / "l.sqlite3", clock=lambda: now[0], synchronous="NORMAL")
+    sink = LedgerSink(led, totals, clock=lambda: now[0], commit_every_s=5.0)
+    sink.commit([(now[0], now[0] + 0.5, [_row("j", 1e12)])], 0)  # first commit: written
+    assert sum(totals.snapshot().gpu_flops.values()) == 1e12
+    for _ in range(4):
+        now[0] += 0.5
+        sink.commit([(now[0], now[0] + 0.5, [_row("j", 1e12)])], 0)
+    # Within the cadence: held back, and not counted until durable.
+    assert sink.pending_intervals == 4
+    assert sum(totals.snapshot().gpu_flops.values()) == 1e12
+    now[0] += 5.0
+    sink.commit([], 0)
+    assert sink.pending_intervals == 0
+    assert sum(totals.snapshot().gpu_flops.values()) == 5e12
+    sink.commit([(now[0], now[0] + 0.5, [_row("j", 2e12)])], 0)
+    sink.close()  # commits what is pending before closing
+    led = Ledger.open(tmp_path / "l.sqlite3", clock=time.time, readonly=True)
+    try:
+        assert sum(led.totals().gpu.values()) == 7e12
+    finally:
+        led.close()
