@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -101,24 +101,29 @@ def build_sampler(settings: Settings, stop: threading.Event) -> Sampler:
         raise
 
 
-class _Memo:
-    """pid -> job for one second: resolution reads /proc, and runs for every share."""
+K = TypeVar("K")
+V = TypeVar("V")
 
-    def __init__(self, resolve: JobResolver, clock: Callable[[], float], ttl_s: float = 1.0) -> None:
+
+class _Memo(Generic[K, V]):
+    """Answers kept for one second: lookups that read /proc or copy the job registry run for
+    every process of every interval."""
+
+    def __init__(self, resolve: Callable[[K], V], clock: Callable[[], float], ttl_s: float = 1.0) -> None:
         self._resolve = resolve
         self._clock = clock
         self._ttl = ttl_s
-        self._cache: dict[int, tuple[float, tuple[str, str]]] = {}
+        self._cache: dict[K, tuple[float, V]] = {}
 
-    def __call__(self, pid: int) -> tuple[str, str]:
+    def __call__(self, key: K) -> V:
         now = self._clock()
-        hit = self._cache.get(pid)
+        hit = self._cache.get(key)
         if hit is not None and now - hit[0] < self._ttl:
             return hit[1]
-        value = self._resolve(pid)
+        value = self._resolve(key)
         if len(self._cache) > 4096:
             self._cache.clear()
-        self._cache[pid] = (now, value)
+        self._cache[key] = (now, value)
         return value
 
 
@@ -347,20 +352,15 @@ def wire_jobs(d: Daemon, *, socket: bool = True) -> Any:
         ref = mapper.resolve(pid)
         return ref.job, ref.program
 
-    declared: dict[str, tuple[float, str | None]] = {}
+    def declared_precision(job: str) -> str | None:
+        snap = registry.snapshot().job(job)
+        return None if snap is None else normalize_precision(snap.metadata.get("precision"))
+
+    declared = _Memo(declared_precision, d.clock)
 
     def precision_of(job: str, program: str) -> str | None:
-        """The HMMA precision a job declared at registration (cached for a second)."""
-        hit = declared.get(job)
-        now = d.clock()
-        if hit is not None and now - hit[0] < 1.0:
-            return hit[1]
-        snap = registry.snapshot().job(job)
-        value = None if snap is None else normalize_precision(snap.metadata.get("precision"))
-        if len(declared) > 4096:
-            declared.clear()
-        declared[job] = (now, value)
-        return value
+        """The HMMA precision a job declared at registration."""
+        return declared(job)
 
     ledger = _open_ledger(s, d.clock) if s.ledger else None
     sink = LedgerSink(ledger, d.totals, clock=d.clock, commit_every_s=s.ledger_commit_s)

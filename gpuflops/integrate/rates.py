@@ -138,6 +138,16 @@ FAMILIES: Mapping[str, Family] = {
     ),
 }
 
+# NVML's nvmlDeviceArchitecture_t codes; DCGM's dcgmChipArchitecture_t uses the same values.
+ARCHITECTURE_CODES: Mapping[int, str] = {
+    5: "volta",
+    6: "turing",
+    7: "ampere",
+    8: "ada",
+    9: "hopper",
+    10: "blackwell",
+}
+
 # Chips of the Ampere architecture that are GA100 (A100, A30); every other Ampere is GA10x.
 # Whole model numbers only: "RTX A1000" and "RTX A3000" are GA10x parts.
 _GA100_NAME = re.compile(r"\b(A100X?|A30X?|A800|PG506)\b")

@@ -35,6 +35,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from gpuflops.integrate.rates import ARCHITECTURE_CODES
 from gpuflops.model import GpuInfo, GpuSample, Metric
 from gpuflops.sampler import SamplerError
 
@@ -61,7 +62,6 @@ DEFAULT_BINDINGS_PATHS: tuple[Path, ...] = (
 )
 DEFAULT_ENDPOINT = "localhost:5555"
 
-_ARCHITECTURES = {5: "volta", 6: "turing", 7: "ampere", 8: "ada", 9: "hopper", 10: "blackwell"}
 _FE_GPU = 1  # DCGM_FE_GPU
 _FE_GPU_I = 4  # DCGM_FE_GPU_I
 
@@ -324,7 +324,7 @@ class DcgmSampler:
         name = _text(attrs.identifiers.deviceName)
         uuid = _text(attrs.identifiers.uuid)
         try:
-            arch = _ARCHITECTURES.get(
+            arch = ARCHITECTURE_CODES.get(
                 int(self._q("dcgmGetGpuChipArchitecture", self._handle, gpu_id)), "unknown"
             )
         except DcgmCallError:

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from gpuflops.integrate.rates import ARCHITECTURE_CODES
 from gpuflops.model import GpuInfo, GpuSample, Metric, ProcessInfo, ProcessUtilSample
 from gpuflops.sampler import SamplerError
 
@@ -40,15 +41,6 @@ GPM_METRIC_IDS: dict[Metric, int] = {
     Metric.FP16: 13,
     Metric.SM_ACTIVE: 2,
     Metric.SM_OCCUPANCY: 3,
-}
-
-_ARCHITECTURES = {
-    5: "volta",
-    6: "turing",
-    7: "ampere",
-    8: "ada",
-    9: "hopper",
-    10: "blackwell",
 }
 
 MIN_GPM_INTERVAL_S = 0.1
@@ -229,7 +221,7 @@ class NvmlSampler:
         uuid = self._safe_str("nvmlDeviceGetUUID", h)
         name = self._safe_str("nvmlDeviceGetName", h)
         try:
-            arch = _ARCHITECTURES.get(self._q("nvmlDeviceGetArchitecture", h), "unknown")
+            arch = ARCHITECTURE_CODES.get(self._q("nvmlDeviceGetArchitecture", h), "unknown")
         except NvmlCallError:
             arch = "unknown"
         gpm_ok, reason = self._gpm_support(h, arch)
