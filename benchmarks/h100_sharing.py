@@ -42,6 +42,9 @@ CTXSW = {170: "ctxsw_cycles_elapsed", 171: "ctxsw_cycles_active", 172: "ctxsw_re
 CYCLES = {248: "sm_cycles_elapsed", 249: "sm_cycles_active", 252: "hmma_cycles_active",
           259: "fp32_cycles_active"}
 
+# cumulative ns: SW power cap, thermal, sync boost, SW/HW thermal, HW power brake slowdown
+FIELDS = [74, 75, 76, 269, 270, 271]
+
 SCENARIOS = [
     # name, [(phase, seconds)...] started together
     ("solo_bf16", ["bf16"], 6.0),
@@ -56,8 +59,9 @@ SCENARIOS = [
 
 
 class Recorder(threading.Thread):
-    def __init__(self, metric_ids: list[int], period: float = 0.1) -> None:
+    def __init__(self, metric_ids: list[int], period: float = 0.1, throttle: bool = False) -> None:
         super().__init__(daemon=True)
+        self.throttle = throttle
         self.h = pynvml.nvmlDeviceGetHandleByIndex(0)
         self.ids = metric_ids
         self.period = period
@@ -82,6 +86,24 @@ class Recorder(threading.Thread):
                 out[str(m)] = r.value if r.nvmlReturn == 0 else f"err{r.nvmlReturn}"
         return out
 
+    def _fields(self) -> dict:
+        """Cumulative clock-event durations (ns), violation times and energy (mJ)."""
+        out: dict = {}
+        try:
+            vals = pynvml.nvmlDeviceGetFieldValues(self.h, FIELDS)
+            for fid, v in zip(FIELDS, vals, strict=True):
+                out[f"f{fid}"] = v.value.ullVal if v.nvmlReturn == 0 else f"err{v.nvmlReturn}"
+        except pynvml.NVMLError as e:
+            out["fields_error"] = str(e)
+        for pol in range(6):
+            try:
+                out[f"viol{pol}"] = pynvml.nvmlDeviceGetViolationStatus(self.h, pol).violationTime
+            except pynvml.NVMLError as e:
+                out[f"viol{pol}"] = str(e)
+        with contextlib.suppress(pynvml.NVMLError):
+            out["energy_mj"] = pynvml.nvmlDeviceGetTotalEnergyConsumption(self.h)
+        return out
+
     def run(self) -> None:
         s = [pynvml.nvmlGpmSampleAlloc(), pynvml.nvmlGpmSampleAlloc()]
         pynvml.nvmlGpmSampleGet(self.h, s[0])
@@ -89,10 +111,13 @@ class Recorder(threading.Thread):
         last_pu = 0
         last_v1 = 0
         while not self.stop.is_set():
-            clocks = []
+            clocks, reasons = [], []
             t_end = t_prev + self.period
             while time.time() < t_end - 0.005:
                 clocks.append(pynvml.nvmlDeviceGetClockInfo(self.h, pynvml.NVML_CLOCK_SM))
+                if self.throttle:
+                    with contextlib.suppress(pynvml.NVMLError):
+                        reasons.append(pynvml.nvmlDeviceGetCurrentClocksEventReasons(self.h))
                 time.sleep(0.01)
             time.sleep(max(0.0, t_end - time.time()))
             nxt = 1 - cur
@@ -102,8 +127,12 @@ class Recorder(threading.Thread):
                 m = self._metrics(s[cur], s[nxt])
             except pynvml.NVMLError as e:
                 m = {"error": str(e)}
-            self.rows.append({"t0": t_prev, "t1": t, "clock_mhz": sum(clocks) / max(1, len(clocks)),
-                              "clock_reads": len(clocks), "m": m})
+            row = {"t0": t_prev, "t1": t, "clock_mhz": sum(clocks) / max(1, len(clocks)),
+                   "clock_reads": len(clocks), "m": m}
+            if self.throttle:
+                row["reasons"] = reasons
+                row["fields"] = self._fields()
+            self.rows.append(row)
             cur, t_prev = nxt, t
             with contextlib.suppress(pynvml.NVMLError):
                 for u in pynvml.nvmlDeviceGetProcessUtilization(self.h, last_pu):
@@ -134,6 +163,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpuflops-sharing"))
+    ap.add_argument("--only", default="", help="comma-separated scenario names")
+    ap.add_argument("--throttle", action="store_true",
+                    help="also read clock-event reasons every 10 ms and throttle counters")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
@@ -145,11 +177,12 @@ def main() -> None:
     except pynvml.NVMLError as e:
         probes["accounting_mode"] = str(e)
     ids = sorted([*ACTIVITY, *CTXSW, *CYCLES])
-    rec = Recorder(ids)
+    rec = Recorder(ids, throttle=a.throttle)
     rec.start()
     time.sleep(2.0)
     results = []
-    for name, phases, seconds in SCENARIOS:
+    chosen = [sc for sc in SCENARIOS if not a.only or sc[0] in a.only.split(",")]
+    for name, phases, seconds in chosen:
         start = time.time() + 12.0
         files = [a.work / f"{name}-{i}.json" for i in range(len(phases))]
         procs = [

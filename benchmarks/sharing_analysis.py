@@ -78,6 +78,8 @@ def report(raw: dict) -> list[dict]:
         print(f"{sc['name']:<15}{res['ratio']:>10.4f}{res['ratio_ctxsw']:>11.4f}"
               f"{res['ctxsw_pct']:>8.2f}{res['ctxsw_req']:>9.1f}{res['hmma']:>7.1f}"
               f"{res['clock']:>6.0f}  {' '.join(shares)}")
+    if any("reasons" in r for r in rows):
+        throttle_table(raw)
     sample = rows[len(rows) // 2]["m"]
     print("metric values mid-run:", {k: sample[k] for k in sorted(sample, key=int)})
     return out
@@ -86,3 +88,29 @@ def report(raw: dict) -> list[dict]:
 if __name__ == "__main__":
     with open(sys.argv[1]) as fh:
         report(json.load(fh))
+
+
+BITS = {"sw_power_cap": 0x4, "hw_slowdown": 0x8, "sw_thermal": 0x20, "hw_thermal": 0x40,
+        "hw_power_brake": 0x80, "idle": 0x1}
+
+
+def throttle_table(raw: dict) -> None:
+    """Per scenario: share of 10 ms reads with each clock-event reason set, and cumulative
+    counters' growth per second of the span (ns/s = parts per billion of the time)."""
+    rows = raw["intervals"]
+    print(f"\n{'scenario':<15}" + "".join(f"{k:>15}" for k in BITS) + "  counters (ms/s)  power W")
+    for sc in raw["scenarios"]:
+        ps = sc["processes"]
+        t0, t1 = min(p["t0"] for p in ps) + 0.5, max(p["t1"] for p in ps) - 0.5
+        sel = [r for r in rows if r["t0"] >= t0 and r["t1"] <= t1 and "reasons" in r]
+        if len(sel) < 2:
+            continue
+        reads = [x for r in sel for x in r["reasons"]]
+        frac = {k: sum(1 for x in reads if x & b) / max(1, len(reads)) for k, b in BITS.items()}
+        a, b = sel[0]["fields"], sel[-1]["fields"]
+        span = sel[-1]["t1"] - sel[0]["t1"]
+        growth = {k: round((b[k] - a[k]) / span / 1e6, 1) for k in a
+                  if isinstance(a[k], int) and isinstance(b.get(k), int) and k != "energy_mj"}
+        power = (b.get("energy_mj", 0) - a.get("energy_mj", 0)) / span / 1e3
+        print(f"{sc['name']:<15}" + "".join(f"{frac[k]:>15.3f}" for k in BITS)
+              + f"  {growth}  {power:.0f}")
