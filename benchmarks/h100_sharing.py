@@ -164,6 +164,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpuflops-sharing"))
     ap.add_argument("--only", default="", help="comma-separated scenario names")
+    ap.add_argument("--mps", action="store_true",
+                    help="run the workers as clients of an MPS control daemon started (and quit) "
+                         "here; the GPU's compute mode and settings are not touched")
     ap.add_argument("--throttle", action="store_true",
                     help="also read clock-event reasons every 10 ms and throttle counters")
     a = ap.parse_args()
@@ -176,6 +179,22 @@ def main() -> None:
         probes["accounting_mode"] = pynvml.nvmlDeviceGetAccountingMode(h)
     except pynvml.NVMLError as e:
         probes["accounting_mode"] = str(e)
+    env = dict(os.environ)
+    if a.mps:
+        for var, sub in (("CUDA_MPS_PIPE_DIRECTORY", "mps-pipe"), ("CUDA_MPS_LOG_DIRECTORY", "mps-log")):
+            (a.work / sub).mkdir(exist_ok=True)
+            env[var] = str(a.work / sub)
+        subprocess.run(["nvidia-cuda-mps-control", "-d"], env=env, check=True)
+        probes["mps"] = True
+    try:
+        run_all(a, probes, env)
+    finally:
+        if a.mps:
+            subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", env=env, check=False)
+
+
+def run_all(a: argparse.Namespace, probes: dict, env: dict) -> None:
+    h = pynvml.nvmlDeviceGetHandleByIndex(0)
     ids = sorted([*ACTIVITY, *CTXSW, *CYCLES])
     rec = Recorder(ids, throttle=a.throttle)
     rec.start()
@@ -187,7 +206,7 @@ def main() -> None:
         files = [a.work / f"{name}-{i}.json" for i in range(len(phases))]
         procs = [
             subprocess.Popen([PY, WORKER, str(f), ph, "--seconds", str(seconds), "--start-at",
-                              str(start), "--gap", "0.5"])
+                              str(start), "--gap", "0.5"], env=env)
             for f, ph in zip(files, phases, strict=True)
         ]
         time.sleep(max(0.0, start + 2.0 - time.time()))

@@ -31,6 +31,10 @@ class Settings:
     process_period_s: float = 1.0  # process list and per-process utilisation refresh
     process_ttl_s: float = 300.0  # exited processes' series age out after this
     attribution_hold_s: float = 3.0  # how long a shared interval waits for per-process samples
+    # Split a shared GPU by the analytic FLOPs its processes report, when all of them do and
+    # the sum is within this tolerance of the measured FLOPs (docs/attribution.md).
+    analytic_split: bool = True
+    analytic_split_tolerance: float = 0.5
     hmma_precision: str = DEFAULT_HMMA_PRECISION
     hmma_precision_per_gpu: dict[str, str] = field(default_factory=dict)
     replay_path: str | None = None

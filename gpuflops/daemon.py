@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from gpuflops.attribution.process import AttributedInterval, ProcessAttributor
 from gpuflops.config import Settings
-from gpuflops.exporter.collector import FlopsCollector
+from gpuflops.exporter.collector import AttributionCollector, FlopsCollector
 from gpuflops.exporter.http import MetricsServer
 from gpuflops.integrate.integrator import Integrator
 from gpuflops.integrate.rates import HMMA_PRECISIONS
@@ -218,11 +218,17 @@ class Daemon:
         self.pipeline = Pipeline(
             gpus,
             self.integrator,
-            ProcessAttributor(settings.attribution_hold_s),
+            ProcessAttributor(
+                settings.attribution_hold_s,
+                analytic=settings.analytic_split,
+                analytic_tolerance=settings.analytic_split_tolerance,
+            ),
             self.totals,
         )
         self.registry = registry or CollectorRegistry(auto_describe=False)
         self.registry.register(FlopsCollector(self.totals.snapshot, sampler.name))
+        attributor = self.pipeline.attributor
+        self.registry.register(AttributionCollector(lambda: dict(attributor.stats)))
         self._last_loop_s: float | None = None
         self._started_s = clock()
         self.server: MetricsServer | None = None
@@ -324,6 +330,7 @@ def wire_jobs(d: Daemon, *, socket: bool = True) -> Any:
     from gpuflops.attribution.jobmap import JobRef as MapRef
     from gpuflops.exporter.jobs_collector import JobsCollector
     from gpuflops.jobs import JobRegistry, JobSocketServer, PsutilProcessLookup
+    from gpuflops.jobs.registry import JobEvent
     from gpuflops.ledger.reconcile import normalize_precision
     from gpuflops.ledger.sink import LedgerSink, ProgramView
     from gpuflops.ledger.thresholds import load_programs_config
@@ -365,6 +372,14 @@ def wire_jobs(d: Daemon, *, socket: bool = True) -> Any:
     ledger = _open_ledger(s, d.clock) if s.ledger else None
     sink = LedgerSink(ledger, d.totals, clock=d.clock, commit_every_s=s.ledger_commit_s)
     registry.on_event(sink.on_job_event)
+    attributor = d.pipeline.attributor
+
+    def analytic_report(event: JobEvent) -> None:
+        """Analytic work reported by a process: weights for splitting a GPU it shares."""
+        if event.kind == "add":
+            attributor.record_analytic(event.peer.pid, event.time_s, float(event.data["flops"]))
+
+    registry.on_event(analytic_report)
     p = d.pipeline
     p.resolve_job = _Memo(resolve, d.clock)
     p.precision_of = precision_of

@@ -4,13 +4,18 @@
 - One compute process on the unit: all of it.
 - None seen: all of it goes to the unattributed series (a process in a pid namespace we cannot
   see, or one that came and went between process-list refreshes).
-- Several: split in proportion to each process's SM utilisation from the driver's
-  per-process samples (about 1 s windows), weighted by how much of each window overlaps the
-  interval. Those samples arrive late, so the interval waits (up to ``hold_s``) until a sample
-  covering its end exists; then it is split with whatever overlaps, and if nothing does, it is
-  unattributed. SM utilisation is the share of time a process had a kernel running; splitting
-  by it assumes processes sharing a GPU achieve similar FLOPs per busy SM-second. See
-  docs/attribution.md for the limits of this.
+- Several, and every process the driver saw running publishes analytic FLOPs through the job
+  socket (``record_analytic``): split in proportion to the analytic FLOPs each process reported
+  for the interval (``analytic``), provided their sum is plausible against the measured FLOPs
+  (within ``analytic_tolerance``). The measured total is kept; only the proportions come from
+  the jobs.
+- Several, otherwise: split in proportion to each process's SM utilisation from the driver's
+  per-process samples, weighted by how much of each sample's window overlaps the interval
+  (``sm_util``); if no sample overlaps, unattributed (``no_util_data``). SM utilisation is the
+  share of time a process had a kernel running, sampled by the driver about 5 times a second;
+  splitting by it assumes processes sharing a GPU achieve similar FLOPs per busy SM-second.
+- Per-process samples and analytic reports arrive late, so a shared interval waits ``hold_s``
+  before it is split. See docs/attribution.md for the measured limits of both methods.
 
 On a MIG unit only that instance's processes are listed, so the split is exact per instance.
 Nothing is dropped: every FLOP of the input reaches exactly one process or the unattributed
@@ -29,6 +34,11 @@ from gpuflops.model import GpuSample, Pipe, ProcessInfo, ProcessUtilSample
 _HISTORY_S = 60.0
 _DEFAULT_WINDOW_S = 1.0
 _MAX_WINDOW_S = 3.5
+# An analytic report covers the time since the same process's previous one (JobReporter
+# flushes every 0.5 s); the first, or one after a long silence, covers this much.
+_ANALYTIC_FIRST_WINDOW_S = 0.5
+_ANALYTIC_MAX_WINDOW_S = 5.0
+_MPS_SERVER_COMM = "nvidia-cuda-mps"  # comm of nvidia-cuda-mps-server (15 characters)
 
 
 @dataclass(frozen=True)
@@ -48,7 +58,7 @@ class AttributedInterval:
     t0_s: float
     t1_s: float
     shares: tuple[Share, ...]
-    method: str  # "single", "none_seen", "sm_util", "no_util_data", "idle"
+    method: str  # "single", "none_seen", "analytic", "sm_util", "no_util_data", "idle"
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,13 @@ class _UtilWindow:
     start_s: float
     end_s: float
     sm_util: float
+
+
+@dataclass(frozen=True)
+class _AnalyticWindow:
+    start_s: float
+    end_s: float
+    flops: float
 
 
 @dataclass
@@ -69,20 +86,64 @@ class _Pending:
 class ProcessAttributor:
     """Per-unit state: process-utilisation history and intervals waiting for it."""
 
-    def __init__(self, hold_s: float = 4.0, smooth_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        hold_s: float = 4.0,
+        smooth_s: float = 0.5,
+        analytic: bool = True,
+        analytic_tolerance: float = 0.5,
+    ) -> None:
         if hold_s < smooth_s:
             raise ValueError("hold_s must cover smooth_s: later samples are needed to split")
+        if analytic_tolerance < 0:
+            raise ValueError("analytic_tolerance must be >= 0")
         self._hold_s = hold_s
         self._smooth_s = smooth_s
+        self._analytic = analytic
+        self._tolerance = analytic_tolerance
+        # Filled from the job socket's thread; drained by the sampling thread (deque appends
+        # and pops are atomic).
+        self._inbox: deque[tuple[int, float, float]] = deque()
+        self._reports: dict[int, deque[_AnalyticWindow]] = {}
+        self.stats: dict[str, int] = {
+            "analytic": 0, "sm_util": 0, "no_util_data": 0,
+            "analytic_not_all_publish": 0, "analytic_not_covered": 0, "analytic_implausible": 0,
+        }
         self._util: dict[str, deque[_UtilWindow]] = {}
         self._last_ts: dict[str, dict[int, float]] = {}
         self._latest: dict[str, float] = {}
         self._pending: dict[str, deque[_Pending]] = {}
         self._comm: dict[int, str] = {}
 
+    def record_analytic(self, pid: int, time_s: float, flops: float) -> None:
+        """A process reported ``flops`` of analytic work at ``time_s``. Thread-safe."""
+        if self._analytic and flops >= 0:
+            self._inbox.append((pid, time_s, flops))
+
+    def _drain_reports(self) -> None:
+        while self._inbox:
+            pid, t, flops = self._inbox.popleft()
+            q = self._reports.setdefault(pid, deque())
+            prev = q[-1].end_s if q else None
+            if prev is not None and t <= prev:
+                # Same instant or out of order: fold into the newest window.
+                last = q.pop()
+                q.append(_AnalyticWindow(last.start_s, last.end_s, last.flops + flops))
+                continue
+            start = prev if prev is not None and t - prev <= _ANALYTIC_MAX_WINDOW_S else (
+                t - _ANALYTIC_FIRST_WINDOW_S
+            )
+            q.append(_AnalyticWindow(start, t, flops))
+        for pid in list(self._reports):
+            q = self._reports[pid]
+            horizon = q[-1].end_s - _HISTORY_S
+            while q and q[0].end_s < horizon:
+                q.popleft()
+
     def add(self, sample: GpuSample, flops: IntervalFlops) -> list[AttributedInterval]:
         """Take one interval; return every interval now settled (this one or held ones)."""
         key = sample.key
+        self._drain_reports()
         for p in sample.processes:
             if p.comm:
                 self._comm[p.pid] = p.comm
@@ -100,6 +161,7 @@ class ProcessAttributor:
 
     def flush(self) -> list[AttributedInterval]:
         """Settle everything still held (shutdown)."""
+        self._drain_reports()
         out: list[AttributedInterval] = []
         for key in list(self._pending):
             out.extend(self._settle(key, now_s=float("inf"), force=True))
@@ -164,16 +226,78 @@ class ProcessAttributor:
         # runs); shares are taken over the interval widened by smooth_s on each side.
         lo, hi = t0 - self._smooth_s, t1 + self._smooth_s
         weights: dict[int, float] = {}
+        sampled = False
         for w in self._util.get(key, ()):
             overlap = min(hi, w.end_s) - max(lo, w.start_s)
-            if overlap > 0 and w.sm_util > 0:
-                weights[w.pid] = weights.get(w.pid, 0.0) + overlap * w.sm_util
+            if overlap > 0:
+                sampled = True
+                if w.sm_util > 0:
+                    weights[w.pid] = weights.get(w.pid, 0.0) + overlap * w.sm_util
+        analytic = self._analytic_fractions(p, set(weights), sampled)
+        if analytic is not None:
+            self.stats["analytic"] += 1
+            return AttributedInterval(
+                key, t0, t1, _shares(p.flops.flops, analytic, self._comm), "analytic"
+            )
         total = sum(weights.values())
         if total <= 0:
+            self.stats["no_util_data"] += 1
             shares = _shares(p.flops.flops, {}, self._comm)
             return AttributedInterval(key, t0, t1, shares, "no_util_data")
+        self.stats["sm_util"] += 1
         fractions = {pid: w / total for pid, w in weights.items()}
         return AttributedInterval(key, t0, t1, _shares(p.flops.flops, fractions, self._comm), "sm_util")
+
+    def _analytic_fractions(
+        self, p: _Pending, busy: set[int], sampled: bool
+    ) -> dict[int, float] | None:
+        """Shares from the processes' analytic reports, or None when they cannot be trusted.
+
+        Used only when
+        - no process that does not report could have done the work: the driver's per-process
+          samples cover the interval and show none of them running (an MPS server, which runs
+          no work of its own, is left out);
+        - every reporting process has reported past the interval's end, unless it went quiet
+          more than ``_ANALYTIC_MAX_WINDOW_S`` before it and the driver did not see it running;
+        - the reports' sum is within the tolerance of the measured FLOPs: a process that
+          under-reports cannot push much of its measured work onto a neighbour, and a wrong
+          precision assumption falls back too.
+        """
+        if not self._analytic:
+            return None
+        publishers = {proc.pid for proc in p.processes if self._reports.get(proc.pid)}
+        if not publishers:
+            return None
+        others = {
+            proc.pid for proc in p.processes
+            if proc.pid not in publishers and not proc.comm.startswith(_MPS_SERVER_COMM)
+        }
+        if others and (not sampled or busy & others):
+            self.stats["analytic_not_all_publish"] += 1
+            return None
+        t0, t1 = p.flops.t0_s, p.flops.t1_s
+        amounts: dict[int, float] = {}
+        for pid in publishers:
+            q = self._reports[pid]
+            last = q[-1].end_s
+            if last < t1 and (pid in busy or last >= t1 - _ANALYTIC_MAX_WINDOW_S):
+                self.stats["analytic_not_covered"] += 1
+                return None
+            got = 0.0
+            for w in q:
+                overlap = min(t1, w.end_s) - max(t0, w.start_s)
+                if overlap > 0:
+                    got += w.flops * overlap / (w.end_s - w.start_s)
+            if got > 0:
+                amounts[pid] = got
+        total = sum(amounts.values())
+        if total <= 0:
+            return None
+        ratio = p.flops.total / total
+        if not 1 / (1 + self._tolerance) <= ratio <= 1 + self._tolerance:
+            self.stats["analytic_implausible"] += 1
+            return None
+        return {pid: v / total for pid, v in amounts.items()}
 
 
 def _shares(

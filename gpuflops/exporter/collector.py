@@ -149,3 +149,29 @@ class FlopsCollector(Collector):
         )
         held.add_metric([], snap.held_intervals)
         yield held
+
+
+class AttributionCollector(Collector):
+    """How shared-GPU intervals were split, and why the analytic split was passed over."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        split = CounterMetricFamily(
+            "gpuflops_attribution_shared_intervals",
+            "Intervals of a GPU shared by several processes, by how they were split",
+            labels=["method"],
+        )
+        for method in ("analytic", "sm_util", "no_util_data"):
+            split.add_metric([method], stats.get(method, 0))
+        yield split
+        skipped = CounterMetricFamily(
+            "gpuflops_attribution_analytic_skipped",
+            "Shared intervals not split by the jobs' analytic reports, by reason",
+            labels=["reason"],
+        )
+        for reason in ("not_all_publish", "not_covered", "implausible"):
+            skipped.add_metric([reason], stats.get(f"analytic_{reason}", 0))
+        yield skipped

@@ -11,7 +11,7 @@ import pytest
 
 from gpuflops.attribution.process import AttributedInterval, ProcessAttributor
 from gpuflops.integrate.integrator import Integrator, IntervalFlops
-from gpuflops.model import GpuInfo, GpuSample
+from gpuflops.model import GpuInfo, GpuSample, ProcessInfo, ProcessUtilSample
 from gpuflops.sampler.trace import TraceEvent, TraceInterval, load_trace
 
 ROOT = Path(__file__).parents[2]
@@ -28,12 +28,19 @@ def _trace(path: Path) -> tuple[GpuInfo, list[TraceInterval], list[TraceEvent]]:
     return _CACHE[path]
 
 
-def _run(path: Path, att: ProcessAttributor) -> tuple[list[IntervalFlops], list[AttributedInterval]]:
+def _run(
+    path: Path, att: ProcessAttributor, reports: list[tuple[float, int, float]] | None = None
+) -> tuple[list[IntervalFlops], list[AttributedInterval]]:
+    """Feed the trace; ``reports`` (time, pid, flops) reach the attributor when their time comes."""
     info, intervals, _ = _trace(path)
     integ = Integrator()
     inputs, settled = [], []
+    pending = sorted(reports or [])
     for iv in intervals:
         for s in iv.samples:
+            while pending and pending[0][0] <= s.t1_s:
+                t, pid, flops = pending.pop(0)
+                att.record_analytic(pid, t, flops)
             f = integ.integrate(info, s)
             inputs.append(f)
             settled.extend(att.add(s, f))
@@ -150,9 +157,11 @@ def test_shared_interval_without_util_samples_is_unattributed() -> None:
     assert sum(sh.flops for sh in out.shares) == pytest.approx(f.total, rel=1e-12)
 
 
-def _scenario_ratios(path: Path) -> dict[str, list[tuple[int, float]]]:
+def _scenario_ratios(
+    path: Path, att: ProcessAttributor | None = None, reports: list[tuple[float, int, float]] | None = None
+) -> dict[str, list[tuple[int, float]]]:
     """Per scenario: (pid, attributed / true), normalised by the GPU's measured total."""
-    _inputs, settled = _run(path, ProcessAttributor())
+    _inputs, settled = _run(path, att or ProcessAttributor(), reports)
     _info, _iv, events = _trace(path)
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for e in events:
@@ -203,3 +212,145 @@ def test_documented_limitation_sm_util_split_misattributes_unequal_kernels() -> 
         assert [pid for pid, _ in got] == [pid for pid, _ in want]
         for (_pid, g), (_p, w) in zip(got, want, strict=True):
             assert g == pytest.approx(w, rel=0.03), (name, got)
+
+
+def _reports_from_truth(
+    path: Path, scale: dict[int, float] | None = None, only: set[int] | None = None
+) -> list[tuple[float, int, float]]:
+    """What a JobReporter in each worker would have sent, every 0.5 s, rebuilt from the truth.
+
+    The traces hold each worker's exact total, not its time course. In each staggered pair the
+    process that runs throughout (A) ran alone before and after its neighbour (B): there it is
+    given the rate its shape reached alone in the same trace's solo phase, and the rest of its
+    count is spread over the shared span; B's count is spread evenly over its run.
+    """
+    events = [e.data for e in _trace(path)[2] if e.data.get("kind") == "phase"]
+    solo = {d["name"]: d["flops"] / (d["t1"] - d["t0"]) for d in events if not d.get("shared")}
+    shared = sorted((d for d in events if d.get("shared")), key=lambda d: d["t0"])
+    segments: list[tuple[int, float, float, float]] = []  # pid, t0, t1, flops
+    for a, b in zip(shared[::2], shared[1::2], strict=True):
+        rate = solo[a["name"]]
+        alone = (b["t0"] - a["t0"]) + (a["t1"] - b["t1"])
+        segments += [
+            (a["pid"], a["t0"], b["t0"], rate * (b["t0"] - a["t0"])),
+            (a["pid"], b["t0"], b["t1"], a["flops"] - rate * alone),
+            (a["pid"], b["t1"], a["t1"], rate * (a["t1"] - b["t1"])),
+            (b["pid"], b["t0"], b["t1"], b["flops"]),
+        ]
+    out = []
+    for pid, t0, t1, flops in segments:
+        if only is not None and pid not in only:
+            continue
+        n = max(1, round((t1 - t0) / 0.5))
+        step = (t1 - t0) / n
+        each = flops / n * (scale or {}).get(pid, 1.0)
+        out += [(t0 + (i + 1) * step, pid, each) for i in range(n)]
+    return out
+
+
+def test_analytic_split_follows_the_processes_reports() -> None:
+    """With every sharing process reporting, even a tensor-core vs FP32 pair splits close to
+    its true proportions (the per-process SM-utilisation split gave the FP32 process 8.2x its
+    FLOPs). The 10% bound is the rebuilt reports' own uncertainty (A's rate while alone is
+    taken from another phase); benchmarks/h100_accuracy.py measures the split with real reports.
+    """
+    for path in (SCENARIOS, DEMO):
+        att = ProcessAttributor()
+        r = _scenario_ratios(path, att, _reports_from_truth(path))
+        for name, got in r.items():
+            for pid, ratio in got:
+                if pid == 2978:
+                    # 6% of the pair's FLOPs: 3% of error in A's rebuilt reports is 50% of its own.
+                    assert 0.5 < ratio < 2.0, got
+                else:
+                    assert ratio == pytest.approx(1.0, abs=0.10), (name, got)
+        assert att.stats["analytic"] > 40
+        assert att.stats["analytic_implausible"] == 0
+
+
+def test_analytic_split_falls_back_when_a_running_process_does_not_report() -> None:
+    quiet = 2097  # same_shape's second process: it runs but reports nothing
+    att = ProcessAttributor()
+    r = _scenario_ratios(SCENARIOS, att, _reports_from_truth(SCENARIOS, only={2096, 2540, 2541}))
+    assert att.stats["analytic_not_all_publish"] > 5
+    # same_shape falls back to the SM-utilisation split (its documented figures) ...
+    assert dict(r["same_shape"])[quiet] == pytest.approx(0.815, rel=0.05)
+    # ... and the pair that both reported still splits by their reports.
+    for _pid, ratio in r["small_vs_big"]:
+        assert ratio == pytest.approx(1.0, abs=0.03)
+
+
+def test_analytic_split_refuses_reports_far_from_the_measurement() -> None:
+    """A process claiming a tenth of its work cannot push the rest onto its neighbour."""
+    att = ProcessAttributor(analytic_tolerance=0.5)
+    under = {2097: 0.1, 2541: 0.1, 2978: 0.1}
+    r = _scenario_ratios(SCENARIOS, att, _reports_from_truth(SCENARIOS, scale=under))
+    assert att.stats["analytic_implausible"] > 10
+    assert dict(r["same_shape"])[2097] > 0.5  # the SM-utilisation split, not 0.1
+
+
+def test_analytic_split_can_be_turned_off() -> None:
+    att = ProcessAttributor(analytic=False)
+    r = _scenario_ratios(SCENARIOS, att, _reports_from_truth(SCENARIOS))
+    assert att.stats["analytic"] == 0
+    assert dict(r["mlp_vs_fp32"])[2978] == pytest.approx(8.206, rel=0.03)
+
+
+def _two_process_sample() -> tuple[GpuSample, IntervalFlops, int, int]:
+    _info, s, f = _sample_with(2)
+    a, b = (p.pid for p in s.processes)
+    return s, f, a, b
+
+
+def _per_window(f: IntervalFlops) -> float:
+    """A first report covers the 0.5 s before it; sent 0.3 s after a <= 0.2 s interval, this
+    much of it falls in the interval."""
+    assert f.t1_s - f.t0_s <= 0.2
+    return 0.5 / (f.t1_s - f.t0_s)
+
+
+def test_analytic_split_waits_for_reports_past_the_interval() -> None:
+    s, f, a, b = _two_process_sample()
+    # The driver saw both running (point samples, as an H100 reports them when polled often).
+    ran_both = replace(s, process_util=(
+        ProcessUtilSample(a, f.t1_s - 0.05, 0.99), ProcessUtilSample(b, f.t1_s, 0.99)
+    ))
+    att = ProcessAttributor(hold_s=1.0, smooth_s=0.5)
+    att.record_analytic(a, f.t1_s + 0.2, 3e12)
+    att.record_analytic(b, f.t1_s - 0.1, 1e12)  # b's report for the interval's end is missing
+    assert att.add(ran_both, f) == []
+    (out,) = att.flush()
+    assert out.method == "sm_util" and att.stats["analytic_not_covered"] == 1
+
+    att = ProcessAttributor(hold_s=1.0, smooth_s=0.5)
+    t = f.t1_s + 0.3
+    ratio = 1.0 / 3.0
+    per_window = _per_window(f)
+    att.record_analytic(a, t, f.total * (1 - ratio) * per_window)
+    att.record_analytic(b, t, f.total * ratio * per_window)
+    att.add(ran_both, f)
+    (out,) = att.flush()
+    assert out.method == "analytic"
+    got = {pid: sum(x.flops for x in out.shares if x.pid == pid) for pid in (a, b)}
+    assert got[b] / f.total == pytest.approx(ratio, rel=1e-9)
+    assert sum(got.values()) == pytest.approx(f.total, rel=1e-12)
+
+
+def test_analytic_split_ignores_the_mps_server_and_needs_samples_for_silent_processes() -> None:
+    s, f, a, b = _two_process_sample()
+    server = ProcessInfo(77, "nvidia-cuda-mps")
+    under_mps = replace(s, processes=(*s.processes, server), process_util=())
+    t = f.t1_s + 0.3
+    att = ProcessAttributor(hold_s=1.0, smooth_s=0.5)
+    att.record_analytic(a, t, f.total / 2 * _per_window(f))
+    att.record_analytic(b, t, f.total / 2 * _per_window(f))
+    att.add(under_mps, f)
+    (out,) = att.flush()
+    assert out.method == "analytic"
+    assert {x.pid for x in out.shares} == {a, b}
+    # A silent process that the driver never sampled might have done the work: no analytic split.
+    att = ProcessAttributor(hold_s=1.0, smooth_s=0.5)
+    att.record_analytic(a, t, f.total * _per_window(f))
+    att.add(replace(s, process_util=()), f)
+    (out,) = att.flush()
+    assert out.method == "no_util_data" and att.stats["analytic_not_all_publish"] == 1
