@@ -1,10 +1,16 @@
 """GEMM phases with exact FLOP counts, for accuracy benchmarks on a real GPU.
 
 Usage: python gemm_worker.py OUT.json PHASE[,PHASE...] [--seconds S] [--start-at EPOCH]
+                              [--gap S] [--report JOB]
 
 Each phase runs matrix products of one precision and shape for about S seconds and records
 [t0, t1] (wall clock, taken after a device synchronisation) and the exact FLOPs issued:
 2*m*n*k per product, warm-up products included. Nothing else runs on the GPU in this process.
+It also records the time course: (time, FLOPs) after every synchronisation (about 50 ms).
+
+With --report JOB the worker registers JOB (program JOB) on the gpuflops job socket
+($GPUFLOPS_SOCKET) and reports those same exact FLOPs through JobReporter as it goes, the way a
+training loop's callback reports its analytic estimate.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ def _operands(dtype: str, m: int, n: int, k: int):  # type: ignore[no-untyped-de
     return mm
 
 
-def run_phase(name: str, seconds: float) -> dict:
+def run_phase(name: str, seconds: float, reporter=None) -> dict:  # type: ignore[no-untyped-def]
     dtype, m, n, k = PHASES[name]
     mm = _operands(dtype, m, n, k)
     torch.cuda.synchronize()
@@ -68,11 +74,16 @@ def run_phase(name: str, seconds: float) -> dict:
     t0 = time.time()
     # Size a batch so a synchronisation happens about every 50 ms.
     batch = 1
+    series = []
     while True:
         for _ in range(batch):
             mm()
         torch.cuda.synchronize()
         count += batch
+        done = float(flops_each) * batch
+        series.append((time.time(), done))
+        if reporter is not None:
+            reporter.add(done)
         elapsed = time.time() - t0
         if elapsed >= seconds:
             break
@@ -89,6 +100,8 @@ def run_phase(name: str, seconds: float) -> dict:
         "flops": float(flops_each) * count,
         "tflops_per_s": flops_each * count / (t1 - t0) / 1e12,
         "pid": __import__("os").getpid(),
+        "series": series,
+        "reported": reporter is not None,
     }
 
 
@@ -98,6 +111,7 @@ def main() -> None:
     seconds = 8.0
     start_at = None
     gap = 2.0
+    job = None
     args = sys.argv[3:]
     while args:
         flag = args.pop(0)
@@ -107,15 +121,26 @@ def main() -> None:
             start_at = float(args.pop(0))
         elif flag == "--gap":
             gap = float(args.pop(0))
+        elif flag == "--report":
+            job = args.pop(0)
     torch.cuda.init()
     torch.zeros(1, device="cuda")
     # Allocate operands ahead so allocation never lands inside a timed window.
     if start_at is not None:
         time.sleep(max(0.0, start_at - time.time()))
+    reporter = None
+    if job is not None:
+        from gpuflops.client.reporter import JobReporter
+
+        reporter = JobReporter(job, job, precision=PHASES[names[0]][0])
     results = []
     for name in names:
-        results.append(run_phase(name, seconds))
+        results.append(run_phase(name, seconds, reporter))
+        if reporter is not None:
+            reporter.flush(2.0)
         time.sleep(gap)  # idle padding: the counters must read exactly zero work here
+    if reporter is not None:
+        reporter.close()
     with open(out, "w") as f:
         json.dump(results, f, indent=1)
 

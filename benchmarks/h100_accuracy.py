@@ -61,6 +61,8 @@ def scrape(url: str) -> dict:
                 out["proc"][pid] = out["proc"].get(pid, 0.0) + s.value
             elif s.name == "gpuflops_unattributed_flops_total":
                 out["unattr"] += s.value
+            elif s.name == "gpuflops_attribution_shared_intervals_total":
+                out.setdefault("split", {})[s.labels["method"]] = s.value
     return out
 
 
@@ -103,7 +105,11 @@ class Poller(threading.Thread):
 
 
 def start_daemon(out: Path, listen: str, record: Path | None, extra: list[str]) -> subprocess.Popen:
-    cmd = [PY, "-m", "gpuflops.cli", "daemon", "--backend", "nvml", "--listen", listen, *extra]
+    port = listen.rsplit(":", 1)[1]
+    state = out / f"state-{port}"
+    shutil.rmtree(state, ignore_errors=True)
+    cmd = [PY, "-m", "gpuflops.cli", "daemon", "--backend", "nvml", "--listen", listen,
+           "--socket", str(out / f"gpuflops-{port}.sock"), "--state-dir", str(state), *extra]
     if record:
         cmd += ["--record", str(record)]
     log = open(out / f"daemon-{listen.rsplit(':', 1)[1]}.log", "w")  # noqa: SIM115
@@ -152,7 +158,48 @@ def trace_flops(trace: Path, t0: float, t1: float, precision: str) -> float:
     return total
 
 
-def accuracy(out: Path, seconds: float) -> dict:
+# Two processes on one GPU. A runs 12 s; B joins 3 s later for 6 s. "report": each worker
+# reports its exact FLOPs through the job socket as it goes (the analytic split); "mps": the
+# workers are clients of an MPS server started for the scenario (GPU settings untouched).
+SHARED = [
+    {"name": "staggered_reporting", "a": "bf16", "b": "bf16_mid", "report": True, "mps": False},
+    {"name": "staggered_silent", "a": "bf16", "b": "bf16_mid", "report": False, "mps": False},
+    {"name": "mlp_fp32_reporting", "a": "bf16_mlp", "b": "fp32", "report": True, "mps": False},
+    {"name": "staggered_mps_reporting", "a": "bf16", "b": "bf16_mid", "report": True, "mps": True},
+]
+
+
+def run_shared(out: Path, listen: str, sc: dict) -> dict:
+    port = listen.rsplit(":", 1)[1]
+    env = dict(os.environ, GPUFLOPS_SOCKET=str(out / f"gpuflops-{port}.sock"),
+               PYTHONPATH=str(ROOT))
+    if sc["mps"]:
+        for var, sub in (("CUDA_MPS_PIPE_DIRECTORY", "mps-pipe"), ("CUDA_MPS_LOG_DIRECTORY", "mps-log")):
+            (out / sub).mkdir(exist_ok=True)
+            env[var] = str(out / sub)
+        subprocess.run(["nvidia-cuda-mps-control", "-d"], env=env, check=True)
+    try:
+        start = time.time() + 8.0
+        fa, fb = out / f"{sc['name']}-a.json", out / f"{sc['name']}-b.json"
+        extra_a = ["--report", f"{sc['name']}-a"] if sc["report"] else []
+        extra_b = ["--report", f"{sc['name']}-b"] if sc["report"] else []
+        pa = subprocess.Popen([PY, WORKER, str(fa), sc["a"], "--seconds", "12", "--start-at",
+                               str(start), *extra_a], env=env)
+        pb = subprocess.Popen([PY, WORKER, str(fb), sc["b"], "--seconds", "6", "--start-at",
+                               str(start + 3), *extra_b], env=env)
+        pa.wait()
+        pb.wait()
+        time.sleep(6.0)  # shared intervals settle after attribution_hold_s
+    finally:
+        if sc["mps"]:
+            subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", env=env, check=False)
+            time.sleep(1.0)
+    procs = [json.loads(fa.read_text())[0], json.loads(fb.read_text())[0]]
+    return {**sc, "processes": procs, "t_before": min(p["t0"] for p in procs) - 1.0,
+            "t_after": time.time()}
+
+
+def accuracy(out: Path, seconds: float, sharing_only: bool = False) -> dict:
     listen = "127.0.0.1:9450"
     raw_trace = out / "trace-raw.jsonl.gz"
     d = start_daemon(out, listen, raw_trace, [])
@@ -162,24 +209,17 @@ def accuracy(out: Path, seconds: float) -> dict:
     idle0, idle1 = time.time() - 2.5, time.time()
     phases_file = out / "phases.json"
     names = "bf16,fp16,tf32,fp8,fp64,fp32,bf16_small,bf16_mid,bf16_mlp"
-    subprocess.run([PY, WORKER, str(phases_file), names, "--seconds", str(seconds)], check=True)
-    # Two processes: A runs throughout, B joins 3 s later for 6 s.
-    start = time.time() + 8.0
-    fa, fb = out / "proc-a.json", out / "proc-b.json"
-    pa = subprocess.Popen([PY, WORKER, str(fa), "bf16", "--seconds", "12", "--start-at", str(start)])
-    pb = subprocess.Popen(
-        [PY, WORKER, str(fb), "bf16_mid", "--seconds", "6", "--start-at", str(start + 3)]
-    )
-    pa.wait()
-    pb.wait()
-    time.sleep(6.0)  # let shared intervals settle (attribution waits for per-process samples)
+    if not sharing_only:
+        subprocess.run([PY, WORKER, str(phases_file), names, "--seconds", str(seconds)], check=True)
+    else:
+        phases_file.write_text("[]")
+    shared_runs = [run_shared(out, listen, sc) for sc in SHARED]
     poll.stop.set()
     poll.join()
     d.send_signal(signal.SIGTERM)
     d.wait(timeout=30)
 
     phases = json.loads(phases_file.read_text())
-    two = json.loads(fa.read_text()) + json.loads(fb.read_text())
     rows = []
     freshness = None
     for ph in phases:
@@ -215,16 +255,25 @@ def accuracy(out: Path, seconds: float) -> dict:
     for a, b in itertools.pairwise(phases):
         # the last interval of a phase ends up to one interval after t1: start after it
         gaps.append(sum(delta(poll.at(a["t1"] + 1.2), poll.at(b["t0"] - 0.1)).values()))
-    # two-process attribution: process counters after settling, minus before the phase
-    t_before = min(p["t0"] for p in two) - 1.0
-    before, after = poll.at(t_before), poll.scrapes[-1][1]
-    procs = []
-    for p in two:
-        got = after["proc"].get(p["pid"], 0.0) - before["proc"].get(p["pid"], 0.0)
-        procs.append({**p, "attributed": got, "ratio": got / p["flops"]})
-    unattr = after["unattr"] - before["unattr"]
-    gpu_two = sum(delta(before, after).values())
-
+    # two-process attribution: process counters after settling, minus before the scenario
+    shared_results = []
+    for run in shared_runs:
+        before, after = poll.at(run["t_before"]), poll.at(run["t_after"])
+        procs = []
+        for p in run["processes"]:
+            got = after["proc"].get(p["pid"], 0.0) - before["proc"].get(p["pid"], 0.0)
+            procs.append({**{k: v for k, v in p.items() if k != "series"},
+                          "attributed": got, "ratio": got / p["flops"]})
+        true = sum(p["flops"] for p in run["processes"])
+        shared_results.append({
+            "name": run["name"], "report": run["report"], "mps": run["mps"], "processes": procs,
+            "unattributed": after["unattr"] - before["unattr"],
+            "gpu_total": sum(delta(before, after).values()),
+            "gpu_ratio": sum(delta(before, after).values()) / true,
+            "split": {k: v - before.get("split", {}).get(k, 0.0)
+                      for k, v in after.get("split", {}).items()},
+        })
+    two = [dict(p, scenario=run["name"]) for run in shared_runs for p in run["processes"]]
     # annotated trace: the recorded intervals plus the ground truth as events
     header, intervals, _ = load_trace(raw_trace)
     w = TraceWriter(
@@ -247,7 +296,7 @@ def accuracy(out: Path, seconds: float) -> dict:
         "idle_flops": idle,
         "inter_phase_idle_flops": gaps,
         "freshness_s": freshness,
-        "two_process": {"processes": procs, "unattributed": unattr, "gpu_total": gpu_two},
+        "shared": shared_results,
         "driver": pynvml.nvmlSystemGetDriverVersion(),
         "gpu": pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)),
     }
@@ -348,16 +397,18 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=12)
     ap.add_argument("--block-seconds", type=float, default=5.0)
     ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--sharing-only", action="store_true",
+                    help="only the two-process scenarios (no single-process phases, no overhead)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpuflops-bench"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
-    results: dict = {"micro": microcosts()}
-    print("micro:", json.dumps(results["micro"]), flush=True)
-    results["accuracy"] = accuracy(a.work, a.seconds)
+    results: dict = {} if a.sharing_only else {"micro": microcosts()}
+    print("micro:", json.dumps(results.get("micro")), flush=True)
+    results["accuracy"] = accuracy(a.work, a.seconds, a.sharing_only)
     shutil.copy(a.work / "h100-demo.jsonl.gz", a.out / "h100-demo.jsonl.gz")
     (a.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    if not a.skip_overhead:
+    if not (a.skip_overhead or a.sharing_only):
         results["overhead"] = overhead(a.work, a.blocks, a.block_seconds)
     for log in a.work.glob("daemon-*.log"):
         shutil.copy(log, a.out / log.name)
@@ -373,9 +424,12 @@ def main() -> None:
         )
     print(f"idle FLOPs: {acc['idle_flops']}  between phases: {acc['inter_phase_idle_flops']}")
     print(f"freshness: {acc['freshness_s']}")
-    for p in acc["two_process"]["processes"]:
-        print(f"two-proc pid {p['pid']} {p['name']}: attributed/true {p['ratio']:.4f}")
-    print(f"two-proc unattributed: {acc['two_process']['unattributed']:.3e}")
+    print(f"\n{'two processes':<25}{'A':>10}{'A/true':>8}{'B':>10}{'B/true':>8}{'GPU/true':>9}"
+          f"{'unattr':>10}  intervals by method")
+    for r in acc["shared"]:
+        pa, pb = r["processes"]
+        print(f"{r['name']:<25}{pa['name']:>10}{pa['ratio']:>8.4f}{pb['name']:>10}{pb['ratio']:>8.4f}"
+              f"{r['gpu_ratio']:>9.4f}{r['unattributed']:>10.2e}  {r['split']}")
     if "overhead" in results:
         o = results["overhead"]
         print(
