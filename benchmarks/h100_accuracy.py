@@ -412,6 +412,8 @@ def main() -> None:
         results["overhead"] = overhead(a.work, a.blocks, a.block_seconds)
     for log in a.work.glob("daemon-*.log"):
         shutil.copy(log, a.out / log.name)
+    workers = {f.name: json.loads(f.read_text()) for f in sorted(a.work.glob("*-[ab].json"))}
+    (a.out / "shared-workers.json").write_text(json.dumps(workers))
     (a.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
     acc = results["accuracy"]

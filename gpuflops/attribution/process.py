@@ -38,6 +38,7 @@ _MAX_WINDOW_S = 3.5
 # flushes every 0.5 s); the first, or one after a long silence, covers this much.
 _ANALYTIC_FIRST_WINDOW_S = 0.5
 _ANALYTIC_MAX_WINDOW_S = 5.0
+_STALE_BUSY_S = _DEFAULT_WINDOW_S + 0.5  # a per-process sample's window plus the smoothing
 _MPS_SERVER_COMM = "nvidia-cuda-mps"  # comm of nvidia-cuda-mps-server (15 characters)
 
 
@@ -231,7 +232,9 @@ class ProcessAttributor:
             overlap = min(hi, w.end_s) - max(lo, w.start_s)
             if overlap > 0:
                 sampled = True
-                if w.sm_util > 0:
+                # Under MPS the driver charges the clients' kernels to the MPS server, which does
+                # no work of its own: its samples cannot say whose work it was.
+                if w.sm_util > 0 and not self._comm.get(w.pid, "").startswith(_MPS_SERVER_COMM):
                     weights[w.pid] = weights.get(w.pid, 0.0) + overlap * w.sm_util
         analytic = self._analytic_fractions(p, set(weights), sampled)
         if analytic is not None:
@@ -257,8 +260,8 @@ class ProcessAttributor:
         - no process that does not report could have done the work: the driver's per-process
           samples cover the interval and show none of them running (an MPS server, which runs
           no work of its own, is left out);
-        - every reporting process has reported past the interval's end, unless it went quiet
-          more than ``_ANALYTIC_MAX_WINDOW_S`` before it and the driver did not see it running;
+        - every reporting process has reported past the interval's end, or went quiet and the
+          driver did not see it running more than ``_STALE_BUSY_S`` after its last report;
         - the reports' sum is within the tolerance of the measured FLOPs: a process that
           under-reports cannot push much of its measured work onto a neighbour, and a wrong
           precision assumption falls back too.
@@ -280,7 +283,11 @@ class ProcessAttributor:
         for pid in publishers:
             q = self._reports[pid]
             last = q[-1].end_s
-            if last < t1 and (pid in busy or last >= t1 - _ANALYTIC_MAX_WINDOW_S):
+            # An interval is split hold_s after its end, by when a live reporter (flushing every
+            # 0.5 s) has reported past it. One that has not went quiet: it reports no work after
+            # its last report, which is accepted while the driver's (1 s, widened) samples could
+            # still be showing its last kernels; if they show it running later, fall back.
+            if last < t1 and pid in busy and t0 > last + _STALE_BUSY_S:
                 self.stats["analytic_not_covered"] += 1
                 return None
             got = 0.0

@@ -309,18 +309,28 @@ def _per_window(f: IntervalFlops) -> float:
     return 0.5 / (f.t1_s - f.t0_s)
 
 
-def test_analytic_split_waits_for_reports_past_the_interval() -> None:
+def test_analytic_split_and_processes_that_stopped_reporting() -> None:
     s, f, a, b = _two_process_sample()
     # The driver saw both running (point samples, as an H100 reports them when polled often).
     ran_both = replace(s, process_util=(
         ProcessUtilSample(a, f.t1_s - 0.05, 0.99), ProcessUtilSample(b, f.t1_s, 0.99)
     ))
+    # b went quiet 2 s before the interval but the driver still sees it running: its work is
+    # unreported, so the reports cannot split this interval.
     att = ProcessAttributor(hold_s=1.0, smooth_s=0.5)
     att.record_analytic(a, f.t1_s + 0.2, 3e12)
-    att.record_analytic(b, f.t1_s - 0.1, 1e12)  # b's report for the interval's end is missing
+    att.record_analytic(b, f.t0_s - 2.0, 1e12)
     assert att.add(ran_both, f) == []
     (out,) = att.flush()
     assert out.method == "sm_util" and att.stats["analytic_not_covered"] == 1
+    # b's last report just before the interval: the samples may still show its last kernels
+    # (1 s windows), and it reported nothing after, so a gets all of it.
+    att = ProcessAttributor(hold_s=1.0, smooth_s=0.5)
+    att.record_analytic(a, f.t1_s + 0.3, f.total * _per_window(f))
+    att.record_analytic(b, f.t0_s - 0.5, 1e12)
+    att.add(ran_both, f)
+    (out,) = att.flush()
+    assert out.method == "analytic" and {x.pid for x in out.shares} == {a}
 
     att = ProcessAttributor(hold_s=1.0, smooth_s=0.5)
     t = f.t1_s + 0.3
