@@ -28,19 +28,7 @@ sys.path.insert(0, str(HERE))
 import dcgm_fake_engine as fe  # noqa: E402
 import dcgm_structs as ds  # noqa: E402
 import fake_nvml  # noqa: E402
-
-
-class FakeClock:
-    """Wall time that advances only when someone sleeps: the whole trace replays instantly."""
-
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, dt: float) -> None:
-        self.t += max(dt, 0.0)
+from fake_nvml import FakeClock  # noqa: E402
 
 
 @dataclass

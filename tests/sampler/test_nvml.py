@@ -9,6 +9,7 @@ from pathlib import Path
 
 import fake_nvml
 import pytest
+from fake_nvml import FakeClock
 
 from gpuflops.integrate.integrator import Integrator
 from gpuflops.model import GpuSample, Metric
@@ -26,22 +27,9 @@ SHARED = [e.data for e in _EVENTS if e.data.get("shared")]
 TWO_PROCS_T = next(s.t0_s for iv in _INTERVALS for s in iv.samples if len(s.processes) > 1)
 
 
-class Clock:
-    """Fake wall clock: time passes only when the sampler sleeps, so tests run instantly."""
-
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, dt: float) -> None:
-        self.t += max(dt, 0.0)
-
-
-def _node(n_gpus: int = 1) -> tuple[Clock, fake_nvml.FakeNvml, list[fake_nvml.FakeGpu]]:
+def _node(n_gpus: int = 1) -> tuple[FakeClock, fake_nvml.FakeNvml, list[fake_nvml.FakeGpu]]:
     """Fake GPUs replaying the demo trace from its own start time; extra GPUs share the timeline."""
-    clock = Clock(T0)
+    clock = FakeClock(T0)
     fake, gpus = fake_nvml.from_trace(DEMO, clock, clock.t)
     for i in range(1, n_gpus):
         info = replace(gpus[0].info, key=str(i), index=i, uuid=f"GPU-second-{i}")
@@ -49,11 +37,11 @@ def _node(n_gpus: int = 1) -> tuple[Clock, fake_nvml.FakeNvml, list[fake_nvml.Fa
     return clock, fake, gpus
 
 
-def _sampler(clock: Clock, fake: fake_nvml.FakeNvml, **kw: object) -> NvmlSampler:
+def _sampler(clock: FakeClock, fake: fake_nvml.FakeNvml, **kw: object) -> NvmlSampler:
     return NvmlSampler(nvml=fake, clock=clock, sleep=clock.sleep, stop=threading.Event(), **kw)  # type: ignore[arg-type]
 
 
-def _run_until(s: NvmlSampler, clock: Clock, t_end: float) -> list[list[GpuSample]]:
+def _run_until(s: NvmlSampler, clock: FakeClock, t_end: float) -> list[list[GpuSample]]:
     out = []
     while clock.t < t_end:
         out.append(s.sample())

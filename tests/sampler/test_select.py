@@ -25,6 +25,7 @@ sys.path.insert(0, str(HERE))
 import dcgm_fake_engine as fe  # noqa: E402
 import dcgm_structs as ds  # noqa: E402
 import fake_nvml  # noqa: E402
+from fake_nvml import FakeClock  # noqa: E402
 
 
 @dataclass
@@ -32,28 +33,17 @@ class Settings:
     backend: str = "auto"
 
 
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, dt: float) -> None:
-        self.t += max(dt, 0.0)
-
-
 @pytest.fixture
-def node() -> Iterator[tuple[Clock, fe.FakeHostEngine]]:
+def node() -> Iterator[tuple[FakeClock, fe.FakeHostEngine]]:
     timeline, _ = fe.timeline_from_trace(TRACE)
-    clock = Clock(timeline.rows[0][0])
+    clock = FakeClock(timeline.rows[0][0])
     engine = fe.FakeHostEngine([fe.FakeGpu(0, "NVIDIA H100 80GB HBM3", "GPU-x", "hopper", timeline)], clock)
     fe.install(engine)
     yield clock, engine
     fe.install(None)
 
 
-def _factories(clock: Clock, gpm: bool, nvml_ok: bool = True):  # type: ignore[no-untyped-def]
+def _factories(clock: FakeClock, gpm: bool, nvml_ok: bool = True):  # type: ignore[no-untyped-def]
     built: list[Sampler] = []
 
     def nvml() -> Sampler:
@@ -73,7 +63,9 @@ def _factories(clock: Clock, gpm: bool, nvml_ok: bool = True):  # type: ignore[n
     return nvml, dcgm, built
 
 
-def test_auto_prefers_gpm(node: tuple[Clock, fe.FakeHostEngine], caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_prefers_gpm(
+    node: tuple[FakeClock, fe.FakeHostEngine], caplog: pytest.LogCaptureFixture
+) -> None:
     nvml, dcgm, built = _factories(node[0], gpm=True)
     with caplog.at_level(logging.INFO):
         s = select_backend(Settings(), nvml=nvml, dcgm=dcgm)
@@ -82,7 +74,7 @@ def test_auto_prefers_gpm(node: tuple[Clock, fe.FakeHostEngine], caplog: pytest.
 
 
 def test_auto_falls_back_to_dcgm_when_gpm_is_missing(
-    node: tuple[Clock, fe.FakeHostEngine], caplog: pytest.LogCaptureFixture
+    node: tuple[FakeClock, fe.FakeHostEngine], caplog: pytest.LogCaptureFixture
 ) -> None:
     nvml, dcgm, built = _factories(node[0], gpm=False)
     with caplog.at_level(logging.INFO):
@@ -94,7 +86,7 @@ def test_auto_falls_back_to_dcgm_when_gpm_is_missing(
 
 
 def test_auto_says_plainly_when_nothing_measures_tensor_activity(
-    node: tuple[Clock, fe.FakeHostEngine], caplog: pytest.LogCaptureFixture
+    node: tuple[FakeClock, fe.FakeHostEngine], caplog: pytest.LogCaptureFixture
 ) -> None:
     node[1].gpus[0].prof_error = ds.DCGM_ST_PROFILING_NOT_SUPPORTED
     nvml, dcgm, built = _factories(node[0], gpm=False)
@@ -106,7 +98,7 @@ def test_auto_says_plainly_when_nothing_measures_tensor_activity(
 
 
 def test_auto_without_dcgm_bindings_and_without_driver_raises(
-    node: tuple[Clock, fe.FakeHostEngine],
+    node: tuple[FakeClock, fe.FakeHostEngine],
 ) -> None:
     fe.install(None)  # no libdcgm
     nvml, dcgm, _ = _factories(node[0], gpm=False, nvml_ok=False)
@@ -117,7 +109,7 @@ def test_auto_without_dcgm_bindings_and_without_driver_raises(
         select_backend(Settings("replay"), nvml=nvml, dcgm=dcgm)
 
 
-def test_explicit_backend_is_built_as_asked(node: tuple[Clock, fe.FakeHostEngine]) -> None:
+def test_explicit_backend_is_built_as_asked(node: tuple[FakeClock, fe.FakeHostEngine]) -> None:
     nvml, dcgm, _ = _factories(node[0], gpm=True)
     s = select_backend(Settings("dcgm"), nvml=nvml, dcgm=dcgm)
     assert s.name == "dcgm"
