@@ -122,8 +122,12 @@ class ProcessAttributor:
             self._inbox.append((pid, time_s, flops))
 
     def _drain_reports(self) -> None:
+        if not self._inbox:
+            return
+        newest = float("-inf")
         while self._inbox:
             pid, t, flops = self._inbox.popleft()
+            newest = max(newest, t)
             q = self._reports.setdefault(pid, deque())
             prev = q[-1].end_s if q else None
             if prev is not None and t <= prev:
@@ -135,11 +139,11 @@ class ProcessAttributor:
                 t - _ANALYTIC_FIRST_WINDOW_S
             )
             q.append(_AnalyticWindow(start, t, flops))
-        for pid in list(self._reports):
-            q = self._reports[pid]
-            horizon = q[-1].end_s - _HISTORY_S
-            while q and q[0].end_s < horizon:
+            while q[0].end_s < t - _HISTORY_S:
                 q.popleft()
+        # Processes that stopped reporting a history ago are forgotten (pids are reused).
+        for pid in [pid for pid, q in self._reports.items() if q[-1].end_s < newest - _HISTORY_S]:
+            del self._reports[pid]
 
     def add(self, sample: GpuSample, flops: IntervalFlops) -> list[AttributedInterval]:
         """Take one interval; return every interval now settled (this one or held ones)."""

@@ -364,3 +364,16 @@ def test_analytic_split_ignores_the_mps_server_and_needs_samples_for_silent_proc
     att.add(replace(s, process_util=()), f)
     (out,) = att.flush()
     assert out.method == "no_util_data" and att.stats["analytic_not_all_publish"] == 1
+
+
+def test_reports_of_processes_long_quiet_are_forgotten() -> None:
+    """Report history is bounded: a pid silent for a history (60 s) is dropped, not kept forever."""
+    s, f, a, b = _two_process_sample()
+    att = ProcessAttributor(hold_s=1.0, smooth_s=0.5)
+    att.record_analytic(a, f.t0_s - 100.0, 1e12)
+    att.record_analytic(b, f.t0_s - 99.0, 1e12)
+    att.record_analytic(b, f.t1_s + 0.3, 1e12)
+    att.add(s, f)
+    att.flush()
+    assert set(att._reports) == {b}
+    assert [w.end_s for w in att._reports[b]] == [f.t1_s + 0.3]
