@@ -42,7 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 PY = sys.executable
-PROBE_CYCLES = 15_000_000  # about 10 ms at the H100's clocks
+PROBE_CYCLES = int(os.environ.get("PROBE_CYCLES", "15000000"))  # about 10 ms on the H100
+PROBES_PER_BATCH = int(os.environ.get("PROBES_PER_BATCH", "2"))  # one batch is about 50 ms
 
 # One element is the probe's start (globaltimer, ns since the driver's epoch); the other spins
 # for `cycles` SM cycles and returns cycles per second, or -1 if the warp changed SM meanwhile.
@@ -64,6 +65,20 @@ template <typename T> T clock_probe(T x, T cycles) {
   return (T)((double)(c1 - c0) * 1e9 / (double)(t1 - t0));
 }
 """
+
+SCENARIOS_LIGHT = [
+    # low-duty probes (PROBE_CYCLES=3e6, one per batch): the workload barely notices them
+    ("bf16_noprobe", ["bf16"], 6.0),
+    ("bf16", ["bf16+p"], 6.0),
+    ("fp16", ["fp16+p"], 6.0),
+    ("tf32", ["tf32+p"], 6.0),
+    ("fp8", ["fp8+p"], 6.0),
+    ("bf16_mid", ["bf16_mid+p"], 6.0),
+    ("bf16_mlp", ["bf16_mlp+p"], 6.0),
+    ("fp32", ["fp32+p"], 6.0),
+    ("shared_bf16_mid", ["bf16+p", "bf16_mid"], 8.0),
+    ("shared_noprobe", ["bf16", "bf16_mid"], 8.0),
+]
 
 SCENARIOS = [
     # name, phases (a trailing "+p" runs probes in that worker), seconds
@@ -118,8 +133,8 @@ def worker(out: str, phase: str, seconds: float, start_at: float) -> None:
     while True:
         if probe_on:
             with torch.cuda.stream(stream):
-                probes.append(fn(xs))
-                probes.append(fn(xs))
+                for _ in range(PROBES_PER_BATCH):
+                    probes.append(fn(xs))
         if mm is not None:
             for _ in range(batch):
                 mm()
@@ -160,11 +175,31 @@ class ClockReader(threading.Thread):
             time.sleep(self.period)
 
 
+def clock_apis(h: object) -> dict:
+    """Every NVML call that reports an SM clock, read once mid-scenario."""
+    import pynvml
+
+    out: dict = {}
+    for cid in range(4):
+        try:
+            out[f"clock_id{cid}"] = pynvml.nvmlDeviceGetClock(h, pynvml.NVML_CLOCK_SM, cid)
+        except pynvml.NVMLError as e:
+            out[f"clock_id{cid}"] = str(e)
+    for fn in ("nvmlDeviceGetCurrentClockFreqs", "nvmlDeviceGetPerformanceModes",
+               "nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetPerformanceState"):
+        try:
+            out[fn] = str(getattr(pynvml, fn)(h))
+        except Exception as e:  # record whatever this driver answers
+            out[fn] = f"{type(e).__name__}: {e}"
+    return out
+
+
 def analyse(raw: dict) -> list[dict]:
     from sharing_analysis import _flops, _overlap
 
     reads = raw["clock_reads"]
     rows = raw["intervals"]
+    cycles = raw["info"]["probe_cycles"]
     out = []
     print(f"\n{'scenario':<17}{'TFLOP/s':>8}{'probes':>7}{'moved':>6}{'probe MHz':>10}"
           f"{'NVML MHz':>9}{'NVML/probe':>11}{'meas/true':>10}{'w/ probe clk':>13}{'hmma%':>7}")
@@ -181,12 +216,12 @@ def analyse(raw: dict) -> list[dict]:
                 if s[1] <= 0:
                     moved += 1
                     continue
-                d = PROBE_CYCLES / s[1]
+                d = cycles / s[1]
                 sel = [mhz for (t, mhz) in reads if s[0] <= t <= s[0] + d]
                 if not sel:
                     continue
                 n_ok += 1
-                cyc += PROBE_CYCLES
+                cyc += cycles
                 dur += d
                 nv_sum += sum(sel) / len(sel) * d
         probe_mhz = cyc / dur / 1e6 if dur else float("nan")
@@ -220,6 +255,9 @@ def main() -> None:
     ap.add_argument("--only", default="")
     ap.add_argument("--worker", nargs=4, metavar=("OUT", "PHASE", "SECONDS", "START_AT"))
     ap.add_argument("--analyse", type=Path, help="re-run the analysis on a raw.json")
+    ap.add_argument("--light", action="store_true",
+                    help="the low-duty scenario list (run 15; set PROBE_CYCLES=3000000 "
+                         "PROBES_PER_BATCH=1)")
     a = ap.parse_args()
     if a.worker:
         worker(a.worker[0], a.worker[1], float(a.worker[2]), float(a.worker[3]))
@@ -239,26 +277,28 @@ def main() -> None:
     pynvml.nvmlInit()
     h = pynvml.nvmlDeviceGetHandleByIndex(0)
     info = {"driver": pynvml.nvmlSystemGetDriverVersion(), "gpu": pynvml.nvmlDeviceGetName(h),
-            "probe_cycles": PROBE_CYCLES}
+            "probe_cycles": PROBE_CYCLES, "probes_per_batch": PROBES_PER_BATCH}
     rec = Recorder(sorted(ACTIVITY))
     clk = ClockReader()
     rec.start()
     clk.start()
     time.sleep(1.0)
     scenarios = []
-    for name, phases, seconds in SCENARIOS:
+    for name, phases, seconds in SCENARIOS_LIGHT if a.light else SCENARIOS:
         if a.only and name not in a.only.split(","):
             continue
         start = time.time() + 15.0
         files = [a.work / f"{name}-{i}.json" for i in range(len(phases))]
         procs = [subprocess.Popen([PY, __file__, "--worker", str(f), ph, str(seconds), str(start)])
                  for f, ph in zip(files, phases, strict=True)]
+        time.sleep(max(0.0, start + 3.0 - time.time()))
+        apis = clock_apis(h)
         codes = [p.wait() for p in procs]
         if any(codes):
             print(name, "worker failed", codes, flush=True)
             continue
         ps = [json.loads(f.read_text()) for f in files]
-        scenarios.append({"name": name, "processes": ps})
+        scenarios.append({"name": name, "processes": ps, "clock_apis": apis})
         print(name, [(p["name"], len(p["probes"])) for p in ps], flush=True)
         time.sleep(1.0)
     rec.stop.set()
@@ -271,6 +311,8 @@ def main() -> None:
     with gzip.open(a.out / "raw.json.gz", "wt") as fh:
         json.dump(raw, fh)
     print(json.dumps(info))
+    for sc in scenarios:
+        print(sc["name"], json.dumps(sc["clock_apis"])[:600])
     res = analyse(raw)
     (a.out / "results.json").write_text(json.dumps({"info": info, "results": res}, indent=1))
 
