@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -44,6 +45,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 PY = sys.executable
 PROBE_CYCLES = int(os.environ.get("PROBE_CYCLES", "15000000"))  # about 10 ms on the H100
 PROBES_PER_BATCH = int(os.environ.get("PROBES_PER_BATCH", "2"))  # one batch is about 50 ms
+# Start each probe after a random spin of up to this many seconds, so that probes sample the
+# whole batch rather than its first milliseconds after a synchronisation.
+PROBE_JITTER_S = float(os.environ.get("PROBE_JITTER_S", "0"))
 
 # One element is the probe's start (globaltimer, ns since the driver's epoch); the other spins
 # for `cycles` SM cycles and returns cycles per second, or -1 if the warp changed SM meanwhile.
@@ -134,6 +138,8 @@ def worker(out: str, phase: str, seconds: float, start_at: float) -> None:
         if probe_on:
             with torch.cuda.stream(stream):
                 for _ in range(PROBES_PER_BATCH):
+                    if PROBE_JITTER_S > 0:
+                        torch.cuda._sleep(int(random.uniform(0, PROBE_JITTER_S) * 1.3e9))
                     probes.append(fn(xs))
         if mm is not None:
             for _ in range(batch):
@@ -277,7 +283,8 @@ def main() -> None:
     pynvml.nvmlInit()
     h = pynvml.nvmlDeviceGetHandleByIndex(0)
     info = {"driver": pynvml.nvmlSystemGetDriverVersion(), "gpu": pynvml.nvmlDeviceGetName(h),
-            "probe_cycles": PROBE_CYCLES, "probes_per_batch": PROBES_PER_BATCH}
+            "probe_cycles": PROBE_CYCLES, "probes_per_batch": PROBES_PER_BATCH,
+            "probe_jitter_s": PROBE_JITTER_S}
     rec = Recorder(sorted(ACTIVITY))
     clk = ClockReader()
     rec.start()
