@@ -228,7 +228,11 @@ class Daemon:
         self.registry = registry or CollectorRegistry(auto_describe=False)
         self.registry.register(FlopsCollector(self.totals.snapshot, sampler.name))
         attributor = self.pipeline.attributor
-        self.registry.register(AttributionCollector(lambda: dict(attributor.stats)))
+        self.registry.register(AttributionCollector(
+            lambda: dict(attributor.stats),
+            lambda: dict(attributor.timesliced_flops),
+            {g.key: g.uuid for g in gpus},
+        ))
         self._last_loop_s: float | None = None
         self._started_s = clock()
         self.server: MetricsServer | None = None

@@ -60,6 +60,9 @@ class AttributedInterval:
     t1_s: float
     shares: tuple[Share, ...]
     method: str  # "single", "none_seen", "analytic", "sm_util", "no_util_data", "idle"
+    # The driver's per-process samples show two or more processes (not MPS clients, which it
+    # does not name) running kernels in the interval: their contexts time-sliced the GPU.
+    timesliced: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,10 @@ class ProcessAttributor:
             "analytic": 0, "sm_util": 0, "no_util_data": 0,
             "analytic_not_all_publish": 0, "analytic_not_covered": 0, "analytic_implausible": 0,
         }
+        # FLOPs of intervals in which the driver saw two or more processes running kernels
+        # (MPS server samples excluded), per unit: while contexts time-slice, activity x the
+        # reported SM clock reads high (docs/accuracy.md). Read by the exporter's thread.
+        self.timesliced_flops: dict[str, float] = {}
         self._util: dict[str, deque[_UtilWindow]] = {}
         self._last_ts: dict[str, dict[int, float]] = {}
         self._latest: dict[str, float] = {}
@@ -231,6 +238,7 @@ class ProcessAttributor:
         # runs); shares are taken over the interval widened by smooth_s on each side.
         lo, hi = t0 - self._smooth_s, t1 + self._smooth_s
         weights: dict[int, float] = {}
+        running: set[int] = set()  # busy in a sample window overlapping the interval itself
         sampled = False
         for w in self._util.get(key, ()):
             overlap = min(hi, w.end_s) - max(lo, w.start_s)
@@ -240,11 +248,16 @@ class ProcessAttributor:
                 # no work of its own: its samples cannot say whose work it was.
                 if w.sm_util > 0 and not self._comm.get(w.pid, "").startswith(_MPS_SERVER_COMM):
                     weights[w.pid] = weights.get(w.pid, 0.0) + overlap * w.sm_util
+                    if min(t1, w.end_s) > max(t0, w.start_s):
+                        running.add(w.pid)
+        sliced = len(running) >= 2
+        if sliced:
+            self.timesliced_flops[key] = self.timesliced_flops.get(key, 0.0) + p.flops.total
         analytic = self._analytic_fractions(p, set(weights), sampled)
         if analytic is not None:
             self.stats["analytic"] += 1
             return AttributedInterval(
-                key, t0, t1, _shares(p.flops.flops, analytic, self._comm), "analytic"
+                key, t0, t1, _shares(p.flops.flops, analytic, self._comm), "analytic", sliced
             )
         total = sum(weights.values())
         if total <= 0:
@@ -253,7 +266,8 @@ class ProcessAttributor:
             return AttributedInterval(key, t0, t1, shares, "no_util_data")
         self.stats["sm_util"] += 1
         fractions = {pid: w / total for pid, w in weights.items()}
-        return AttributedInterval(key, t0, t1, _shares(p.flops.flops, fractions, self._comm), "sm_util")
+        shares = _shares(p.flops.flops, fractions, self._comm)
+        return AttributedInterval(key, t0, t1, shares, "sm_util", sliced)
 
     def _analytic_fractions(
         self, p: _Pending, busy: set[int], sampled: bool

@@ -6,7 +6,7 @@ rely on (docs/CONTRACTS.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -152,10 +152,18 @@ class FlopsCollector(Collector):
 
 
 class AttributionCollector(Collector):
-    """How shared-GPU intervals were split, and why the analytic split was passed over."""
+    """How shared-GPU intervals were split, why the analytic split was passed over, and how
+    many FLOPs were measured while processes time-sliced a GPU."""
 
-    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], dict[str, int]],
+        timesliced: Callable[[], dict[str, float]] = dict,
+        uuids: Mapping[str, str] | None = None,
+    ) -> None:
         self._stats = stats
+        self._timesliced = timesliced
+        self._uuids = dict(uuids or {})
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
@@ -175,3 +183,12 @@ class AttributionCollector(Collector):
         for reason in ("not_all_publish", "not_covered", "implausible"):
             skipped.add_metric([reason], stats.get(f"analytic_{reason}", 0))
         yield skipped
+        sliced = CounterMetricFamily(
+            "gpuflops_attribution_timesliced_flops",
+            "Measured FLOPs of intervals in which the driver saw two or more processes running "
+            "kernels on the GPU (time-slicing; reads high, see docs/accuracy.md)",
+            labels=["gpu", "uuid"],
+        )
+        for key, flops in sorted(self._timesliced().items()):
+            sliced.add_metric([key, self._uuids.get(key, "")], flops)
+        yield sliced

@@ -14,7 +14,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from gpuflops.attribution.process import ProcessAttributor
 from gpuflops.daemon import Pipeline
-from gpuflops.exporter.collector import FlopsCollector
+from gpuflops.exporter.collector import AttributionCollector, FlopsCollector
 from gpuflops.exporter.http import MetricsServer
 from gpuflops.integrate.integrator import Integrator
 from gpuflops.model import GpuInfo, GpuSample
@@ -213,3 +213,36 @@ def test_process_series_age_out_after_ttl() -> None:
         assert sum(_values(scrape, "gpuflops_gpu_flops_total").values()) > 0  # GPU counters stay
     finally:
         n.server.stop()
+
+
+def test_attribution_series_on_a_real_shared_trace() -> None:
+    """AttributionCollector over run 13's two-process trace: the shared-interval counts and the
+    FLOPs measured while the GPU was time-sliced, as scraped from a real server."""
+    header, intervals, _ = load_trace(ROOT / "tests" / "data" / "h100-shared-reporting.jsonl.gz")
+    gpus = header.gpus
+    totals = Totals(gpus, clock=Clock(1000.0))
+    att = ProcessAttributor(hold_s=3.0)
+    pipeline = Pipeline(gpus, Integrator(), att, totals)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AttributionCollector(
+        lambda: dict(att.stats), lambda: dict(att.timesliced_flops), {g.key: g.uuid for g in gpus}
+    ))
+    server = MetricsServer(registry, "127.0.0.1:0", lambda: (True, "ok"))
+    server.start()
+    try:
+        for iv in intervals:
+            pipeline.step(list(iv.samples))
+        pipeline.flush()
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    finally:
+        server.stop()
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for f in text_string_to_metric_families(text) for s in f.samples}
+    sliced = _values(got, "gpuflops_attribution_timesliced_flops_total")
+    assert sliced == {(("gpu", gpus[0].key), ("uuid", gpus[0].uuid)): pytest.approx(
+        att.timesliced_flops[gpus[0].key])}
+    assert next(iter(sliced.values())) > 1e15  # three time-sliced scenarios of 6 s each
+    split = _values(got, "gpuflops_attribution_shared_intervals_total")
+    assert split[(("method", "sm_util"),)] == att.stats["sm_util"] > 0
+    assert sum(split.values()) == sum(att.stats[m] for m in ("analytic", "sm_util", "no_util_data"))
