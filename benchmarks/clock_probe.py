@@ -31,6 +31,7 @@ Writes raw.json under --out and prints the table last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -82,6 +83,7 @@ SCENARIOS_LIGHT = [
     ("fp32", ["fp32+p"], 6.0),
     ("shared_bf16_mid", ["bf16+p", "bf16_mid"], 8.0),
     ("shared_noprobe", ["bf16", "bf16_mid"], 8.0),
+    ("mps_bf16_mid", ["bf16+p", "bf16_mid"], 8.0),
 ]
 
 SCENARIOS = [
@@ -277,6 +279,7 @@ def main() -> None:
         return
     import pynvml
     from h100_sharing import ACTIVITY, Recorder
+    from mps import mps_daemon
 
     a.out.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
@@ -294,13 +297,18 @@ def main() -> None:
     for name, phases, seconds in SCENARIOS_LIGHT if a.light else SCENARIOS:
         if a.only and name not in a.only.split(","):
             continue
-        start = time.time() + 15.0
         files = [a.work / f"{name}-{i}.json" for i in range(len(phases))]
-        procs = [subprocess.Popen([PY, __file__, "--worker", str(f), ph, str(seconds), str(start)])
-                 for f, ph in zip(files, phases, strict=True)]
-        time.sleep(max(0.0, start + 3.0 - time.time()))
-        apis = clock_apis(h)
-        codes = [p.wait() for p in procs]
+        # "mps_" scenarios run their workers as clients of one MPS server: no time-slicing
+        with mps_daemon(a.work, dict(os.environ)) if name.startswith("mps_") else (
+            contextlib.nullcontext(dict(os.environ))
+        ) as env:
+            start = time.time() + 15.0
+            procs = [subprocess.Popen([PY, __file__, "--worker", str(f), ph, str(seconds),
+                                       str(start)], env=env)
+                     for f, ph in zip(files, phases, strict=True)]
+            time.sleep(max(0.0, start + 3.0 - time.time()))
+            apis = clock_apis(h)
+            codes = [p.wait() for p in procs]
         if any(codes):
             print(name, "worker failed", codes, flush=True)
             continue

@@ -37,6 +37,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from mps import mps_daemon  # noqa: E402
 
 from gpuflops.integrate.integrator import Integrator  # noqa: E402
 from gpuflops.integrate.rates import FAMILIES  # noqa: E402
@@ -173,12 +176,7 @@ def run_shared(out: Path, listen: str, sc: dict) -> dict:
     port = listen.rsplit(":", 1)[1]
     env = dict(os.environ, GPUFLOPS_SOCKET=str(out / f"gpuflops-{port}.sock"),
                PYTHONPATH=str(ROOT))
-    if sc["mps"]:
-        for var, sub in (("CUDA_MPS_PIPE_DIRECTORY", "mps-pipe"), ("CUDA_MPS_LOG_DIRECTORY", "mps-log")):
-            (out / sub).mkdir(exist_ok=True)
-            env[var] = str(out / sub)
-        subprocess.run(["nvidia-cuda-mps-control", "-d"], env=env, check=True)
-    try:
+    with mps_daemon(out, env) if sc["mps"] else contextlib.nullcontext(env) as env:
         start = time.time() + 8.0
         fa, fb = out / f"{sc['name']}-a.json", out / f"{sc['name']}-b.json"
         extra_a = ["--report", f"{sc['name']}-a"] if sc["report"] else []
@@ -190,10 +188,6 @@ def run_shared(out: Path, listen: str, sc: dict) -> dict:
         pa.wait()
         pb.wait()
         time.sleep(6.0)  # shared intervals settle after attribution_hold_s
-    finally:
-        if sc["mps"]:
-            subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", env=env, check=False)
-            time.sleep(1.0)
     procs = [json.loads(fa.read_text())[0], json.loads(fb.read_text())[0]]
     return {**sc, "processes": procs, "t_before": min(p["t0"] for p in procs) - 1.0,
             "t_after": time.time()}

@@ -32,6 +32,9 @@ from pathlib import Path
 import pynvml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from mps import mps_daemon  # noqa: E402
+
 WORKER = str(ROOT / "benchmarks" / "gemm_worker.py")
 PY = sys.executable
 
@@ -179,18 +182,11 @@ def main() -> None:
         probes["accounting_mode"] = pynvml.nvmlDeviceGetAccountingMode(h)
     except pynvml.NVMLError as e:
         probes["accounting_mode"] = str(e)
-    env = dict(os.environ)
-    if a.mps:
-        for var, sub in (("CUDA_MPS_PIPE_DIRECTORY", "mps-pipe"), ("CUDA_MPS_LOG_DIRECTORY", "mps-log")):
-            (a.work / sub).mkdir(exist_ok=True)
-            env[var] = str(a.work / sub)
-        subprocess.run(["nvidia-cuda-mps-control", "-d"], env=env, check=True)
-        probes["mps"] = True
-    try:
+    with mps_daemon(a.work, dict(os.environ)) if a.mps else contextlib.nullcontext(
+        dict(os.environ)
+    ) as env:
+        probes["mps"] = a.mps
         run_all(a, probes, env)
-    finally:
-        if a.mps:
-            subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", env=env, check=False)
 
 
 def run_all(a: argparse.Namespace, probes: dict, env: dict) -> None:
