@@ -189,6 +189,8 @@ class AttributionCollector(Collector):
             "kernels on the GPU (time-slicing; reads high, see docs/accuracy.md)",
             labels=["gpu", "uuid"],
         )
-        for key, flops in sorted(self._timesliced().items()):
-            sliced.add_metric([key, self._uuids.get(key, "")], flops)
+        # Every GPU from the start, at 0 until it is time-sliced, so its share reads 0, not absent.
+        flops = {**dict.fromkeys(self._uuids, 0.0), **self._timesliced()}
+        for key in sorted(flops):
+            sliced.add_metric([key, self._uuids.get(key, "")], flops[key])
         yield sliced

@@ -140,6 +140,7 @@ def _synthetic_input() -> list[dict[str, str]]:
         _series("gpuflops_process_flops_total", {**n1, "gpu": "0", "pid": "42", "comm": "python"},
                 "0+5e13x150"),
         _series("gpuflops_unattributed_flops_total", {**n1, "gpu": "0"}, "0+1e13x150"),
+        _series("gpuflops_attribution_timesliced_flops_total", g1, "0+6e12x150"),
         _series("gpuflops_sampler_intervals_total", {**n1, "gpu": "0"}, "0+60x150"),
         _series("gpuflops_sampler_gaps_total", {**n1, "gpu": "0", "reason": "driver"}, "0+1x150"),
         _series("gpuflops_sampler_gap_seconds_total", {**n1, "gpu": "0", "reason": "driver"},

@@ -27,8 +27,10 @@ CONTRACTS = ROOT / "docs" / "CONTRACTS.md"
 _HEADER, _INTERVALS, _ = load_trace(DEMO)
 INFO = _HEADER.gpus[0]
 SAMPLES = [iv.samples[0] for iv in _INTERVALS]
-# Series that other collectors own (jobs_collector.py: jobs, programs, job socket, ledger).
-NOT_OURS = ("gpuflops_job_", "gpuflops_program_", "gpuflops_jobsocket_", "gpuflops_ledger_")
+# Series that other collectors own (jobs_collector.py: jobs, programs, job socket, ledger;
+# AttributionCollector: attribution, tested on a shared trace below).
+NOT_OURS = ("gpuflops_job_", "gpuflops_program_", "gpuflops_jobsocket_", "gpuflops_ledger_",
+            "gpuflops_attribution_")
 
 
 class Clock:
