@@ -31,6 +31,7 @@ Writes raw.json under --out and prints the table last.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import os
@@ -206,6 +207,7 @@ def analyse(raw: dict) -> list[dict]:
     from sharing_analysis import _flops, _overlap
 
     reads = raw["clock_reads"]
+    read_t = [t for t, _ in reads]  # in time order: one reader thread appended them
     rows = raw["intervals"]
     cycles = raw["info"]["probe_cycles"]
     out = []
@@ -225,7 +227,8 @@ def analyse(raw: dict) -> list[dict]:
                     moved += 1
                     continue
                 d = cycles / s[1]
-                sel = [mhz for (t, mhz) in reads if s[0] <= t <= s[0] + d]
+                lo, hi = bisect.bisect_left(read_t, s[0]), bisect.bisect_right(read_t, s[0] + d)
+                sel = [mhz for _t, mhz in reads[lo:hi]]
                 if not sel:
                     continue
                 n_ok += 1
