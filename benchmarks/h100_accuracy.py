@@ -64,6 +64,8 @@ def scrape(url: str) -> dict:
                 out["proc"][pid] = out["proc"].get(pid, 0.0) + s.value
             elif s.name == "gpuflops_unattributed_flops_total":
                 out["unattr"] += s.value
+            elif s.name == "gpuflops_attribution_timesliced_flops_total":
+                out["sliced"] = out.get("sliced", 0.0) + s.value
             elif s.name == "gpuflops_attribution_shared_intervals_total":
                 out.setdefault("split", {})[s.labels["method"]] = s.value
     return out
@@ -259,13 +261,19 @@ def accuracy(out: Path, seconds: float, sharing_only: bool = False) -> dict:
             procs.append({**{k: v for k, v in p.items() if k != "series"},
                           "attributed": got, "ratio": got / p["flops"]})
         true = sum(p["flops"] for p in run["processes"])
+        # true FLOPs done while both ran (B's span), from the workers' time courses
+        b0, b1 = max(p["t0"] for p in run["processes"]), min(p["t1"] for p in run["processes"])
+        both = sum(f for p in run["processes"] for t, f in p["series"] if b0 < t <= b1)
+        gpu_total = sum(delta(before, after).values())
         shared_results.append({
             "name": run["name"], "report": run["report"], "mps": run["mps"], "processes": procs,
             "unattributed": after["unattr"] - before["unattr"],
-            "gpu_total": sum(delta(before, after).values()),
-            "gpu_ratio": sum(delta(before, after).values()) / true,
+            "gpu_total": gpu_total,
+            "gpu_ratio": gpu_total / true,
             "split": {k: v - before.get("split", {}).get(k, 0.0)
                       for k, v in after.get("split", {}).items()},
+            "timesliced_share": (after.get("sliced", 0.0) - before.get("sliced", 0.0)) / gpu_total,
+            "true_share_both_running": both / true,
         })
     two = [dict(p, scenario=run["name"]) for run in shared_runs for p in run["processes"]]
     # annotated trace: the recorded intervals plus the ground truth as events
@@ -421,11 +429,12 @@ def main() -> None:
     print(f"idle FLOPs: {acc['idle_flops']}  between phases: {acc['inter_phase_idle_flops']}")
     print(f"freshness: {acc['freshness_s']}")
     print(f"\n{'two processes':<25}{'A':>10}{'A/true':>8}{'B':>10}{'B/true':>8}{'GPU/true':>9}"
-          f"{'unattr':>10}  intervals by method")
+          f"{'unattr':>10}{'sliced':>8}{'both':>6}  intervals by method")
     for r in acc["shared"]:
         pa, pb = r["processes"]
         print(f"{r['name']:<25}{pa['name']:>10}{pa['ratio']:>8.4f}{pb['name']:>10}{pb['ratio']:>8.4f}"
-              f"{r['gpu_ratio']:>9.4f}{r['unattributed']:>10.2e}  {r['split']}")
+              f"{r['gpu_ratio']:>9.4f}{r['unattributed']:>10.2e}{r['timesliced_share']:>8.3f}"
+              f"{r['true_share_both_running']:>6.2f}  {r['split']}")
     if "overhead" in results:
         o = results["overhead"]
         print(
