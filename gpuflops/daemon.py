@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import socket as socket_module
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from gpuflops import __version__
 from gpuflops.attribution.process import AttributedInterval, ProcessAttributor
 from gpuflops.config import Settings
 from gpuflops.exporter.collector import AttributionCollector, FlopsCollector
@@ -38,6 +40,7 @@ JobResolver = Callable[[int], tuple[str, str]]
 PrecisionOf = Callable[[str, str], str | None]  # (job, program) -> declared HMMA precision
 StepHook = Callable[[list[GpuSample]], None]
 RowSink = Callable[[list[tuple[float, float, list[Row]]], int], None]
+GapSink = Callable[[str, str, float, float, str], None]
 
 
 class NoDriverError(SamplerError):
@@ -138,6 +141,7 @@ class Pipeline:
     resolve_job: JobResolver = lambda _pid: (UNATTRIBUTED, UNATTRIBUTED)
     precision_of: PrecisionOf | None = None
     sink: RowSink | None = None
+    on_gap: GapSink | None = None  # (gpu, uuid, t0_s, t1_s, reason) of each unmeasured interval
     on_step: list[StepHook] = field(default_factory=list)  # every step's samples (recording)
 
     def __post_init__(self) -> None:
@@ -152,6 +156,8 @@ class Pipeline:
                 continue
             flops = self.integrator.integrate(info, s, self._job_precision(s))
             self.totals.record_live(s, flops)
+            if flops.gap_reason is not None and self.on_gap is not None:
+                self.on_gap(info.key, info.uuid, flops.t0_s, flops.t1_s, flops.gap_reason)
             settled.extend(self.attributor.add(s, flops))
         for hook in self.on_step:
             hook(samples)
@@ -388,6 +394,11 @@ def wire_jobs(d: Daemon, *, socket: bool = True) -> Any:
     p.resolve_job = _Memo(resolve, d.clock)
     p.precision_of = precision_of
     p.sink = sink.commit
+    p.on_gap = sink.on_gap
+    sink.start_session(
+        {"version": __version__, "backend": d.sampler.name, "host": socket_module.gethostname()},
+        [(g.key, g.uuid) for g in p.gpus],
+    )
     programs_cfg = load_programs_config(Path(s.program_config) if s.program_config else None)
     view = [ProgramView()]
 

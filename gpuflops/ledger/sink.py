@@ -4,6 +4,12 @@ The job socket's thread only enqueues (``on_job_event``); analytic ``add`` messa
 coalesced per job into one ``estimate`` record per commit, so a client sending thousands of
 messages a second does not turn into thousands of ledger records. Counters are raised only
 after the commit that makes them durable (see gpuflops/totals.py).
+
+Unmeasured time is recorded too: consecutive sampler gaps of a GPU become one ``gap`` record
+(written when the gap ends, and at least every ``gap_flush_s`` while it lasts), and at start
+the time since the previous session's last record becomes a node-wide gap: ``daemon_stopped``
+after a clean stop, ``daemon_lost`` otherwise. While nothing else is written an ``alive``
+session record every ``alive_every_s`` bounds how far that second kind can overstate.
 """
 
 from __future__ import annotations
@@ -17,12 +23,20 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from gpuflops.ledger.store import Ledger, LedgerError
+from gpuflops.ledger.store import NODE, Ledger, LedgerError
 from gpuflops.totals import JobAnalytic, Row, Totals
 
 log = logging.getLogger(__name__)
 
 _MAX_PENDING_INTERVALS = 36000  # an hour at 10 Hz; beyond it rows are counted, not persisted
+_GAP_JOIN_S = 1.0  # a gap interval starting this close to the open span's end extends it
+
+
+@dataclass
+class _GapSpan:
+    t0: float
+    t1: float
+    extended: bool = True  # since the last commit
 
 
 @dataclass
@@ -51,8 +65,14 @@ class LedgerSink:
         *,
         clock: Callable[[], float] = time.time,
         commit_every_s: float = 0.0,
+        alive_every_s: float = 60.0,
+        gap_flush_s: float = 60.0,
     ) -> None:
         self.ledger = ledger
+        self._alive_every_s = alive_every_s
+        self._gap_flush_s = gap_flush_s
+        self._gaps: dict[tuple[str, str, str], _GapSpan] = {}  # (gpu, uuid, reason)
+        self._last_write = clock()
         # 0: one ledger record per sampling interval (kill -9 loses at most that interval).
         # Larger values trade that bound for a smaller ledger (docs/ledger.md, "Size").
         self._commit_every_s = commit_every_s
@@ -79,6 +99,59 @@ class LedgerSink:
                 for k, v in t.jobs.items()
             },
         )
+
+    def start_session(self, payload: Mapping[str, Any], gpus: list[tuple[str, str]]) -> None:
+        """Record this daemon's start, and the unmeasured time since the previous session."""
+        if self.ledger is None:
+            return
+        now = self._clock()
+        try:
+            last = self.ledger.last_activity()
+            if last is not None and now > last.t_s:
+                reason = "daemon_stopped" if last.clean_stop else "daemon_lost"
+                self.ledger.append_gap(last.t_s, now, reason, [(NODE, "")])
+                self.records += 1
+            self.ledger.append_session("start", now, {**payload, "gpus": [list(g) for g in gpus]})
+            self.records += 1
+            self._last_write = now
+        except (LedgerError, OSError) as e:
+            self._write_failed(e)
+
+    def on_gap(self, gpu: str, uuid: str, t0_s: float, t1_s: float, reason: str) -> None:
+        """A sampled interval of ``gpu`` could not be measured (sampling thread)."""
+        span = self._gaps.get((gpu, uuid, reason))
+        if span is not None and t0_s <= span.t1 + _GAP_JOIN_S:
+            span.t1 = max(span.t1, t1_s)
+            span.extended = True
+            return
+        if span is not None:
+            self._write_gap((gpu, uuid, reason), span)
+        self._gaps[(gpu, uuid, reason)] = _GapSpan(t0_s, t1_s)
+
+    def _flush_gaps(self, force: bool) -> None:
+        """Write gap spans that ended (not extended since the last commit) or grew long."""
+        for key, span in list(self._gaps.items()):
+            if force or not span.extended or span.t1 - span.t0 >= self._gap_flush_s:
+                if self._write_gap(key, span):
+                    del self._gaps[key]
+            else:
+                span.extended = False
+
+    def _write_gap(self, key: tuple[str, str, str], span: _GapSpan) -> bool:
+        if self.ledger is None:
+            return True
+        gpu, uuid, reason = key
+        try:
+            self.ledger.append_gap(span.t0, span.t1, reason, [(gpu, uuid)])
+        except (LedgerError, OSError) as e:
+            self._write_failed(e)
+            return False
+        except ValueError as e:
+            log.error("ledger refused a gap of GPU %s: %s", gpu, e)
+            return True
+        self.records += 1
+        self._last_write = self._clock()
+        return True
 
     # ---------------------------------------------------------- socket thread
 
@@ -134,6 +207,9 @@ class LedgerSink:
                     job, program, payload["analytic_flops"], payload["tokens"],
                     payload["recompute_flops"],
                 )
+        self._flush_gaps(force)
+        if self.ledger is not None and now - self._last_write >= self._alive_every_s:
+            self._write_session("alive", now)
         self._pending.extend(rows_by_interval)
         if not self._pending:
             self._totals.add_rows((), held)
@@ -165,6 +241,7 @@ class LedgerSink:
             return
         if seq is not None:
             self.records += 1
+            self._last_write = now
         self._pending.clear()
         self._totals.add_rows(rows, held)
 
@@ -183,7 +260,19 @@ class LedgerSink:
             self._totals.count_error("*", "ledger_bad_event")
             return False
         self.records += 1
+        self._last_write = self._clock()
         return True
+
+    def _write_session(self, event: str, t_s: float) -> None:
+        if self.ledger is None:
+            return
+        try:
+            self.ledger.append_session(event, t_s, {})
+        except (LedgerError, OSError) as e:
+            self._write_failed(e)
+            return
+        self.records += 1
+        self._last_write = t_s
 
     def _write_failed(self, e: Exception) -> None:
         self.write_errors += 1
@@ -198,9 +287,10 @@ class LedgerSink:
         return len(self._pending)
 
     def close(self) -> None:
-        """Commit what is still pending, then close the ledger."""
+        """Commit what is still pending, record the clean stop, then close the ledger."""
         if self.ledger is not None:
             self.commit([], 0, force=True)
+            self._write_session("stop", self._clock())
             self.ledger.close()
 
 

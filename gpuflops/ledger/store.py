@@ -7,8 +7,12 @@ The newest sequence number and hash are also kept in ``chain_head``, written in 
 transaction, so deleting the last records is detected as well (unless ``chain_head`` is
 rewritten too: anchor the head hash outside the machine, see docs/ledger.md).
 
-Derived tables (``gpu_totals``, ``job_totals``, ``job_intervals``, ``job_events``) are updated
-in the same transaction as the record; ``verify`` recomputes them from the chain.
+Besides intervals and job events the chain holds ``gap`` records (time a GPU, or the whole
+node, was not measured, and why) and ``session`` records (the daemon started, stopped, or was
+alive while idle), so an auditor can tell unmeasured time from idle time.
+
+Derived tables (``gpu_totals``, ``job_totals``, ``job_intervals``, ``job_events``, ``gaps``) are
+updated in the same transaction as the record; ``verify`` recomputes them from the chain.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 GENESIS_PREV_HASH = "0" * 64
 LEDGER_FILENAME = "ledger.sqlite3"
 
 JobEventKind = Literal["register", "estimate", "end"]
 JOB_EVENT_KINDS: frozenset[str] = frozenset({"register", "estimate", "end"})
 Synchronous = Literal["FULL", "NORMAL"]
+SESSION_EVENTS: frozenset[str] = frozenset({"start", "stop", "alive"})
+NODE = "*"  # the ``gpu`` of a gap that covers every GPU of the node (the daemon was not running)
 
 
 class LedgerError(Exception):
@@ -128,6 +134,31 @@ class JobEvent:
 
 
 @dataclass(frozen=True)
+class Gap:
+    """Time one GPU (``gpu == NODE``: every GPU) was not measured, and why."""
+
+    seq: int
+    gpu: str
+    uuid: str
+    t0_s: float
+    t1_s: float
+    reason: str
+
+    @property
+    def duration_s(self) -> float:
+        return self.t1_s - self.t0_s
+
+
+@dataclass(frozen=True)
+class LastActivity:
+    """The newest record's time, and whether it was the daemon's clean stop."""
+
+    t_s: float
+    kind: str
+    clean_stop: bool
+
+
+@dataclass(frozen=True)
 class VerifyResult:
     """Outcome of a full chain check; ``first_bad_id`` is the first failing sequence number."""
 
@@ -206,9 +237,20 @@ CREATE INDEX job_intervals_job_t0 ON job_intervals (job, program, t0_s);
 CREATE INDEX job_events_kind ON job_events (kind);
 """
 
+# v3: unmeasured time (sampler gaps, daemon down) as records of its own, indexed by time.
+_SCHEMA_V3 = """
+CREATE TABLE gaps (
+    seq INTEGER NOT NULL, gpu TEXT NOT NULL, uuid TEXT NOT NULL,
+    t0_s REAL NOT NULL, t1_s REAL NOT NULL, reason TEXT NOT NULL,
+    PRIMARY KEY (seq, gpu, uuid)
+);
+CREATE INDEX gaps_t1 ON gaps (t1_s);
+"""
+
 _MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     lambda con: _run_script(con, _SCHEMA_V1),
     lambda con: _run_script(con, _SCHEMA_V2),
+    lambda con: _run_script(con, _SCHEMA_V3),
 )
 
 
@@ -360,6 +402,36 @@ class Ledger:
                                             "program": program, "t_s": t, "payload": data},
                                lambda seq: self._apply_event(seq, kind, job, program, t, data))
 
+    def append_gap(self, t0_s: float, t1_s: float, reason: str,
+                   gpus: Sequence[tuple[str, str]]) -> int:
+        """Commit one span of unmeasured time for the given (gpu, uuid) pairs (``NODE``: all)."""
+        t0, t1 = float(t0_s), float(t1_s)
+        if not (math.isfinite(t0) and math.isfinite(t1) and t1 >= t0):
+            raise ValueError(f"bad gap [{t0_s!r}, {t1_s!r}]")
+        if not reason or not gpus:
+            raise ValueError("a gap needs a reason and at least one GPU")
+        body = sorted({(str(g), str(u)) for g, u in gpus})
+        with self._lock:
+            return self._write("gap", lambda seq: {"seq": seq, "kind": "gap", "t0_s": t0,
+                                                   "t1_s": t1, "reason": reason,
+                                                   "gpus": [list(x) for x in body]},
+                               lambda seq: _apply_gap(self._con, seq, t0, t1, reason, body))
+
+    def append_session(self, event: str, t_s: float, payload: Mapping[str, Any]) -> int:
+        """Commit a daemon session event: ``start``, ``stop`` (clean) or ``alive`` (idle)."""
+        if event not in SESSION_EVENTS:
+            raise ValueError(f"unknown session event {event!r}")
+        t = float(t_s)
+        if not math.isfinite(t):
+            raise ValueError(f"bad session time {t_s!r}")
+        data = dict(payload)
+        canonical_json(data)
+        with self._lock:
+            return self._write("session", lambda seq: {"seq": seq, "kind": "session",
+                                                       "event": event, "t_s": t,
+                                                       "payload": data},
+                               lambda seq: None)
+
     def _write(self, kind: str, content_of: Callable[[int], dict[str, Any]],
                apply: Callable[[int], None]) -> int:
         seq = self._head_seq + 1
@@ -421,6 +493,29 @@ class Ledger:
         with self._lock:
             return _program_series(self._con, program, max_points)
 
+    def gaps(self, t0_s: float = float("-inf"), t1_s: float = float("inf")) -> list[Gap]:
+        """Gaps overlapping [t0_s, t1_s], in chain order."""
+        with self._lock:
+            rows = self._con.execute(
+                "SELECT seq, gpu, uuid, t0_s, t1_s, reason FROM gaps"
+                " WHERE t1_s >= ? AND t0_s <= ? ORDER BY seq, gpu, uuid",
+                (max(t0_s, -1e300), min(t1_s, 1e300))).fetchall()
+        return [Gap(*r) for r in rows]
+
+    def last_activity(self) -> LastActivity | None:
+        """When the newest record (other than genesis) was made; None for a new ledger."""
+        with self._lock:
+            row = self._con.execute(
+                "SELECT kind, content FROM records WHERE kind != 'genesis'"
+                " ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        kind, obj = row[0], json.loads(row[1])
+        t = obj.get("t1_s", obj.get("t_s"))
+        if not isinstance(t, (int, float)):
+            return None
+        return LastActivity(float(t), kind, kind == "session" and obj.get("event") == "stop")
+
     def verify(self) -> VerifyResult:
         """Check the whole chain on a separate read-only connection (appends keep going)."""
         return verify_path(self.path)
@@ -460,6 +555,12 @@ def _apply_interval(con: sqlite3.Connection, seq: int, t0: float, t1: float,
             " first_t_s = min(coalesce(first_t_s, excluded.first_t_s), excluded.first_t_s),"
             " last_t_s = max(coalesce(last_t_s, excluded.last_t_s), excluded.last_t_s)",
             (job, program, flops, t0, t1))
+
+
+def _apply_gap(con: sqlite3.Connection, seq: int, t0: float, t1: float, reason: str,
+               gpus: Sequence[tuple[str, str]]) -> None:
+    for gpu, uuid in gpus:
+        con.execute("INSERT INTO gaps VALUES (?, ?, ?, ?, ?, ?)", (seq, gpu, uuid, t0, t1, reason))
 
 
 def _apply_event(con: sqlite3.Connection, seq: int, kind: str, job: str, program: str,
@@ -593,7 +694,8 @@ def _verify(con: sqlite3.Connection) -> VerifyResult:
     expected_seq = 1
     count = 0
     scratch = sqlite3.connect(":memory:", isolation_level=None)
-    _run_script(scratch, _SCHEMA_V1)
+    for migrate in _MIGRATIONS:
+        migrate(scratch)
 
     def bad(seq: int | None, reason: str) -> VerifyResult:
         return VerifyResult(False, count, seq, reason, prev_hash, expected_seq - 1)
@@ -625,6 +727,9 @@ def _verify(con: sqlite3.Connection) -> VerifyResult:
         elif kind in JOB_EVENT_KINDS:
             _apply_event(scratch, seq, kind, obj["job"], obj["program"], obj["t_s"],
                          obj["payload"])
+        elif kind == "gap":
+            _apply_gap(scratch, seq, obj["t0_s"], obj["t1_s"], obj["reason"],
+                       [(g, u) for g, u in obj["gpus"]])
         prev_hash = stored_hash
         expected_seq = seq + 1
         count += 1
@@ -653,8 +758,14 @@ def _compare_derived(con: sqlite3.Connection, scratch: sqlite3.Connection) -> st
         "job_intervals": "SELECT seq, job, program, flops FROM job_intervals"
                          " ORDER BY seq, job, program",
         "job_events": "SELECT seq, kind, job, program FROM job_events ORDER BY seq",
+        "gaps": "SELECT seq, gpu, uuid, t0_s, t1_s, reason FROM gaps ORDER BY seq, gpu, uuid",
     }
+    present = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     for table, sql in queries.items():
+        if table not in present:  # a file of an older schema, read without migrating it
+            if scratch.execute(f"SELECT count(*) FROM {table}").fetchone()[0]:
+                return f"derived table {table} is missing, the chain has records for it"
+            continue
         stored = con.execute(sql).fetchall()
         replayed = scratch.execute(sql).fetchall()
         if len(stored) != len(replayed):

@@ -68,8 +68,9 @@ def test_a_version_1_ledger_is_migrated_in_the_chain(tmp_path: Path) -> None:
     led = Ledger.open(path, clock=time.time, synchronous="NORMAL")
     led.append_interval(1.0, 2.0, [_row("j", 5e12)])
     led.close()
-    # Make it look like a ledger written by schema 1 (no v2 indexes, user_version 1).
+    # Make it look like a ledger written by schema 1 (no v2 indexes, no v3 gaps, user_version 1).
     con = sqlite3.connect(path)
+    con.execute("DROP TABLE gaps")
     con.execute("DROP INDEX job_intervals_job_t0")
     con.execute("DROP INDEX job_events_kind")
     con.execute("PRAGMA user_version=1")
@@ -84,9 +85,9 @@ def test_a_version_1_ledger_is_migrated_in_the_chain(tmp_path: Path) -> None:
     finally:
         led.close()
     con = sqlite3.connect(path)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     names = {n for (n,) in con.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-    assert {"job_intervals_job_t0", "job_events_kind"} <= names
+    assert {"job_intervals_job_t0", "job_events_kind", "gaps_t1"} <= names
     con.close()
 
 
