@@ -47,10 +47,10 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float] |
     return out
 
 
-def _start(port: int, state: Path, sock: Path) -> subprocess.Popen[bytes]:
+def _start(port: int, state: Path, sock: Path, speed: float = 20.0) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen(
-        [sys.executable, "-m", "gpuflops", "daemon", "--demo", "--speed", "20",
+        [sys.executable, "-m", "gpuflops", "daemon", "--demo", "--speed", str(speed),
          "--listen", f"127.0.0.1:{port}", "--socket", str(sock), "--state-dir", str(state)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -101,3 +101,54 @@ def test_fifty_kill9_never_lose_counters_or_chain() -> None:
     exported = sum(v for (name, _l), v in last.items() if name == "gpuflops_gpu_flops_total")
     # Everything exported was durable when it was exported.
     assert durable >= exported > 0
+
+
+def _until_up(port: int) -> None:
+    deadline = time.monotonic() + 20
+    while _scrape(port) is None:
+        assert time.monotonic() < deadline, "daemon did not come up"
+        time.sleep(0.05)
+
+
+def test_restarts_leave_the_unmetered_time_in_the_ledger() -> None:
+    """Killed, then stopped cleanly, then started again: the ledger holds one node-wide gap per
+    restart, ``daemon_lost`` from the killed session's last record and ``daemon_stopped`` from
+    the clean stop, each ending at the next session's start."""
+    tmp = Path(tempfile.mkdtemp(dir="/tmp", prefix="gfr-"))
+    state, sock = tmp / "state", tmp / "s.sock"
+    port = _free_port()
+    p = _start(port, state, sock, speed=1.0)
+    try:
+        _until_up(port)
+        time.sleep(1.5)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=10)
+    killed_at = time.time()
+    time.sleep(1.0)
+    p = _start(port, state, sock, speed=1.0)
+    try:
+        _until_up(port)
+        time.sleep(1.0)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=20) == 0
+    stopped_at = time.time()
+    time.sleep(1.0)
+    p = _start(port, state, sock, speed=1.0)
+    try:
+        _until_up(port)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=20) == 0
+    assert verify_path(state / LEDGER_FILENAME).ok
+    led = Ledger.open(state / LEDGER_FILENAME, clock=time.time, readonly=True)
+    try:
+        gaps = [g for g in led.gaps() if g.gpu == "*"]
+    finally:
+        led.close()
+    assert [g.reason for g in gaps] == ["daemon_lost", "daemon_stopped"]
+    lost, stopped = gaps
+    # The killed session's last record came at most one commit before the kill.
+    assert killed_at - 2.0 <= lost.t0_s <= killed_at and lost.t1_s > killed_at + 0.9
+    assert stopped_at - 2.0 <= stopped.t0_s <= stopped_at and stopped.t1_s > stopped_at + 0.9

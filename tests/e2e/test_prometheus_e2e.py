@@ -200,10 +200,14 @@ def test_promql_totals_equal_ledger_and_every_panel_has_data(tmp_short: Path) ->
     led = _ledger(d.ledger_path)
     try:
         last = led.last_activity()
+        gaps = led.gaps()
     finally:
         led.close()
     assert last is not None and last.clean_stop
     final["records"] -= 1
+    # The half second of unreadable counters is in the ledger as a gap of that GPU.
+    assert [(g.reason, round(g.duration_s, 3)) for g in gaps if g.gpu != "*"] == [
+        ("gpm_read", GAP_S[1] - GAP_S[0])]
     assert _mismatches(figures, final) == []
     key = (JOB, PROGRAM)
     assert figures["analytic"][key] == ESTIMATE.total[0]  # exact: binary-exact increments
