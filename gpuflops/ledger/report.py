@@ -22,7 +22,7 @@ from gpuflops.ledger.reconcile import JobInput
 from gpuflops.ledger.store import Ledger
 from gpuflops.ledger.thresholds import ProgramsConfig, ProgramStatus
 
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
 SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
 ACCURACY_DOC = "docs/accuracy.md"
 
@@ -169,6 +169,7 @@ def build_report(program: str, *, ledger: Ledger | None, config: ProgramsConfig,
                                              [a.metadata for a in att])
     cfg = config.for_program(program)
     check = ledger.verify() if ledger is not None else None
+    coverage = _coverage(ledger, program) if ledger is not None else None
     th = status.threshold
     flagged = [j for j in status.jobs if j.flagged]
     evidence = [
@@ -182,6 +183,10 @@ def build_report(program: str, *, ledger: Ledger | None, config: ProgramsConfig,
          f"ledger chain head seq {check.head_seq} hash {check.head_hash}: "
          + ("verified" if check.ok else f"VERIFY FAILED: {check.reason}")),
     ] + [f"job {j.job}: " + "; ".join(f.message for f in j.findings if f.flag) for j in flagged]
+    if coverage is not None and coverage["gaps"]:
+        evidence.append(
+            f"{len(coverage['gaps'])} spans of unmeasured time on this node during the program: "
+            + ", ".join(f"{r} {v:.1f} s" for r, v in sorted(coverage["unmeasured_seconds"].items())))
     uncertainties = [{"name": k, "value": v, "source": ACCURACY_DOC}
                      for k, v in sorted((accuracy or {}).items())]
     if not uncertainties:
@@ -240,10 +245,33 @@ def build_report(program: str, *, ledger: Ledger | None, config: ProgramsConfig,
             "reason": status.decision_reason,
             "evidence": evidence,
         },
+        "coverage": coverage,
         "ledger": None if ledger is None or check is None else {
             "path": str(ledger.path), "head_seq": check.head_seq, "head_hash": check.head_hash,
             "records": check.records, "verified": check.ok, "verify_reason": check.reason,
         },
+    }
+
+
+def _coverage(ledger: Ledger, program: str) -> dict[str, Any]:
+    """Unmeasured time this node's ledger recorded during the program's span."""
+    spans = [(t.first_t_s, t.last_t_s) for k, t in ledger.totals().jobs.items()
+             if k.program == program and t.first_t_s is not None and t.last_t_s is not None]
+    if not spans:
+        return {"scope": "this node's ledger", "from": None, "to": None, "gaps": [],
+                "unmeasured_seconds": {}}
+    t0 = min(a for a, _ in spans)
+    t1 = max(b for _, b in spans)
+    gaps = ledger.gaps(t0, t1)
+    by_reason: dict[str, float] = {}
+    for g in gaps:
+        by_reason[g.reason] = by_reason.get(g.reason, 0.0) + g.duration_s
+    return {
+        "scope": "this node's ledger",
+        "from": _iso(t0), "to": _iso(t1),
+        "gaps": [{"gpu": g.gpu, "uuid": g.uuid, "from": _iso(g.t0_s), "to": _iso(g.t1_s),
+                  "seconds": g.duration_s, "reason": g.reason} for g in gaps],
+        "unmeasured_seconds": by_reason,
     }
 
 
@@ -357,6 +385,21 @@ def render_html(report: Mapping[str, Any]) -> str:
     meta_blocks = "".join(
         f"<h3>{e(j['job'])}</h3><pre>{e(json.dumps(j['metadata'], indent=2, sort_keys=True))}"
         "</pre>" for j in report["jobs"])
+    cov = report["coverage"]
+    if cov is None:
+        coverage_html = "<p>No local ledger: unmeasured time is not known to this report.</p>"
+    elif not cov["gaps"]:
+        coverage_html = (f"<p>{e(cov['scope'])} records no unmeasured time"
+                         + (f" between {e(cov['from'])} and {e(cov['to'])}" if cov["from"] else "")
+                         + ".</p>")
+    else:
+        coverage_html = (
+            f"<p>{e(cov['scope'])} records these spans of unmeasured time between "
+            f"{e(cov['from'])} and {e(cov['to'])} (GPU * is the whole node: no daemon ran). "
+            "Work done in them is not in the measured figures.</p>"
+            + _table(["GPU", "from", "to", "seconds", "reason"],
+                     [[g["gpu"], g["from"], g["to"], f"{g['seconds']:.1f}", g["reason"]]
+                      for g in cov["gaps"]]))
     method = report["method"]
     outcome = ("Provider review required" if dec["outcome"] == "provider_review_required"
                else "Stays a downstream modifier")
@@ -389,6 +432,8 @@ code {{ word-break: break-all; }}
          "compliance", "findings"], jobs_rows)}
 <h2>Attempts</h2>
 {_table(["job", "attempt", "resumed from", "first registered", "nodes", "ranks"], att_rows)}
+<h2>Unmeasured time</h2>
+{coverage_html}
 <h2>Job metadata</h2>
 {meta_blocks or "<p>No job registered metadata.</p>"}
 <h2>Method</h2>

@@ -64,6 +64,11 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
                 "analytic_flops": 20 * per_interval * 0.95, "tokens": 20 * 2.6e5,
                 "recompute_flops": 20 * per_interval * 0.95 / 4,
                 "window_t0_s": t - 19, "window_t1_s": t + 1}, t + 1)
+    # Unmeasured time: one GPU's counters for 2.5 s, the whole node for 10 s around the resume,
+    # and a gap after the program ended, which its report leaves out.
+    ledger.append_gap(T0 + 50, T0 + 52.5, "gpm_read", [("1", "GPU-b")])
+    ledger.append_gap(T0 + 105, T0 + 115, "daemon_lost", [("*", "")])
+    ledger.append_gap(T0 + 500, T0 + 600, "daemon_stopped", [("*", "")])
     ledger.close()
     yield tmp_path
 
@@ -98,13 +103,18 @@ def test_json_report_from_ledger_validates_and_is_right(state_dir: Path, tmp_pat
     assert doc["threshold"]["flops"] == pytest.approx(8e19)
     assert doc["threshold"]["ratio"] == pytest.approx(2.4e19 / 8e19)
     assert doc["decision"]["outcome"] == "downstream_modifier"
+    cov = doc["coverage"]
+    assert [(g["gpu"], g["seconds"], g["reason"]) for g in cov["gaps"]] == [
+        ("1", 2.5, "gpm_read"), ("*", 10.0, "daemon_lost")]
+    assert cov["unmeasured_seconds"] == {"gpm_read": 2.5, "daemon_lost": 10.0}
+    assert any("unmeasured time" in x for x in doc["decision"]["evidence"])
     [job] = doc["jobs"]
     assert job["ratio"] == pytest.approx(1 / 0.95)
     assert not job["divergent"] and job["findings"] == []
     assert [(a["attempt"], a["nodes"], a["ranks"]) for a in doc["attempts"]] == \
         [(1, ["node-a"], 2), (2, ["node-b"], 2)]
     assert doc["attempts"][1]["resumed_from"] == "ft-1/1"
-    assert doc["ledger"]["verified"] and doc["ledger"]["records"] == 1 + 2 + 2 + 200 + 10
+    assert doc["ledger"]["verified"] and doc["ledger"]["records"] == 1 + 2 + 2 + 200 + 10 + 3
     assert doc["method"]["uncertainties"][0]["value"].startswith("±4%")
     assert doc["series"][-1]["cumulative_flops"] == pytest.approx(2.4e19)
     # A broken document must fail the schema (the schema constrains something).
@@ -233,6 +243,9 @@ def test_html_report_renders_in_headless_chromium(state_dir: Path, tmp_path: Pat
     assert proc.returncode == 0, proc.stderr
     text = page.read_text()
     assert "<svg" in text and "http://" not in text.replace("http://www.w3.org/2000/svg", "")
+    unmeasured = text.split("<h2>Unmeasured time</h2>")[1].split("<h2>")[0]
+    assert "daemon_lost" in unmeasured and "gpm_read" in unmeasured
+    assert "daemon_stopped" not in unmeasured  # after the program's span
     png = decode_png(_screenshot(chromium, page, tmp_path / "shot.png", tmp_path / "prof"))
     chart_area = (0, 150, 1200, 750)
     assert count_colour(png, BLUE, chart_area) > 1500  # the cumulative line, 4 px wide
