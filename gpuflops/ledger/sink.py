@@ -71,7 +71,8 @@ class LedgerSink:
         self.ledger = ledger
         self._alive_every_s = alive_every_s
         self._gap_flush_s = gap_flush_s
-        self._gaps: dict[tuple[str, str, str], _GapSpan] = {}  # (gpu, uuid, reason)
+        self._gaps: dict[tuple[str, str, str], _GapSpan] = {}  # open spans: (gpu, uuid, reason)
+        self._closed_gaps: list[tuple[tuple[str, str, str], _GapSpan]] = []  # to (re)write
         self._last_write = clock()
         # 0: one ledger record per sampling interval (kill -9 loses at most that interval).
         # Larger values trade that bound for a smaller ledger (docs/ledger.md, "Size").
@@ -125,11 +126,12 @@ class LedgerSink:
             span.extended = True
             return
         if span is not None:
-            self._write_gap((gpu, uuid, reason), span)
+            self._closed_gaps.append(((gpu, uuid, reason), span))
         self._gaps[(gpu, uuid, reason)] = _GapSpan(t0_s, t1_s)
 
     def _flush_gaps(self, force: bool) -> None:
         """Write gap spans that ended (not extended since the last commit) or grew long."""
+        self._closed_gaps = [(k, sp) for k, sp in self._closed_gaps if not self._write_gap(k, sp)]
         for key, span in list(self._gaps.items()):
             if force or not span.extended or span.t1 - span.t0 >= self._gap_flush_s:
                 if self._write_gap(key, span):

@@ -96,11 +96,12 @@ def test_consecutive_sampler_gaps_become_one_record_when_the_gap_ends(tmp_path: 
     # A new gap after measured time is a new record; a different reason is a separate span.
     sink.on_gap("1", "GPU-b", 1010.0, 1010.5, "gpu_lost")
     sink.on_gap("1", "GPU-b", 1010.0, 1010.5, "timeout")
+    sink.on_gap("1", "GPU-b", 1020.0, 1020.5, "gpu_lost")  # not contiguous: closes 1010's span
     sink.close()
     led = Ledger.open(path, clock=clock, readonly=True)
     try:
         assert sorted((g.t0_s, g.reason) for g in led.gaps()) == [
-            (1000.0, "gpu_lost"), (1010.0, "gpu_lost"), (1010.0, "timeout")]
+            (1000.0, "gpu_lost"), (1010.0, "gpu_lost"), (1010.0, "timeout"), (1020.0, "gpu_lost")]
     finally:
         led.close()
     assert verify_path(path).ok
