@@ -296,10 +296,12 @@ class Ledger:
             raise LedgerCorruptError(path, f"cannot open: {exc}") from exc
         try:
             if readonly:
+                # Archived ledgers of older schemas stay readable as they are (evidence is not
+                # migrated); tables a version added read as empty.
                 version = con.execute("PRAGMA user_version").fetchone()[0]
-                if version != SCHEMA_VERSION:
+                if not 1 <= version <= SCHEMA_VERSION:
                     raise LedgerVersionError(
-                        path, f"schema version {version}, this gpuflops reads {SCHEMA_VERSION}")
+                        path, f"schema version {version}, this gpuflops reads 1 to {SCHEMA_VERSION}")
             else:
                 con.execute("PRAGMA journal_mode=WAL").fetchone()
                 con.execute(f"PRAGMA synchronous={synchronous}")
@@ -496,6 +498,8 @@ class Ledger:
     def gaps(self, t0_s: float = float("-inf"), t1_s: float = float("inf")) -> list[Gap]:
         """Gaps overlapping [t0_s, t1_s], in chain order."""
         with self._lock:
+            if self._con.execute("SELECT 1 FROM sqlite_master WHERE name = 'gaps'").fetchone() is None:
+                return []  # a schema-2 ledger opened read-only: it predates gap records
             rows = self._con.execute(
                 "SELECT seq, gpu, uuid, t0_s, t1_s, reason FROM gaps"
                 " WHERE t1_s >= ? AND t0_s <= ? ORDER BY seq, gpu, uuid",

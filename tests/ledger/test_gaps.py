@@ -166,3 +166,35 @@ def test_an_idle_daemon_leaves_alive_records_that_bound_a_crash(tmp_path: Path) 
     (gap,) = sink.ledger.gaps()
     assert (gap.t0_s, gap.reason) == (180.0, "daemon_lost")  # not from the start at 0 s
     sink.close()
+
+
+def test_an_archived_schema_2_ledger_is_read_as_it_is(tmp_path: Path) -> None:
+    """Evidence is not migrated: a ledger from before gap records opens read-only, unchanged,
+    verifies, and reads as having no gaps; opened for writing it is migrated in the chain."""
+    path = tmp_path / "l.sqlite3"
+    led = Ledger.open(path, clock=lambda: 0.0, synchronous="NORMAL")
+    led.append_interval(1.0, 2.0, [_row(5e12)])
+    led.close()
+    con = sqlite3.connect(path)
+    con.execute("DROP TABLE gaps")
+    con.execute("PRAGMA user_version=2")
+    con.commit()
+    con.close()
+    before = path.read_bytes()
+    ro = Ledger.open(path, clock=lambda: 0.0, readonly=True)
+    try:
+        assert ro.gaps() == [] and sum(ro.totals().gpu.values()) == 5e12
+        last = ro.last_activity()
+        assert last is not None and (last.t_s, last.clean_stop) == (2.0, False)
+    finally:
+        ro.close()
+    assert verify_path(path).ok
+    assert path.read_bytes() == before
+    rw = Ledger.open(path, clock=lambda: 3.0, synchronous="NORMAL")
+    try:
+        rw.append_gap(2.0, 3.0, "daemon_lost", [(NODE, "")])
+        assert [g.reason for g in rw.gaps()] == ["daemon_lost"]
+        assert rw.verify().ok
+    finally:
+        rw.close()
+    assert _kinds(path)[-2:] == ["migration", "gap"]
