@@ -103,11 +103,22 @@ def test_fifty_kill9_never_lose_counters_or_chain() -> None:
     assert durable >= exported > 0
 
 
-def _until_up(port: int) -> None:
-    deadline = time.monotonic() + 20
-    while _scrape(port) is None:
-        assert time.monotonic() < deadline, "daemon did not come up"
-        time.sleep(0.05)
+def _session(port: int, state: Path, sock: Path, up_s: float, sig: signal.Signals) -> float:
+    """Run the daemon at real speed for ``up_s`` after it answers, end it with ``sig``; return
+    when it ended. A SIGTERM must end it cleanly."""
+    p = _start(port, state, sock, speed=1.0)
+    try:
+        deadline = time.monotonic() + 20
+        while _scrape(port) is None:
+            assert time.monotonic() < deadline, "daemon did not come up"
+            time.sleep(0.05)
+        time.sleep(up_s)
+    finally:
+        p.send_signal(sig)
+        code = p.wait(timeout=20)
+    if sig == signal.SIGTERM:
+        assert code == 0
+    return time.time()
 
 
 def test_restarts_leave_the_unmetered_time_in_the_ledger() -> None:
@@ -117,30 +128,11 @@ def test_restarts_leave_the_unmetered_time_in_the_ledger() -> None:
     tmp = Path(tempfile.mkdtemp(dir="/tmp", prefix="gfr-"))
     state, sock = tmp / "state", tmp / "s.sock"
     port = _free_port()
-    p = _start(port, state, sock, speed=1.0)
-    try:
-        _until_up(port)
-        time.sleep(1.5)
-    finally:
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=10)
-    killed_at = time.time()
+    killed_at = _session(port, state, sock, 1.5, signal.SIGKILL)
     time.sleep(1.0)
-    p = _start(port, state, sock, speed=1.0)
-    try:
-        _until_up(port)
-        time.sleep(1.0)
-    finally:
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=20) == 0
-    stopped_at = time.time()
+    stopped_at = _session(port, state, sock, 1.0, signal.SIGTERM)
     time.sleep(1.0)
-    p = _start(port, state, sock, speed=1.0)
-    try:
-        _until_up(port)
-    finally:
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=20) == 0
+    _session(port, state, sock, 0.0, signal.SIGTERM)
     assert verify_path(state / LEDGER_FILENAME).ok
     led = Ledger.open(state / LEDGER_FILENAME, clock=time.time, readonly=True)
     try:

@@ -158,12 +158,12 @@ class AttributionCollector(Collector):
     def __init__(
         self,
         stats: Callable[[], dict[str, int]],
-        timesliced: Callable[[], dict[str, float]] = dict,
-        uuids: Mapping[str, str] | None = None,
+        timesliced: Callable[[], dict[str, float]],
+        uuids: Mapping[str, str],
     ) -> None:
         self._stats = stats
         self._timesliced = timesliced
-        self._uuids = dict(uuids or {})
+        self._uuids = dict(uuids)
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
