@@ -1,7 +1,10 @@
 """GEMM phases with exact FLOP counts, for accuracy benchmarks on a real GPU.
 
 Usage: python gemm_worker.py OUT.json PHASE[,PHASE...] [--seconds S] [--start-at EPOCH]
-                              [--gap S] [--report JOB]
+                              [--gap S] [--report JOB] [--iters N]
+
+With --iters N each phase instead runs exactly N products inside a CUDA profiler range (for
+``ncu --profile-from-start off``) and records their exact FLOPs.
 
 Each phase runs matrix products of one precision and shape for about S seconds and records
 [t0, t1] (wall clock, taken after a device synchronisation) and the exact FLOPs issued:
@@ -32,11 +35,30 @@ PHASES = {
     "bf16_small": ("bf16", 1024, 1024, 1024),
     "bf16_mid": ("bf16", 6144, 6144, 6144),
     "bf16_mlp": ("bf16", 16384, 4096, 4096),
+    # A 50257-token vocabulary head: the output's leading dimension is odd, so cuBLAS cannot
+    # use Hopper's TMA/wgmma kernels and picks an mma.sync one (half the ops per active cycle).
+    "bf16_vocab": ("bf16", 8192, 50257, 1024),
+    "bf16_vocab_aligned": ("bf16", 8192, 50304, 1024),
+    # Fused attention forward (flash SDPA, non-causal): (batch, heads, seq, head_dim) = m, n, k, 64
+    "sdpa": ("sdpa", 8, 16, 2048),
 }
+
+
+def _flops_each(dtype: str, m: int, n: int, k: int) -> int:
+    if dtype == "sdpa":  # QK^T and PV: 2 matmuls of 2*s*s*d each per (batch, head)
+        return 4 * m * n * k * k * 64
+    return 2 * m * n * k
 
 
 def _operands(dtype: str, m: int, n: int, k: int):  # type: ignore[no-untyped-def]
     dev = "cuda"
+    if dtype == "sdpa":
+        q, kk, v = (torch.randn(m, n, k, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
+
+        def attn() -> torch.Tensor:
+            return torch.nn.functional.scaled_dot_product_attention(q, kk, v)
+
+        return attn
     if dtype == "fp8":
         a = torch.randn(m, k, device=dev).to(torch.float8_e4m3fn)
         bt = torch.randn(n, k, device=dev).to(torch.float8_e4m3fn)
@@ -65,11 +87,26 @@ def _operands(dtype: str, m: int, n: int, k: int):  # type: ignore[no-untyped-de
     return mm
 
 
+def profile_phase(name: str, iters: int) -> dict:
+    """Exactly ``iters`` products inside a CUDA profiler range, for ``ncu --profile-from-start off``."""
+    dtype, m, n, k = PHASES[name]
+    mm = _operands(dtype, m, n, k)
+    mm()  # warm-up (and cuBLAS heuristics) outside the range
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for _ in range(iters):
+        mm()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    return {"name": name, "dtype": dtype, "shape": [m, n, k], "products": iters,
+            "flops": float(_flops_each(dtype, m, n, k)) * iters}
+
+
 def run_phase(name: str, seconds: float, reporter=None) -> dict:  # type: ignore[no-untyped-def]
     dtype, m, n, k = PHASES[name]
     mm = _operands(dtype, m, n, k)
     torch.cuda.synchronize()
-    flops_each = 2 * m * n * k
+    flops_each = _flops_each(dtype, m, n, k)
     count = 0
     t0 = time.time()
     # Size a batch so a synchronisation happens about every 50 ms.
@@ -112,6 +149,7 @@ def main() -> None:
     start_at = None
     gap = 2.0
     job = None
+    iters = None
     args = sys.argv[3:]
     while args:
         flag = args.pop(0)
@@ -123,8 +161,14 @@ def main() -> None:
             gap = float(args.pop(0))
         elif flag == "--report":
             job = args.pop(0)
+        elif flag == "--iters":
+            iters = int(args.pop(0))
     torch.cuda.init()
     torch.zeros(1, device="cuda")
+    if iters is not None:
+        with open(out, "w") as f:
+            json.dump([profile_phase(name, iters) for name in names], f, indent=1)
+        return
     # Allocate operands ahead so allocation never lands inside a timed window.
     if start_at is not None:
         time.sleep(max(0.0, start_at - time.time()))
