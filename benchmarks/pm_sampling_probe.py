@@ -84,6 +84,10 @@ def log(msg: str) -> None:
 
 
 def cuda_context(index: int) -> Any:
+    # With CUPTI 13.3 on driver 580, profiler initialisation segfaulted in a process holding
+    # only a cuda-bindings context; after `import torch` it ran (run 21). CUPTI 13.0 (the
+    # driver's own version) refused the 13.3 bindings' host structs.
+    import torch  # noqa: F401
     from cuda.bindings import driver as cu
 
     (err,) = cu.cuInit(0)
