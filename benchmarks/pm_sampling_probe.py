@@ -23,10 +23,12 @@ Prints a table last: per phase, each counter x its candidate rate / exact FLOPs.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import re
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -257,7 +259,7 @@ def run_phases(out: Path, metrics: list[str], res: dict[str, Any]) -> None:
     nv.start()
     reader.start()
     time.sleep(1.0)
-    wfile = out / "worker.json"
+    wfile = Path(tempfile.mkdtemp()) / "worker.json"
     subprocess.run([PY, WORKER, str(wfile), ",".join(PHASES), "--seconds", "3", "--gap", "1"],
                    check=True, cwd=ROOT)
     time.sleep(0.5)
@@ -314,7 +316,7 @@ def run_phases(out: Path, metrics: list[str], res: dict[str, Any]) -> None:
 
 def ncu_metrics(out: Path, res: dict[str, Any]) -> list[str]:
     r = subprocess.run(["ncu", "--query-metrics", "--chip", "gh100"], capture_output=True, text=True)
-    (out / "ncu-metrics.txt").write_text(r.stdout + r.stderr)
+    (out / "ncu-metrics.txt.gz").write_bytes(gzip.compress((r.stdout + r.stderr).encode()))
     known = {ln.split()[0] for ln in r.stdout.splitlines() if ln.strip()}
     use = [m for m in NCU_METRICS if m.rsplit(".", 1)[0] in known]
     res["ncu_metrics_used"] = use
@@ -326,7 +328,7 @@ def ncu_metrics(out: Path, res: dict[str, Any]) -> list[str]:
 
 def ncu_phases(out: Path, metrics: list[str], res: dict[str, Any]) -> None:
     rep = out / "ncu-phases.csv"
-    wfile = out / "ncu-worker.json"
+    wfile = Path(tempfile.mkdtemp()) / "ncu-worker.json"
     cmd = ["ncu", "--clock-control", "none", "--profile-from-start", "off", "--csv",
            "--page", "raw", "--metrics", ",".join(metrics), PY, WORKER, str(wfile),
            ",".join(PHASES), "--iters", "2"]
@@ -334,7 +336,7 @@ def ncu_phases(out: Path, metrics: list[str], res: dict[str, Any]) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     res["ncu_seconds"] = time.time() - t
     rep.write_text(r.stdout)
-    (out / "ncu-phases.err").write_text(r.stderr[-20000:])
+    res["ncu_stderr_tail"] = r.stderr[-3000:]
     res["ncu_rc"] = r.returncode
     log(f"ncu rc {r.returncode} in {res['ncu_seconds']:.0f}s")
 
@@ -346,7 +348,7 @@ def contention(out: Path, metrics: list[str], res: dict[str, Any]) -> None:
     time.sleep(0.5)
     cmd = ["ncu", "--clock-control", "none", "--profile-from-start", "off",
            "--metrics", "sm__pipe_tensor_cycles_active.sum", PY, WORKER,
-           str(out / "cont-worker.json"), "bf16", "--iters", "2"]
+           str(Path(tempfile.mkdtemp()) / "cont-worker.json"), "bf16", "--iters", "2"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     time.sleep(0.5)
     n_before = len(reader.samples)
