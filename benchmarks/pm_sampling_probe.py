@@ -28,8 +28,8 @@ import json
 import os
 import re
 import subprocess
-import tempfile
 import sys
+import tempfile
 import threading
 import time
 import traceback

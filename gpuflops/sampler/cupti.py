@@ -418,7 +418,7 @@ class _CuptiSession:
         try:
             self._cu.cuCtxSetCurrent(self._ctx)  # type: ignore[attr-defined]
             self._c.stop()  # type: ignore[attr-defined]
-        except Exception as e:  # noqa: BLE001 - stopping twice is harmless; report the rest
+        except Exception as e:
             log.debug("PM sampling stop: %s", e)
         finally:
             self._c.disable()  # type: ignore[attr-defined]
