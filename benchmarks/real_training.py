@@ -1,0 +1,491 @@
+"""Real-training accuracy suite: Hugging Face Trainer jobs metered by the daemon at its defaults.
+
+Run on a two-GPU H200 machine from the repository root (cupti-python carried as wheels):
+
+    PYTHONPATH=.:/tmp/site python3 benchmarks/real_training.py --out $OUT --phase metered
+    PYTHONPATH=.:/tmp/site python3 benchmarks/real_training.py --out $OUT --phase executed
+    python3 benchmarks/real_training.py --combine DIR... --gpu h200 --run 22   # anywhere
+
+Every job is built from a config (no downloads), trains with bf16 autocast as a new user's
+Trainer job would (``bf16=True``), and publishes its analytic estimate through the HF callback.
+Jobs run two at a time, one per GPU; the DDP job takes both.
+
+Three figures per job, against two truths:
+- ``measured``: the daemon's hardware figure for the job (``gpuflops_job_measured_flops``);
+- ``analytic``: what the HF callback reported (recomputation included);
+- ``compliance``: the program's figure under the default compliance basis;
+- ``truth_nominal``: ``FlopCounterMode`` on the meta device for one micro-batch, times the
+  micro-batches the job ran, without activation recomputation (``truth_nominal_recompute`` is
+  the recomputation that checkpointing adds);
+- ``truth_executed``: Nsight Compute's executed tensor ops (``sm__ops_path_tensor_*``) plus
+  FP32/FP16 pipe FLOPs (2·FFMA + FADD + FMUL per thread, same for half) over one profiled
+  optimizer step after warm-up, times the optimizer steps the metered run did.
+
+The ``metered`` phase runs the daemon and the jobs; the ``executed`` phase runs each job once
+more under ncu (the daemon is stopped: PM sampling and ncu exclude each other). ``--combine``
+joins them into ``real-training-<gpu>-<run>.json`` with a list ``jobs`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+SEQ = 1024
+WARMUP_STEPS = 4  # the executed phase profiles the step after these
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    arch: str  # llama | gpt2
+    vocab: int
+    attn: str  # sdpa | eager
+    method: str  # full | lora
+    ckpt: bool
+    world: int = 1
+    steps: int = 400
+    batch: int = 8
+    layers: int = 12
+    hidden: int = 1024
+
+
+JOBS: dict[str, JobSpec] = {
+    "llama-v32000-sdpa-full": JobSpec("llama", 32000, "sdpa", "full", False),
+    "llama-v32001-sdpa-full": JobSpec("llama", 32001, "sdpa", "full", False),
+    "llama-v32000-eager-full": JobSpec("llama", 32000, "eager", "full", False),
+    "llama-v32000-sdpa-lora": JobSpec("llama", 32000, "sdpa", "lora", False),
+    "llama-v32000-sdpa-full-ckpt": JobSpec("llama", 32000, "sdpa", "full", True),
+    "gpt2-v50257-sdpa-full": JobSpec("gpt2", 50257, "sdpa", "full", False, hidden=768),
+    "gpt2-v50257-eager-lora-ckpt": JobSpec("gpt2", 50257, "eager", "lora", True, hidden=768),
+    "llama-v32000-sdpa-full-ddp": JobSpec("llama", 32000, "sdpa", "full", False, world=2),
+}
+
+NCU_OPS = [
+    "sm__ops_path_tensor_src_bf16_dst_fp32.sum",
+    "sm__ops_path_tensor_src_fp16.sum",
+    "sm__ops_path_tensor_src_tf32_dst_fp32.sum",
+    "sm__ops_path_tensor_src_fp8.sum",
+]
+NCU_FP = {  # per-thread instructions and the FLOPs each is worth
+    "smsp__sass_thread_inst_executed_op_ffma_pred_on.sum": 2,
+    "smsp__sass_thread_inst_executed_op_fadd_pred_on.sum": 1,
+    "smsp__sass_thread_inst_executed_op_fmul_pred_on.sum": 1,
+    "smsp__sass_thread_inst_executed_op_hfma_pred_on.sum": 2,
+    "smsp__sass_thread_inst_executed_op_hadd_pred_on.sum": 1,
+    "smsp__sass_thread_inst_executed_op_hmul_pred_on.sum": 1,
+}
+NCU_CYCLES = "sm__pipe_tensor_cycles_active.sum"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- the job itself
+
+
+def build_model(spec: JobSpec) -> Any:
+    import transformers
+
+    if spec.arch == "llama":
+        cfg: Any = transformers.LlamaConfig(
+            hidden_size=spec.hidden, intermediate_size=int(spec.hidden * 2.75),
+            num_hidden_layers=spec.layers, num_attention_heads=spec.hidden // 64,
+            # no GQA: torch 2.11's FlopCounterMode rejects SDPA with fewer KV heads than heads
+            num_key_value_heads=spec.hidden // 64, vocab_size=spec.vocab,
+            max_position_embeddings=SEQ, tie_word_embeddings=False)
+        lora_targets = ["q_proj", "v_proj"]
+    else:
+        cfg = transformers.GPT2Config(n_embd=spec.hidden, n_layer=spec.layers,
+                                      n_head=spec.hidden // 64, n_positions=SEQ,
+                                      vocab_size=spec.vocab)
+        lora_targets = ["c_attn"]
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=spec.attn)
+    if spec.method == "lora":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=16, lora_alpha=32, target_modules=lora_targets, lora_dropout=0.0,
+            fan_in_fan_out=spec.arch == "gpt2"))
+    if spec.ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def nominal(spec: JobSpec) -> dict[str, float]:
+    """FlopCounterMode on the meta device: one micro-batch, with and without recomputation."""
+    import torch
+    from transformers import masking_utils
+
+    from gpuflops.estimate.exact import FlopCount
+
+    # Looking for packed sequences reads a tensor's value, which meta tensors do not have; the
+    # suite's batches are never packed, and the answer changes no FLOP.
+    masking_utils.find_packed_sequence_indices = lambda *_a, **_k: None
+    out = {}
+    for ckpt in sorted({False, spec.ckpt}):
+        with torch.device("meta"):
+            model = build_model(JobSpec(**{**asdict(spec), "ckpt": ckpt}))
+            model.train()
+            ids = torch.randint(0, spec.vocab, (spec.batch, SEQ))
+        with FlopCount() as c:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        assert c.result is not None
+        out["with_ckpt" if ckpt else "plain"] = c.result.total
+    per_mb = out["plain"]
+    recompute = out.get("with_ckpt", per_mb) - per_mb
+    return {"per_micro_batch": per_mb, "recompute_per_micro_batch": recompute}
+
+
+class _Data:
+    def __init__(self, n: int, vocab: int) -> None:
+        import torch
+
+        self.ids = torch.randint(0, vocab, (n, SEQ), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import torch
+
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(SEQ, dtype=torch.long),
+                "labels": self.ids[i]}
+
+
+def run_job(name: str, mode: str, out: Path, socket_path: str | None) -> None:
+    """One job in this process (a torchrun rank for DDP). ``mode``: metered | executed."""
+    import torch
+    import transformers
+
+    spec = JOBS[name]
+    if os.environ.get("SUITE_TINY"):  # a CPU smoke test of this script's own plumbing
+        spec = JobSpec(**{**asdict(spec), "layers": 2, "hidden": 128, "steps": 3, "batch": 2})
+    rank = int(os.environ.get("RANK", "0"))
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    torch.manual_seed(0)
+    model = build_model(spec)
+
+    class ProfileOneStep(transformers.TrainerCallback):
+        """cudaProfilerStart/Stop around the optimizer step after the warm-up, then stop."""
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == WARMUP_STEPS:
+                torch.cuda.synchronize()
+                torch.cuda.cudart().cudaProfilerStart()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+            if state.global_step == WARMUP_STEPS + 1:
+                torch.cuda.synchronize()
+                torch.cuda.cudart().cudaProfilerStop()
+                control.should_training_stop = True
+            return control
+
+    callbacks: list[Any] = []
+    gcb = None
+    if mode == "metered":
+        from gpuflops.client.hf import GpuflopsCallback
+
+        gcb = GpuflopsCallback(job=name, program=name, socket_path=socket_path)
+        callbacks.append(gcb)
+    else:
+        callbacks.append(ProfileOneStep())
+    steps = spec.steps if mode == "metered" else WARMUP_STEPS + 2
+    with tempfile.TemporaryDirectory() as tmp:
+        args = transformers.TrainingArguments(
+            output_dir=tmp, max_steps=steps, per_device_train_batch_size=spec.batch,
+            gradient_accumulation_steps=1, learning_rate=1e-4, bf16=True, report_to=[],
+            save_strategy="no", logging_strategy="no", disable_tqdm=True,
+            dataloader_num_workers=1, ddp_find_unused_parameters=False,
+            use_cpu=not torch.cuda.is_available())
+        trainer = transformers.Trainer(model=model, args=args,
+                                       train_dataset=_Data(spec.batch * steps * spec.world + 64,
+                                                           spec.vocab),
+                                       callbacks=callbacks)
+        sync()
+        t0 = time.time()
+        result = trainer.train()
+        sync()
+        t1 = time.time()
+    rec: dict[str, Any] = {"name": name, "rank": rank, "t0": t0, "t1": t1,
+                           "steps": int(result.global_step), "pid": os.getpid(),
+                           "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+                           else "cpu"}
+    if gcb is not None:
+        rec["callback_flops"] = sum(s.flops for s in gcb.steps)
+        rec["callback_recompute"] = sum(s.recompute for s in gcb.steps)
+        rec["callback_steps"] = len(gcb.steps)
+        rec["declared_precision"] = gcb.metadata.get("precision")
+    (out / f"{name}.{mode}.rank{rank}.json").write_text(json.dumps(rec))
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def _env(gpus: str) -> dict[str, str]:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus, PYTHONUNBUFFERED="1",
+               TOKENIZERS_PARALLELISM="false")
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _job_cmd(name: str, mode: str, out: Path, sock: str | None) -> list[str]:
+    me = [str(Path(__file__).resolve()), "--run-job", name, "--mode", mode, "--out", str(out)]
+    if sock:
+        me += ["--socket", sock]
+    if JOBS[name].world > 1:
+        return [PY, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={JOBS[name].world}", *me]
+    return [PY, *me]
+
+
+def _batches(names: list[str]) -> Iterator[list[tuple[str, str]]]:
+    """(job, CUDA_VISIBLE_DEVICES) groups that run at once: singles in pairs, DDP alone."""
+    singles = [n for n in names if JOBS[n].world == 1]
+    for i in range(0, len(singles), 2):
+        yield [(n, str(g)) for g, n in enumerate(singles[i:i + 2])]
+    for n in names:
+        if JOBS[n].world > 1:
+            yield [(n, ",".join(str(g) for g in range(JOBS[n].world)))]
+
+
+def _metrics(url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def _pick(m: dict[str, dict[Any, float]], name: str, **want: str) -> float | None:
+    total, found = 0.0, False
+    for labels, v in m.get(name, {}).items():
+        lab = dict(labels)
+        lab.setdefault("job", lab.get("job_id", ""))
+        if all(lab.get(k) == val for k, val in want.items()):
+            total, found = total + v, True
+    return total if found else None
+
+
+def phase_metered(out: Path, names: list[str]) -> None:
+    state = Path(tempfile.mkdtemp(prefix="gpuflops-state-"))
+    sock = str(state / "jobs.sock")
+    port = 9461
+    daemon_log = (out / "daemon.log").open("w")
+    daemon = subprocess.Popen(
+        [PY, "-m", "gpuflops", "daemon", "--listen", f"127.0.0.1:{port}", "--socket", sock,
+         "--state-dir", str(state)], stdout=daemon_log, stderr=subprocess.STDOUT,
+        env=_env(os.environ.get("CUDA_VISIBLE_DEVICES", "0,1")), cwd=ROOT)
+    url = f"http://127.0.0.1:{port}/metrics"
+    for _ in range(120):
+        try:
+            _metrics(url)
+            if Path(sock).exists():
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    log(f"daemon up (pid {daemon.pid})")
+    try:
+        for batch in _batches(names):
+            procs = []
+            for name, gpus in batch:
+                log(f"metered: {name} on GPU {gpus}")
+                procs.append((name, subprocess.Popen(
+                    _job_cmd(name, "metered", out, sock), env=_env(gpus), cwd=ROOT,
+                    stdout=(out / f"{name}.metered.log").open("w"), stderr=subprocess.STDOUT)))
+            for name, p in procs:
+                rc = p.wait()
+                log(f"metered: {name} exit {rc}")
+        time.sleep(15)  # attribution hold, ledger commit, program refresh (10 s)
+        m = _metrics(url)
+        (out / "metrics-final.json").write_text(json.dumps(
+            {k: [[list(map(list, lab)), v] for lab, v in d.items()] for k, d in m.items()
+             if k.startswith(("gpuflops_job", "gpuflops_program", "gpuflops_gpu_clock",
+                              "gpuflops_gpu_counter", "gpuflops_sampler"))}))
+        figures = {}
+        for name in names:
+            figures[name] = {
+                "measured": _pick(m, "gpuflops_job_measured_flops_total", job=name),
+                "analytic": _pick(m, "gpuflops_job_analytic_flops_total", job=name),
+                "recompute": _pick(m, "gpuflops_job_recompute_flops_total", job=name),
+                "compliance": _pick(m, "gpuflops_program_flops_total", program=name,
+                                    basis="compliance"),
+            }
+        (out / "metered.json").write_text(json.dumps(figures, indent=1))
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+        daemon_log.close()
+        subprocess.run([PY, "-m", "gpuflops", "verify", "--state-dir", str(state)],
+                       env=_env(""), cwd=ROOT)
+
+
+def _ncu_rows(text: str) -> list[dict[str, Any]]:
+    lines = text.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith('"ID"')), None)
+    if start is None:
+        return []
+    rows = list(csv.reader(io.StringIO("\n".join(lines[start:]))))
+    head, body = rows[0], rows[2:]
+    out = []
+    for r in body:
+        rec: dict[str, Any] = {"kernel": r[head.index("Kernel Name")],
+                               "pid": r[head.index("Process ID")]}
+        for col in (*NCU_OPS, *NCU_FP, NCU_CYCLES):
+            try:
+                rec[col] = float(r[head.index(col)].replace(",", ""))
+            except (ValueError, IndexError):
+                rec[col] = 0.0
+        out.append(rec)
+    return out
+
+
+def phase_executed(out: Path, names: list[str]) -> None:
+    metrics = ",".join([*NCU_OPS, *NCU_FP, NCU_CYCLES])
+    for batch in _batches(names):
+        procs = []
+        for name, gpus in batch:
+            log(f"executed: {name} under ncu on GPU {gpus}")
+            cmd = ["ncu", "--clock-control", "none", "--profile-from-start", "off",
+                   "--target-processes", "all", "--csv", "--page", "raw", "--metrics", metrics,
+                   *_job_cmd(name, "executed", out, None)]
+            procs.append((name, subprocess.Popen(cmd, env=_env(gpus), cwd=ROOT,
+                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                 text=True)))
+        for name, p in procs:
+            so, se = p.communicate()
+            rows = _ncu_rows(so)
+            tensor = sum(r[c] for r in rows for c in NCU_OPS)
+            fp = sum(r[c] * w for r in rows for c, w in NCU_FP.items())
+            kernels: dict[str, dict[str, float]] = {}
+            for r in rows:
+                k = kernels.setdefault(r["kernel"][:120], {"n": 0, "ops": 0.0, "cycles": 0.0})
+                k["n"] += 1
+                k["ops"] += sum(r[c] for c in NCU_OPS)
+                k["cycles"] += r[NCU_CYCLES]
+            rec = {"name": name, "rc": p.returncode, "kernels_profiled": len(rows),
+                   "tensor_ops_step": tensor, "fp_flops_step": fp,
+                   "tensor_cycles_step": sum(r[NCU_CYCLES] for r in rows),
+                   "by_kernel": kernels, "stderr_tail": se[-2000:]}
+            (out / f"{name}.executed.json").write_text(json.dumps(rec))
+            log(f"executed: {name} rc {p.returncode}, {len(rows)} kernels, "
+                f"tensor {tensor:.4g} fp {fp:.4g} per step")
+
+
+def combine(dirs: list[Path], gpu: str, run: str, dest: Path) -> dict[str, Any]:
+    files: dict[str, Path] = {}
+    for d in dirs:
+        for f in d.glob("*.json"):
+            files[f.name] = f
+    metered = json.loads(files["metered.json"].read_text()) if "metered.json" in files else {}
+    jobs = []
+    for name, spec in JOBS.items():
+        ranks = [json.loads(files[f].read_text()) for f in sorted(files)
+                 if f.startswith(f"{name}.metered.rank")]
+        ex = json.loads(files[f"{name}.executed.json"].read_text()) \
+            if f"{name}.executed.json" in files else None
+        if not ranks:
+            continue
+        steps = ranks[0]["steps"]
+        micro_batches = steps * spec.world
+        nom = nominal(spec)
+        fig = metered.get(name, {})
+        job: dict[str, Any] = {
+            "name": name, "spec": asdict(spec), "steps": steps, "micro_batches": micro_batches,
+            "seconds": max(r["t1"] for r in ranks) - min(r["t0"] for r in ranks),
+            "truth_nominal": nom["per_micro_batch"] * micro_batches,
+            "truth_nominal_recompute": nom["recompute_per_micro_batch"] * micro_batches,
+            "truth_executed": (ex["tensor_ops_step"] + ex["fp_flops_step"]) * steps
+            if ex and ex["kernels_profiled"] else None,
+            "truth_executed_tensor": ex["tensor_ops_step"] * steps if ex else None,
+            "measured": fig.get("measured"), "analytic": fig.get("analytic"),
+            "analytic_recompute": fig.get("recompute"), "compliance": fig.get("compliance"),
+            "declared_precision": ranks[0].get("declared_precision"),
+            "callback_flops": sum(r.get("callback_flops", 0.0) for r in ranks),
+        }
+        if ex:
+            job["executed_kernels"] = sorted(
+                ({"kernel": k, **v, "ops_per_tensor_cycle": v["ops"] / v["cycles"]
+                  if v["cycles"] else None} for k, v in ex["by_kernel"].items()),
+                key=lambda k: -k["ops"])[:25]
+        jobs.append(job)
+    doc = {"gpu": gpu, "run": run, "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                             time.gmtime()),
+           "seq_len": SEQ, "warmup_steps_before_profiled_step": WARMUP_STEPS, "jobs": jobs}
+    dest.write_text(json.dumps(doc, indent=1))
+    print_table(doc)
+    return doc
+
+
+def _r(a: float | None, b: float | None) -> str:
+    return f"{a / b:.3f}" if a and b else "  -  "
+
+
+def print_table(doc: dict[str, Any]) -> None:
+    print(f"\n{'job':32s} {'nominal':>9s} {'executed':>9s} {'meas/exec':>9s} "
+          f"{'anal/nom':>8s} {'compl/nom':>9s}")
+    for j in doc["jobs"]:
+        print(f"{j['name']:32s} {j['truth_nominal']:9.3g} {j['truth_executed'] or 0:9.3g} "
+              f"{_r(j['measured'], j['truth_executed']):>9s} "
+              f"{_r((j['analytic'] or 0) - (j['analytic_recompute'] or 0), j['truth_nominal']):>8s} "
+              f"{_r(j['compliance'], j['truth_nominal']):>9s}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--phase", choices=["metered", "executed", "all"], default="all")
+    ap.add_argument("--jobs", default=",".join(JOBS))
+    ap.add_argument("--run-job")
+    ap.add_argument("--mode", choices=["metered", "executed"])
+    ap.add_argument("--socket")
+    ap.add_argument("--combine", nargs="+", type=Path)
+    ap.add_argument("--gpu", default="h200")
+    ap.add_argument("--run", default="0")
+    ap.add_argument("--nominal", help="print one job's nominal FLOPs (meta device) and exit")
+    a = ap.parse_args()
+    if a.nominal:
+        print(json.dumps(nominal(JOBS[a.nominal])))
+        return 0
+    if a.run_job:
+        run_job(a.run_job, a.mode, a.out, a.socket)
+        return 0
+    if a.combine:
+        dest = ROOT / "benchmarks" / "results" / f"real-training-{a.gpu}-{a.run}.json"
+        combine(a.combine, a.gpu, a.run, dest)
+        return 0
+    a.out.mkdir(parents=True, exist_ok=True)
+    names = [n for n in a.jobs.split(",") if n]
+    if a.phase in ("metered", "all"):
+        phase_metered(a.out, names)
+    if a.phase in ("executed", "all"):
+        phase_executed(a.out, names)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
