@@ -42,6 +42,15 @@ class StepTally:
         self.micro_batches += 1
 
 
+def matmul_precision(param_precision: str | None) -> str | None:
+    """What fp32 parameters' matrix products run at without autocast: tf32 when torch allows it."""
+    if param_precision != "fp32":
+        return param_precision
+    import torch
+
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+
+
 def reporter_metadata(facts: ModelFacts, **more: Any) -> dict[str, Any]:
     """JobReporter metadata (protocol field names) for a model; ``None`` values dropped."""
     meta: dict[str, Any] = {
@@ -80,8 +89,14 @@ class EstimatingCallback:
         self.facts: ModelFacts | None = None
         self.metadata: dict[str, Any] = {}
 
-    def _begin(self, model: nn.Module, **run: Any) -> bool:
-        """Inspect the model and start the reporter; False (with a warning) if it cannot."""
+    def _begin(self, model: nn.Module, *, compute_precision: str | None = None,
+               **run: Any) -> bool:
+        """Inspect the model and start the reporter; False (with a warning) if it cannot.
+
+        ``compute_precision`` is what the matrix products run at when the framework says so
+        (mixed precision): with bf16 autocast the parameters stay fp32 but every GEMM is bf16,
+        and the daemon must count the tensor cores' bf16 rate, not fp32's.
+        """
         try:
             self.facts = inspect_model(model, spec=self._spec, method=self._method,
                                        attention_kernel=self._kernel)
@@ -91,6 +106,9 @@ class EstimatingCallback:
         self.metadata = reporter_metadata(
             self.facts, base_model_flops=self._base[0], base_model_flops_source=self._base[1],
             **run, **self._extra_metadata)
+        precision = compute_precision or matmul_precision(self.facts.precision)
+        if precision is not None:
+            self.metadata["precision"] = precision
         if self.reporter is None:
             from gpuflops.client.reporter import JobReporter
 

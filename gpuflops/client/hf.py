@@ -46,8 +46,10 @@ class GpuflopsCallback(EstimatingCallback, TrainerCallback):
         world = max(1, int(args.world_size))
         per_device = int(args.per_device_train_batch_size)
         accum = int(args.gradient_accumulation_steps)
+        mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else None
         if not self._begin(
-            model, global_batch_size=per_device * accum * world, micro_batches=accum,
+            model, compute_precision=mixed,
+            global_batch_size=per_device * accum * world, micro_batches=accum,
             planned_steps=int(state.max_steps) if state.max_steps > 0 else None,
             data_parallel=world, rank=int(args.process_index), world_size=world,
         ):

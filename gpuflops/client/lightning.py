@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 
 from gpuflops.client.estimating import EstimatingCallback, Reporter, StepTally
 from gpuflops.estimate.spec import SpecError
+from gpuflops.ledger.reconcile import normalize_precision
 from gpuflops.estimate.torchmodel import batch_fields, batch_tokens
 
 
@@ -29,7 +30,8 @@ class GpuflopsLightningCallback(EstimatingCallback, pl.Callback):
         accum = int(trainer.accumulate_grad_batches)
         world = max(1, int(trainer.world_size))
         self._begin(
-            pl_module, micro_batches=accum, data_parallel=world, rank=int(trainer.global_rank),
+            pl_module, compute_precision=normalize_precision(str(trainer.precision)),
+            micro_batches=accum, data_parallel=world, rank=int(trainer.global_rank),
             world_size=world, planned_steps=trainer.max_steps if trainer.max_steps > 0 else None,
         )
 

@@ -150,3 +150,18 @@ def test_lora_without_checkpointing_overestimates_slightly(tmp_path: Path) -> No
     reporter, measure = train(tmp_path, lora_llama(["q_proj", "v_proj"]), Tokens(8), steps=2)
     for (flops, _, _), measured in zip(reporter.adds, measure.totals, strict=True):
         assert measured < flops < measured * 1.05
+
+
+@pytest.mark.parametrize(("flags", "declared"), [({"bf16": True}, "bf16"), ({}, "fp32")])
+def test_declares_the_precision_the_matrix_products_run_at(tmp_path: Path, flags: dict,
+                                                           declared: str) -> None:
+    # bf16 autocast keeps fp32 parameters: reading their dtype alone said "fp32", and the
+    # daemon then counted tensor work at the wrong rate.
+    callback = GpuflopsCallback(RecordingReporter())
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
+        report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
+        dataloader_num_workers=0, disable_tqdm=True, **flags)
+    transformers.Trainer(model=tiny_llama(), args=args, train_dataset=Tokens(4),
+                         callbacks=[callback]).train()
+    assert callback.metadata["precision"] == declared
