@@ -14,8 +14,8 @@ import lightning.pytorch as pl
 
 from gpuflops.client.estimating import EstimatingCallback, Reporter, StepTally
 from gpuflops.estimate.spec import SpecError
-from gpuflops.ledger.reconcile import normalize_precision
 from gpuflops.estimate.torchmodel import batch_fields, batch_tokens
+from gpuflops.ledger.reconcile import normalize_precision
 
 
 class GpuflopsLightningCallback(EstimatingCallback, pl.Callback):
