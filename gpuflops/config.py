@@ -8,7 +8,7 @@ from typing import Any
 
 import tomllib
 
-from gpuflops.integrate.rates import DEFAULT_HMMA_PRECISION, HMMA_PRECISIONS
+from gpuflops.rates import DEFAULT_HMMA_PRECISION, HMMA_PRECISIONS
 
 DEFAULT_LISTEN = "0.0.0.0:9450"
 DEFAULT_SOCKET = "/run/gpuflops/gpuflops.sock"

@@ -8,7 +8,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gpuflops.totals import Snapshot
+from gpuflops.exporter.state import Snapshot
 
 _PROGRAM_LABELS = {
     "gpuflops_program_flops_total": ("program", "basis"),

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from gpuflops.exporter.state import JobAnalytic, Row, Totals
 from gpuflops.ledger.store import NODE, Ledger, LedgerError
-from gpuflops.totals import JobAnalytic, Row, Totals
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from gpuflops.integrate.rates import ARCHITECTURE_CODES
 from gpuflops.model import GpuInfo, GpuSample, Metric, ProcessInfo, ProcessUtilSample
-from gpuflops.sampler import SamplerError
+from gpuflops.rates import ARCHITECTURE_CODES
+from gpuflops.sampler.base import SamplerError
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ class NvmlSampler:
         except NvmlCallError:
             pass
         # Pass-through VMs answer NotSupported above (gpu-facts); derive from the core count.
-        from gpuflops.integrate.rates import family_for
+        from gpuflops.rates import family_for
 
         family = family_for(arch, name)
         try:

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from gpuflops.model import GpuInfo, GpuSample, ProcessUtilSample
-from gpuflops.sampler import SamplerError
+from gpuflops.sampler.base import SamplerError
 from gpuflops.sampler.trace import TraceError, TraceInterval, load_trace
 
 # Gap reasons that are not a failed backend call (nvml.py counts those separately).

@@ -12,14 +12,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
-from gpuflops.attribution.process import ProcessAttributor
-from gpuflops.daemon import Pipeline
+from gpuflops.app.build import Pipeline
 from gpuflops.exporter.collector import AttributionCollector, FlopsCollector
 from gpuflops.exporter.http import MetricsServer
-from gpuflops.integrate.integrator import Integrator
+from gpuflops.exporter.state import Totals
 from gpuflops.model import GpuInfo, GpuSample
+from gpuflops.pipeline.attribute import ProcessAttributor
+from gpuflops.pipeline.integrate import Integrator
 from gpuflops.sampler.trace import load_trace
-from gpuflops.totals import Totals
 
 ROOT = Path(__file__).parents[2]
 DEMO = ROOT / "gpuflops" / "data" / "h100-demo.jsonl.gz"

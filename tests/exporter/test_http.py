@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from gpuflops.app.build import Daemon
 from gpuflops.config import Settings
-from gpuflops.daemon import Daemon
 from gpuflops.exporter.http import MetricsServer, parse_listen
 from gpuflops.sampler.replay import ReplaySampler
 

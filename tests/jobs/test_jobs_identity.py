@@ -10,10 +10,10 @@ import textwrap
 import warnings
 
 import pytest
-from jobsock_client import Client
 
 from gpuflops.jobs.registry import JobRef, JobRegistry
 from gpuflops.jobs.server import JobSocketServer
+from tests.jobs.jobsock_client import Client
 
 # Runs in a separate process: registers a job (attaching itself), then tries to attach its
 # parent, an unrelated process and its own child. Only stdlib, so it needs no PYTHONPATH.

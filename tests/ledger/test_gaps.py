@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from gpuflops.exporter.state import Row, Totals
 from gpuflops.ledger.sink import LedgerSink
 from gpuflops.ledger.store import NODE, Ledger, verify_path
 from gpuflops.model import GpuInfo
-from gpuflops.totals import Row, Totals
 
 GPUS = [GpuInfo("0", 0, "GPU-a", "H100", "hopper", 132), GpuInfo("1", 1, "GPU-b", "H100", "hopper", 132)]
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from gpuflops.exporter.state import Totals
 from gpuflops.ledger.sink import LedgerSink
 from gpuflops.ledger.store import SCHEMA_VERSION, FlopsRow, Ledger
 from gpuflops.model import GpuInfo
-from gpuflops.totals import Totals
 
 
 def _row(job: str, flops: float) -> FlopsRow:

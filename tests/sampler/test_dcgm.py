@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gpuflops.integrate.integrator import Integrator
 from gpuflops.model import GpuInfo, GpuSample, Metric
-from gpuflops.sampler import SamplerError
+from gpuflops.pipeline.integrate import Integrator
+from gpuflops.sampler.base import SamplerError
 from gpuflops.sampler.dcgm import DcgmSampler, parse_endpoint
 from gpuflops.sampler.nvml import NvmlSampler
 from gpuflops.sampler.trace import load_trace

@@ -11,9 +11,9 @@ import fake_nvml
 import pytest
 from fake_nvml import FakeClock
 
-from gpuflops.integrate.integrator import Integrator
 from gpuflops.model import GpuSample, Metric
-from gpuflops.sampler import Sampler, SamplerError
+from gpuflops.pipeline.integrate import Integrator
+from gpuflops.sampler.base import Sampler, SamplerError
 from gpuflops.sampler.nvml import GPM_METRIC_IDS, NvmlSampler
 from gpuflops.sampler.trace import load_trace
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuflops.sampler import Sampler, SamplerError
+from gpuflops.sampler.base import Sampler, SamplerError
 from gpuflops.sampler.replay import ReplaySampler
 from gpuflops.sampler.trace import TraceWriter, load_trace
 

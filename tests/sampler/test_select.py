@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuflops.sampler import Sampler, SamplerError
+from gpuflops.sampler.base import Sampler, SamplerError
 from gpuflops.sampler.dcgm import DcgmSampler
 from gpuflops.sampler.nvml import NvmlSampler
 from gpuflops.sampler.select import select_backend

@@ -1,0 +1,1 @@
+"""Composition root: builds the daemon from settings and runs it."""

@@ -1,0 +1,575 @@
+"""Map a process id to the job it works for: socket registration, environment, Kubernetes, Slurm,
+torchrun or systemd, in a configurable order; anything else goes to the explicit unattributed job.
+
+Only this module reads /proc/<pid>/{stat,cgroup,environ} for attribution and only
+``KubeletClient`` talks to the kubelet; both take their root, clock and transport through the
+constructor. See docs/attribution.md ("Process → job mapping") for layouts and rules.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from gpuflops.identity.cgroup import (
+    DEFAULT_SYSTEMD_IGNORE,
+    CgroupLine,
+    CgroupParseError,
+    StatFields,
+    bounded_text,
+    find_pod,
+    find_slurm,
+    find_systemd_unit,
+    parse_cgroup,
+    parse_environ,
+    parse_stat,
+    sanitize_label,
+)
+
+log = logging.getLogger(__name__)
+
+SOURCES: tuple[str, ...] = ("socket", "env", "kubernetes", "slurm", "torchrun", "systemd")
+DEFAULT_ORDER: tuple[str, ...] = SOURCES
+UNATTRIBUTED_JOB = "unattributed"
+PROGRAM_LABEL = "gpuflops.io/program"  # pod label or annotation naming the program
+JOB_LABEL = "gpuflops.io/job"  # pod label or annotation grouping several pods into one job
+SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """The job and program a process's FLOPs count towards, and how we know."""
+
+    job: str  # Prometheus-safe label value, e.g. "k8s/ml/llama-ft-0", "slurm/4242"
+    program: str  # Prometheus-safe label value; the job itself when nothing names a program
+    source: str  # one of SOURCES, or "none" for the unattributed job
+    details: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        # A read-only copy, so a JobRef shared between threads and caches cannot change.
+        object.__setattr__(self, "details", MappingProxyType(dict(self.details)))
+
+
+UNATTRIBUTED = JobRef(UNATTRIBUTED_JOB, UNATTRIBUTED_JOB, "none", {})
+
+
+def validate_order(order: Iterable[str]) -> tuple[str, ...]:
+    """Check a source order; raises ValueError naming the bad entry and the valid ones."""
+    result = tuple(s.strip() for s in order)
+    for name in result:
+        if name not in SOURCES:
+            raise ValueError(f"unknown job source {name!r}; valid: {', '.join(SOURCES)}")
+    dupes = sorted({s for s in result if result.count(s) > 1})
+    if dupes:
+        raise ValueError(f"job source listed twice: {', '.join(dupes)}")
+    return result
+
+
+def parse_order(text: str) -> tuple[str, ...]:
+    """Parse a comma-separated order such as ``"socket,slurm,kubernetes"`` (for the CLI)."""
+    return validate_order(s for s in text.split(",") if s.strip())
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubelet
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    """What the kubelet says about one pod."""
+
+    uid: str
+    namespace: str
+    name: str
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    containers: Mapping[str, str]  # container id (no "containerd://" prefix) -> container name
+
+
+# (url, headers, timeout_s) -> response body; raises OSError (or anything) on failure.
+Fetch = Callable[[str, Mapping[str, str], float], bytes]
+
+MAX_PODLIST_BYTES = 64 << 20
+
+
+def urllib_fetch(ca_file: Path | None = None, verify_tls: bool = True) -> Fetch:
+    """A Fetch over urllib that ignores proxy variables (the kubelet is local)."""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    if not verify_tls:
+        # The kubelet's serving certificate is often self-signed and not in any CA bundle.
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    handlers.append(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(*handlers)
+
+    def fetch(url: str, headers: Mapping[str, str], timeout_s: float) -> bytes:
+        request = urllib.request.Request(url, headers=dict(headers))
+        with opener.open(request, timeout=timeout_s) as response:
+            body: bytes = response.read(MAX_PODLIST_BYTES + 1)
+        if len(body) > MAX_PODLIST_BYTES:
+            raise ValueError(f"kubelet pod list larger than {MAX_PODLIST_BYTES} bytes")
+        return body
+
+    return fetch
+
+
+def _str_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items() if isinstance(v, str)}
+
+
+def parse_pod_list(body: bytes) -> dict[str, PodInfo]:
+    """Parse the kubelet's ``/pods`` PodList, keyed by pod UID (and static pods' config hash).
+
+    Raises ValueError when the body is not a PodList; skips malformed items.
+    """
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"kubelet /pods is not JSON: {e}") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("items"), list):
+        raise ValueError("kubelet /pods has no 'items' list")
+    pods: dict[str, PodInfo] = {}
+    for item in doc["items"]:
+        meta = item.get("metadata") if isinstance(item, dict) else None
+        if not isinstance(meta, dict):
+            continue
+        uid, ns, name = meta.get("uid"), meta.get("namespace"), meta.get("name")
+        if not (isinstance(uid, str) and isinstance(ns, str) and isinstance(name, str)):
+            continue
+        containers: dict[str, str] = {}
+        status = item.get("status")
+        if isinstance(status, dict):
+            for key in ("containerStatuses", "initContainerStatuses", "ephemeralContainerStatuses"):
+                for cs in status.get(key) or []:
+                    if isinstance(cs, dict) and isinstance(cs.get("containerID"), str):
+                        cid = cs["containerID"].rpartition("://")[2]
+                        containers[cid] = str(cs.get("name", ""))
+        annotations = _str_map(meta.get("annotations"))
+        pod = PodInfo(uid, ns, name, _str_map(meta.get("labels")), annotations, containers)
+        pods[uid] = pod
+        # A static pod's cgroup carries its config hash, which the mirror pod's UID is not.
+        config_hash = annotations.get("kubernetes.io/config.hash")
+        if config_hash:
+            pods.setdefault(config_hash, pod)
+    return pods
+
+
+class KubeletClient:
+    """Pod names and labels from the kubelet's ``/pods`` endpoint, cached and rate-limited.
+
+    ``url`` is the authenticated port (``https://127.0.0.1:10250/pods``, bearer token from
+    ``token_path``, re-read on each request because projected tokens rotate) or the read-only
+    port (``http://127.0.0.1:10255/pods``). Failures keep the last good list and never raise.
+    """
+
+    def __init__(
+        self,
+        url: str = "https://127.0.0.1:10250/pods",
+        token_path: Path | None = SERVICE_ACCOUNT_TOKEN,
+        fetch: Fetch | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        timeout_s: float = 2.0,
+        refresh_s: float = 30.0,
+        miss_refresh_s: float = 5.0,
+    ) -> None:
+        self._url = url
+        self._token_path = token_path
+        self._fetch = fetch if fetch is not None else urllib_fetch()
+        self._clock = clock
+        self._timeout_s = timeout_s
+        self._refresh_s = refresh_s
+        self._miss_refresh_s = miss_refresh_s
+        self._pods: dict[str, PodInfo] | None = None
+        self._fetched_at: float | None = None  # last success
+        self._attempted_at: float | None = None  # last attempt, success or not
+        self.requests = 0
+        self.errors = 0
+
+    def pod(self, uid: str) -> PodInfo | None:
+        """The pod with this UID, or None when the kubelet does not know it or cannot be reached."""
+        now = self._clock()
+        stale = self._fetched_at is None or now - self._fetched_at >= self._refresh_s
+        missing = self._pods is None or uid not in self._pods
+        recently_tried = (
+            self._attempted_at is not None and now - self._attempted_at < self._miss_refresh_s
+        )
+        if (stale or missing) and not recently_tried:
+            self._refresh(now)
+        return self._pods.get(uid) if self._pods is not None else None
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        if self._token_path is not None and self._url.startswith("https:"):
+            try:
+                token = self._token_path.read_text().strip()
+            except OSError as e:
+                log.debug("no kubelet token at %s: %s", self._token_path, e)
+            else:
+                if token:
+                    headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    def _refresh(self, now: float) -> None:
+        self._attempted_at = now
+        self.requests += 1
+        try:
+            pods = parse_pod_list(self._fetch(self._url, self._headers(), self._timeout_s))
+        except Exception as e:  # any transport or parse failure: keep the last good list
+            self.errors += 1
+            level = logging.WARNING if self.errors == 1 else logging.DEBUG
+            log.log(level, "kubelet pod list from %s failed: %s", self._url, e)
+            return
+        self._pods = pods
+        self._fetched_at = now
+
+
+# ---------------------------------------------------------------------------------------------
+# Process view and the sources
+
+
+@dataclass(frozen=True)
+class _ProcView:
+    """What /proc said about one process at one moment."""
+
+    pid: int
+    ppid: int
+    start_ticks: int
+    cgroups: tuple[CgroupLine, ...]  # empty when unreadable or malformed
+    env: Mapping[str, str] | None  # None when environ could not be read
+
+
+def _program(env: Mapping[str, str] | None, *fallbacks: str | None) -> str | None:
+    """GPUFLOPS_PROGRAM from the environment, else the first usable fallback."""
+    candidates = [env.get("GPUFLOPS_PROGRAM") if env else None, *fallbacks]
+    for c in candidates:
+        if c:
+            clean = sanitize_label(c)
+            if clean:
+                return clean
+    return None
+
+
+def _details(values: Mapping[str, str | None]) -> dict[str, str]:
+    return {k: bounded_text(v) for k, v in values.items() if v}
+
+
+_TORCHRUN_KEYS = {
+    "rank": "RANK",
+    "group_rank": "GROUP_RANK",
+    "local_rank": "LOCAL_RANK",
+    "world_size": "WORLD_SIZE",
+    "attempt": "TORCHELASTIC_RESTART_COUNT",
+}
+
+
+class JobMapper:
+    """Resolve pids to jobs from /proc under ``proc_root``; never raises from ``resolve``.
+
+    Answers from /proc are cached per pid for ``ttl_s`` and tied to the process's start time
+    (field 22 of stat), so a reused pid is resolved afresh. The socket lookup is consulted on
+    every call because registrations arrive at any time. A pid that has vanished gets its last
+    known answer, else the unattributed job; cached pids not asked about for ``retain_s`` are
+    dropped. Thread-safe (one lock; a kubelet refresh holds it for at most its timeout).
+    """
+
+    def __init__(
+        self,
+        proc_root: Path = Path("/proc"),
+        order: Sequence[str] = DEFAULT_ORDER,
+        kubelet: KubeletClient | None = None,
+        socket_lookup: Callable[[int], JobRef | None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        ttl_s: float = 30.0,
+        retain_s: float = 600.0,
+        systemd_ignore: Iterable[str] = DEFAULT_SYSTEMD_IGNORE,
+        max_entries: int = 65536,
+    ) -> None:
+        self._proc = proc_root
+        self._order = validate_order(order)
+        self._kubelet = kubelet
+        self._socket_lookup = socket_lookup
+        self._clock = clock
+        self._ttl_s = ttl_s
+        self._retain_s = retain_s
+        self._systemd_ignore = tuple(systemd_ignore)
+        self._max_entries = max_entries
+        self._lock = threading.Lock()
+        self._cache: dict[int, _Entry] = {}
+        self._pruned_at = clock()
+        self._counts: dict[str, int] = {}
+        self._sources: dict[str, Callable[[_ProcView], tuple[JobRef | None, bool]]] = {
+            "env": self._from_env,
+            "kubernetes": self._from_kubernetes,
+            "slurm": self._from_slurm,
+            "torchrun": self._from_torchrun,
+            "systemd": self._from_systemd,
+        }
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        return self._order
+
+    def stats(self) -> dict[str, int]:
+        """Counters: ``resolved_<source>``, ``unattributed``, and problems by kind."""
+        with self._lock:
+            counts = dict(self._counts)
+        if self._kubelet is not None:
+            counts["kubelet_requests"] = self._kubelet.requests
+            counts["kubelet_errors"] = self._kubelet.errors
+        return counts
+
+    def resolve(self, pid: int) -> JobRef:
+        """The job ``pid`` works for; ``UNATTRIBUTED`` when no source knows."""
+        with self._lock:
+            now = self._clock()
+            self._prune(now)
+            ref = self._resolve(pid, now)
+            self._count("unattributed" if ref.source == "none" else f"resolved_{ref.source}")
+            return ref
+
+    # -- cache ---------------------------------------------------------------------------------
+
+    def _resolve(self, pid: int, now: float) -> JobRef:
+        entry = self._cache.get(pid)
+        stat = self._read_stat(self._proc / str(pid))
+        fresh = (
+            entry is not None
+            and stat is not None
+            and entry.view.start_ticks == stat.start_time_ticks
+            and now - entry.read_at < self._ttl_s
+        )
+        view = None if fresh or stat is None else self._read(pid)
+        if not fresh and view is None:
+            self._count("vanished")
+        elif view is not None and (entry is None or entry.view.start_ticks != view.start_ticks):
+            if entry is not None:
+                self._count("pid_reused")
+            entry = self._cache[pid] = _Entry(view, now)
+        elif view is not None and entry is not None:
+            entry.view, entry.read_at = view, now
+            entry.results.clear()
+        if entry is not None:
+            entry.seen_at = now
+        for source in self._order:
+            if source == "socket":
+                ref = self._from_socket(pid)
+            elif entry is None:
+                continue
+            elif source in entry.results:
+                ref = entry.results[source]
+            else:
+                ref, final = self._run_source(source, entry.view)
+                if final:
+                    entry.results[source] = ref
+            if ref is not None:
+                return ref
+        return UNATTRIBUTED
+
+    def _run_source(self, source: str, view: _ProcView) -> tuple[JobRef | None, bool]:
+        try:
+            return self._sources[source](view)
+        except Exception as e:  # a parser bug must cost one answer, not the daemon
+            self._problem("source_error", "source %s failed for pid %d: %r", source, view.pid, e)
+            return None, False
+
+    def _prune(self, now: float) -> None:
+        if now - self._pruned_at < self._ttl_s and len(self._cache) <= self._max_entries:
+            return
+        self._pruned_at = now
+        for pid in [p for p, e in self._cache.items() if now - e.seen_at >= self._retain_s]:
+            del self._cache[pid]
+        if len(self._cache) > self._max_entries:
+            by_age = sorted(self._cache, key=lambda p: self._cache[p].seen_at)
+            for pid in by_age[: len(self._cache) - self._max_entries]:
+                del self._cache[pid]
+
+    # -- /proc ---------------------------------------------------------------------------------
+
+    def _read(self, pid: int) -> _ProcView | None:
+        """Read stat, cgroup and environ; None when the process is gone (or was replaced)."""
+        base = self._proc / str(pid)
+        stat = self._read_stat(base)
+        if stat is None:
+            return None
+        cgroups: tuple[CgroupLine, ...] = ()
+        try:
+            cgroups = parse_cgroup((base / "cgroup").read_text(errors="replace"))
+        except CgroupParseError as e:
+            self._problem("cgroup_malformed", "pid %d: %s", pid, e)
+        except OSError as e:
+            self._problem("cgroup_unreadable", "cannot read cgroup of pid %d: %s", pid, e)
+        env: dict[str, str] | None = None
+        try:
+            env = parse_environ((base / "environ").read_bytes())
+        except OSError as e:
+            # EACCES unless we are root or hold CAP_SYS_PTRACE over the process's owner.
+            self._problem("environ_unreadable", "cannot read environ of pid %d: %s", pid, e)
+        again = self._read_stat(base)
+        if again is None or again.start_time_ticks != stat.start_time_ticks:
+            return None  # the pid died or was reused while we read: these files may be mixed
+        return _ProcView(pid, stat.ppid, stat.start_time_ticks, cgroups, env)
+
+    def _read_stat(self, base: Path) -> StatFields | None:
+        try:
+            return parse_stat((base / "stat").read_text(errors="replace"))
+        except (OSError, ValueError):
+            return None
+
+    def _read_env(self, pid: int) -> dict[str, str] | None:
+        try:
+            return parse_environ((self._proc / str(pid) / "environ").read_bytes())
+        except OSError:
+            return None
+
+    # -- sources -------------------------------------------------------------------------------
+    # Each returns (answer or None, whether the answer may be cached for ttl_s).
+
+    def _from_socket(self, pid: int) -> JobRef | None:
+        if self._socket_lookup is None:
+            return None
+        try:
+            ref = self._socket_lookup(pid)
+        except Exception as e:  # the registry is someone else's code; keep attributing
+            self._problem("socket_error", "socket lookup for pid %d failed: %r", pid, e)
+            return None
+        if ref is None:
+            return None
+        job = sanitize_label(ref.job)
+        if not job or job == UNATTRIBUTED_JOB:
+            return None
+        return JobRef(job, sanitize_label(ref.program) or job, "socket", ref.details)
+
+    def _from_env(self, view: _ProcView) -> tuple[JobRef | None, bool]:
+        job = sanitize_label(view.env.get("GPUFLOPS_JOB", "")) if view.env else ""
+        if not job:
+            return None, True
+        return JobRef(job, _program(view.env) or job, "env", {}), True
+
+    def _from_kubernetes(self, view: _ProcView) -> tuple[JobRef | None, bool]:
+        pod = find_pod(view.cgroups)
+        if pod is None:
+            return None, True
+        info = self._kubelet.pod(pod.pod_uid) if self._kubelet is not None else None
+        details: dict[str, str | None] = {
+            "pod_uid": pod.pod_uid,
+            "container_id": pod.container_id,
+            "runtime": pod.runtime,
+            "qos_class": pod.qos_class,
+            "conmon": "true" if pod.conmon else None,
+        }
+        if info is None:
+            job = sanitize_label(f"k8s/pod/{pod.pod_uid}")
+            ref = JobRef(job, _program(view.env) or job, "kubernetes", _details(details))
+            # Not cached: once the kubelet answers, the pod's name replaces its UID.
+            return ref, self._kubelet is None
+        group = info.labels.get(JOB_LABEL) or info.annotations.get(JOB_LABEL)
+        job = sanitize_label(f"k8s/{info.namespace}/{group or info.name}")
+        named = info.labels.get(PROGRAM_LABEL) or info.annotations.get(PROGRAM_LABEL)
+        details.update(
+            namespace=info.namespace,
+            pod=info.name,
+            container=info.containers.get(pod.container_id or ""),
+        )
+        program = _program(None, named) or _program(view.env) or job
+        return JobRef(job, program, "kubernetes", _details(details)), True
+
+    def _from_slurm(self, view: _ProcView) -> tuple[JobRef | None, bool]:
+        cg = find_slurm(view.cgroups)
+        env = view.env or {}
+        env_job = env.get("SLURM_JOB_ID", "").strip()
+        job_id = cg.job_id if cg is not None else env_job
+        if not job_id:
+            return None, True
+        # The cgroup is set by slurmd; the environment only counts when it names the same job.
+        trusted_env = env if env_job == job_id else {}
+        job = sanitize_label(f"slurm/{job_id}")
+        details = _details({
+            "job_id": job_id,
+            "step": cg.step if cg is not None and cg.step else trusted_env.get("SLURM_STEP_ID"),
+            "uid": cg.uid if cg is not None else None,
+            "array_job_id": trusted_env.get("SLURM_ARRAY_JOB_ID"),
+            "array_task_id": trusted_env.get("SLURM_ARRAY_TASK_ID"),
+            "attempt": trusted_env.get("SLURM_RESTART_COUNT"),
+            "cluster": trusted_env.get("SLURM_CLUSTER_NAME"),
+            "evidence": "+".join(
+                e for e, ok in (("cgroup", cg is not None), ("environ", bool(trusted_env))) if ok
+            ),
+        })
+        program = _program(view.env, trusted_env.get("SLURM_JOB_NAME")) or job
+        return JobRef(job, program, "slurm", details), True
+
+    def _from_torchrun(self, view: _ProcView) -> tuple[JobRef | None, bool]:
+        env = view.env or {}
+        if "TORCHELASTIC_RUN_ID" not in env:
+            return None, True
+        run_id = env["TORCHELASTIC_RUN_ID"].strip()
+        details = {k: env.get(v) for k, v in _TORCHRUN_KEYS.items()}
+        if run_id in ("", "none"):
+            # torchrun's default --rdzv-id is "none", shared by every unnamed run on the host:
+            # name the run after its elastic agent, the nearest ancestor without the variable.
+            agent = self._torchrun_agent(view)
+            if agent is None:
+                return None, True
+            job = f"torchrun/none-{agent}"
+            details["agent_pid"] = str(agent)
+        else:
+            job = f"torchrun/{run_id}"
+        job = sanitize_label(job)
+        details["run_id"] = run_id
+        return JobRef(job, _program(env) or job, "torchrun", _details(details)), True
+
+    def _torchrun_agent(self, view: _ProcView) -> int | None:
+        ppid = view.ppid
+        for _ in range(32):  # bounded: a pid loop in a bad fake tree must not hang us
+            if ppid <= 1:
+                return None
+            parent_env = self._read_env(ppid)
+            if parent_env is None:
+                return None
+            if "TORCHELASTIC_RUN_ID" not in parent_env:
+                return ppid
+            stat = self._read_stat(self._proc / str(ppid))
+            if stat is None:
+                return None
+            ppid = stat.ppid
+        return None
+
+    def _from_systemd(self, view: _ProcView) -> tuple[JobRef | None, bool]:
+        unit = find_systemd_unit(view.cgroups, self._systemd_ignore)
+        if unit is None:
+            return None, True
+        scope = f"user@{unit.user_uid}/" if unit.user_uid else ""
+        job = sanitize_label(f"systemd/{scope}{unit.unit}")
+        details = _details({"unit": unit.unit, "user_uid": unit.user_uid})
+        return JobRef(job, _program(view.env) or job, "systemd", details), True
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _count(self, kind: str) -> None:
+        self._counts[kind] = self._counts.get(kind, 0) + 1
+
+    def _problem(self, kind: str, msg: str, *args: object) -> None:
+        self._count(kind)
+        log.log(logging.WARNING if self._counts[kind] == 1 else logging.DEBUG, msg, *args)
+
+
+@dataclass
+class _Entry:
+    """Cached /proc view of one pid and the per-source answers derived from it."""
+
+    view: _ProcView
+    read_at: float
+    seen_at: float = 0.0
+    results: dict[str, JobRef | None] = field(default_factory=dict)
