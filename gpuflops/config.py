@@ -13,6 +13,12 @@ from gpuflops.rates import DEFAULT_HMMA_PRECISION, HMMA_PRECISIONS
 DEFAULT_LISTEN = "0.0.0.0:9450"
 DEFAULT_SOCKET = "/run/gpuflops/gpuflops.sock"
 DEFAULT_STATE_DIR = "/var/lib/gpuflops"
+DEFAULT_DCGM_ENDPOINT = "localhost:5555"  # host:port, unix:///path, or "embedded"
+# Where DCGM's Python bindings live when no directory is configured.
+DEFAULT_DCGM_BINDINGS: tuple[Path, ...] = (
+    Path("/usr/share/datacenter-gpu-manager-4/bindings/python3"),  # DCGM 4 packages
+    Path("/usr/local/dcgm/bindings/python3"),  # DCGM 3 packages
+)
 
 
 class ConfigError(ValueError):
@@ -60,7 +66,7 @@ class Settings:
     kubelet_url: str | None = None
     kubelet_ca_file: str | None = None
     kubelet_insecure_tls: bool = False
-    dcgm_endpoint: str = "localhost:5555"  # host:port, unix:///path, or "embedded"
+    dcgm_endpoint: str = DEFAULT_DCGM_ENDPOINT
     dcgm_bindings: tuple[str, ...] = ()  # where DCGM's Python bindings live; () = known places
 
     def validate(self) -> Settings:

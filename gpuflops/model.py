@@ -105,3 +105,22 @@ class GpuSample:
     @property
     def duration_s(self) -> float:
         return self.t1_s - self.t0_s
+
+
+@dataclass(frozen=True)
+class FlopsRow:
+    """FLOPs one GPU pipe did for one job (and process) during one interval.
+
+    ``comm`` labels the process series in /metrics; the ledger does not store it.
+    """
+
+    gpu: str
+    uuid: str
+    pipe: str
+    precision: str
+    job: str
+    program: str
+    pid: int | None  # None: not attributable to a process
+    flops: float
+    comm: str = ""
+

@@ -78,9 +78,10 @@ def build_sampler(settings: Settings, stop: threading.Event) -> Sampler:
         return sampler
 
     def dcgm() -> Sampler:
-        from gpuflops.sampler.dcgm import DEFAULT_BINDINGS_PATHS, DcgmSampler
+        from gpuflops.config import DEFAULT_DCGM_BINDINGS
+        from gpuflops.sampler.dcgm.sampler import DcgmSampler
 
-        paths = [Path(p) for p in settings.dcgm_bindings] or list(DEFAULT_BINDINGS_PATHS)
+        paths = [Path(p) for p in settings.dcgm_bindings] or list(DEFAULT_DCGM_BINDINGS)
         return DcgmSampler(
             endpoint=settings.dcgm_endpoint,
             bindings_paths=paths,
@@ -429,7 +430,8 @@ def wire_jobs(d: Daemon, *, socket: bool = True) -> Any:
 
 
 def _open_ledger(s: Settings, clock: Callable[[], float]) -> Any:
-    from gpuflops.ledger.store import LEDGER_FILENAME, LedgerError, open_or_quarantine
+    from gpuflops.ledger.records import LEDGER_FILENAME, LedgerError
+    from gpuflops.ledger.store import open_or_quarantine
 
     path = Path(s.state_dir) / LEDGER_FILENAME
     try:

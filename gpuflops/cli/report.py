@@ -20,7 +20,9 @@ from gpuflops.compliance.report import (
     render_html,
 )
 from gpuflops.compliance.thresholds import ConfigError, load_programs_config
-from gpuflops.ledger.store import LEDGER_FILENAME, Ledger, LedgerError, verify_path
+from gpuflops.ledger.chain import verify_path
+from gpuflops.ledger.records import LEDGER_FILENAME, LedgerError
+from gpuflops.ledger.store import Ledger
 
 DEFAULT_STATE_DIR = Path("/var/lib/gpuflops")
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from gpuflops.compliance.reconcile import JobInput, ReconcileResult, reconcile_job
 from gpuflops.compliance.thresholds import ConfigError, ProgramsConfig, ProgramStatus, program_status
-from gpuflops.ledger.store import JobEvent, Ledger, LedgerTotals
+from gpuflops.ledger.records import JobEvent, LedgerTotals
+from gpuflops.ledger.store import Ledger
 
 # Pseudo-program of unattributed work (CONTRACTS.md); never compared with a threshold.
 UNATTRIBUTED = "unattributed"

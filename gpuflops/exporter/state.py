@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from gpuflops.ledger.store import FlopsRow as Row  # one row type from attribution to ledger
+from gpuflops.model import FlopsRow as Row  # one row type from attribution to ledger
 from gpuflops.model import GpuInfo, GpuSample, Metric
 from gpuflops.pipeline.integrate import IntervalFlops
 

@@ -24,7 +24,8 @@ from types import MappingProxyType
 from typing import Any
 
 from gpuflops.exporter.state import JobAnalytic, Row, Totals
-from gpuflops.ledger.store import NODE, Ledger, LedgerError
+from gpuflops.ledger.records import NODE, LedgerError
+from gpuflops.ledger.store import Ledger
 
 log = logging.getLogger(__name__)
 

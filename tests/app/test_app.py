@@ -10,7 +10,7 @@ import pytest
 from gpuflops.app.build import Daemon, NoDriverError, Pipeline, build_sampler, demo_trace_path, wire_jobs
 from gpuflops.config import Settings
 from gpuflops.exporter.state import UNATTRIBUTED, Row, Totals
-from gpuflops.ledger.store import LEDGER_FILENAME
+from gpuflops.ledger.records import LEDGER_FILENAME
 from gpuflops.pipeline.attribute import ProcessAttributor
 from gpuflops.pipeline.integrate import Integrator
 from gpuflops.sampler.replay import ReplaySampler

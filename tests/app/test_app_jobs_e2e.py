@@ -16,7 +16,8 @@ from gpuflops.client import JobReporter
 from gpuflops.compliance.programs import evaluate_ledger
 from gpuflops.compliance.thresholds import ProgramsConfig
 from gpuflops.config import Settings
-from gpuflops.ledger.store import LEDGER_FILENAME, Ledger
+from gpuflops.ledger.records import LEDGER_FILENAME
+from gpuflops.ledger.store import Ledger
 
 
 def _samples(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:

@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpuflops.ledger.store import LEDGER_FILENAME, Ledger, verify_path
+from gpuflops.ledger.chain import verify_path
+from gpuflops.ledger.records import LEDGER_FILENAME
+from gpuflops.ledger.store import Ledger
 
 ROOT = Path(__file__).resolve().parents[2]
 COUNTERS = ("gpuflops_gpu_flops_total", "gpuflops_job_measured_flops_total")

@@ -25,7 +25,8 @@ from gpuflops.compliance.report import (
     render_html,
 )
 from gpuflops.compliance.thresholds import ProgramsConfig
-from gpuflops.ledger.store import FlopsRow, Ledger
+from gpuflops.ledger.store import Ledger
+from gpuflops.model import FlopsRow
 from tests.compliance.pngread import count_colour, decode_png
 
 ROOT = Path(__file__).resolve().parents[2]

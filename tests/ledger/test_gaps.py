@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from gpuflops.exporter.state import Row, Totals
+from gpuflops.ledger.chain import verify_path
+from gpuflops.ledger.records import NODE
 from gpuflops.ledger.sink import LedgerSink
-from gpuflops.ledger.store import NODE, Ledger, verify_path
+from gpuflops.ledger.store import Ledger
 from gpuflops.model import GpuInfo
 
 GPUS = [GpuInfo("0", 0, "GPU-a", "H100", "hopper", 132), GpuInfo("1", 1, "GPU-b", "H100", "hopper", 132)]

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gpuflops.ledger.store import GpuKey, Ledger, verify_path
+from gpuflops.ledger.chain import verify_path
+from gpuflops.ledger.records import GpuKey
+from gpuflops.ledger.store import Ledger
 
 WRITER = Path(__file__).with_name("ledger_writer.py")
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from gpuflops.exporter.state import Totals
+from gpuflops.ledger.schema import SCHEMA_VERSION
 from gpuflops.ledger.sink import LedgerSink
-from gpuflops.ledger.store import SCHEMA_VERSION, FlopsRow, Ledger
-from gpuflops.model import GpuInfo
+from gpuflops.ledger.store import Ledger
+from gpuflops.model import FlopsRow, GpuInfo
 
 
 def _row(job: str, flops: float) -> FlopsRow:

@@ -12,16 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from gpuflops.ledger.store import (
-    FlopsRow,
-    GpuKey,
-    JobKey,
-    Ledger,
-    LedgerCorruptError,
-    LedgerVersionError,
-    open_or_quarantine,
-    verify_path,
-)
+from gpuflops.ledger.chain import verify_path
+from gpuflops.ledger.records import GpuKey, JobKey, LedgerCorruptError, LedgerVersionError
+from gpuflops.ledger.store import Ledger, open_or_quarantine
+from gpuflops.model import FlopsRow
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -117,7 +111,7 @@ def test_edit_of_any_record_is_detected(ledger_path: Path) -> None:
 
 
 def test_edit_with_recomputed_hash_is_detected_at_the_next_record(ledger_path: Path) -> None:
-    from gpuflops.ledger.store import canonical_json, record_hash
+    from gpuflops.ledger.chain import canonical_json, record_hash
     con = _raw(ledger_path)
     content, prev = con.execute("SELECT content, prev_hash FROM records WHERE seq = 4").fetchone()
     obj = json.loads(content)
@@ -228,7 +222,7 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
 
 
 def test_readonly_open_does_not_create(tmp_path: Path) -> None:
-    from gpuflops.ledger.store import LedgerError
+    from gpuflops.ledger.records import LedgerError
     with pytest.raises(LedgerError):
         Ledger.open(tmp_path / "none.sqlite3", clock=Clock(), readonly=True)
     assert not (tmp_path / "none.sqlite3").exists()

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from gpuflops.app.build import Pipeline, demo_trace_path
 from gpuflops.exporter.state import Totals
+from gpuflops.ledger.records import JobKey
 from gpuflops.ledger.sink import LedgerSink
-from gpuflops.ledger.store import JobKey, Ledger
+from gpuflops.ledger.store import Ledger
 from gpuflops.pipeline.attribute import ProcessAttributor
 from gpuflops.pipeline.integrate import Integrator
 from gpuflops.sampler.trace import load_trace

@@ -15,7 +15,8 @@ import pytest
 from gpuflops.model import GpuInfo, GpuSample, Metric
 from gpuflops.pipeline.integrate import Integrator
 from gpuflops.sampler.base import SamplerError
-from gpuflops.sampler.dcgm import DcgmSampler, parse_endpoint
+from gpuflops.sampler.dcgm.bindings import parse_endpoint
+from gpuflops.sampler.dcgm.sampler import DcgmSampler
 from gpuflops.sampler.nvml import NvmlSampler
 from gpuflops.sampler.trace import load_trace
 

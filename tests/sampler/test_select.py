@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gpuflops.sampler.base import Sampler, SamplerError
-from gpuflops.sampler.dcgm import DcgmSampler
+from gpuflops.sampler.dcgm.sampler import DcgmSampler
 from gpuflops.sampler.nvml import NvmlSampler
 from gpuflops.sampler.select import select_backend
 

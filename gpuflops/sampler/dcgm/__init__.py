@@ -1,3 +1,1 @@
-"""DCGM backend: profiling fields and the SM clock from a DCGM host engine."""
-
-from gpuflops.sampler.dcgm.sampler import *  # noqa: F403 (temporary during the move)
+"""DCGM backend: bindings (the only importer of DCGM's Python modules), units, windows, sampler."""

@@ -1,203 +1,47 @@
 """DCGM backend: profiling fields (SM/tensor/pipe activity) and the SM clock from a host engine.
 
-The only module that imports DCGM's Python bindings (``dcgm_structs``, ``dcgm_agent``,
-``dcgm_fields``, ``dcgmvalue``, shipped with DCGM, not on PyPI). They are looked up in
-configurable directories and put on ``sys.path`` when a sampler is constructed, never at import
-time. Every call goes through :func:`dcgm_query`, which maps ``DCGMError`` to
-:class:`DcgmCallError` with a stable ``kind``. Units are converted here: MHz -> Hz, DCGM's
-microsecond timestamps -> seconds.
+Every DCGM call goes through the bindings module (gpuflops/sampler/dcgm/bindings.py). Units are
+converted here: MHz -> Hz, DCGM's microsecond timestamps -> seconds.
 
-How a DCGM interval maps onto [t0, t1]: DCGM samples the profiling fields on its own schedule
-(the fastest period any client asked for, never below the profiling module's minimum) and
-stores each value with the timestamp ``ts`` of the update; the value is the ratio averaged over
-the window since the previous update, ``(ts_prev, ts]``. Each :meth:`DcgmSampler.sample`
-reads every value since the last read (``dcgmGetValuesSince_v2``) and emits one interval per
-unit from the end of the last consumed window to the newest timestamp: consecutive windows tile
-time exactly, whatever DCGM's phase relative to ours. The SM clock (field 100) is watched
-faster in a second field group and averaged inside each window; the interval's activity is the
-clock-weighted mean of its windows, so activity x mean clock x duration equals the sum over
-windows of activity x clock x window length.
+Each :meth:`DcgmSampler.sample` reads every value since the last read (``dcgmGetValuesSince_v2``)
+and emits one interval per unit; how DCGM's update windows become intervals is in windows.py,
+which units DCGM offers is in units.py.
 """
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import logging
 import os
-import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from gpuflops.model import GpuInfo, GpuSample, Metric
-from gpuflops.rates import ARCHITECTURE_CODES
-from gpuflops.sampler.base import SamplerError
+from gpuflops.config import DEFAULT_DCGM_BINDINGS, DEFAULT_DCGM_ENDPOINT
+from gpuflops.model import GpuInfo, GpuSample
+from gpuflops.sampler.base import (
+    ErrorCounts,
+    SamplerError,
+    host_facts,
+    next_deadline,
+    wait_until,
+)
+from gpuflops.sampler.dcgm.bindings import (
+    FE_GPU,
+    PROFILER_BUSY_KINDS,
+    SM_CLOCK_FIELD,
+    DcgmBindings,
+    DcgmCallError,
+    dcgm_query,
+    load_bindings,
+    parse_endpoint,
+)
+from gpuflops.sampler.dcgm.units import enumerate_units
+from gpuflops.sampler.dcgm.windows import Unit, clock_mean, gap, measure
 
 log = logging.getLogger(__name__)
-
-# DCGM profiling field ids (dcgm_fields.h, DCGM_FI_PROF_*); values are ratios in [0, 1].
-PROF_FIELD_IDS: dict[Metric, int] = {
-    Metric.SM_ACTIVE: 1002,
-    Metric.SM_OCCUPANCY: 1003,
-    Metric.TENSOR_ANY: 1004,
-    Metric.FP64: 1006,
-    Metric.FP32: 1007,
-    Metric.FP16: 1008,
-    Metric.IMMA: 1013,
-    Metric.HMMA: 1014,
-    Metric.DFMA: 1015,
-}
-_FIELD_METRIC = {v: k for k, v in PROF_FIELD_IDS.items()}
-SM_CLOCK_FIELD = 100  # DCGM_FI_DEV_SM_CLOCK, int64 MHz
-
-DEFAULT_BINDINGS_PATHS: tuple[Path, ...] = (
-    Path("/usr/share/datacenter-gpu-manager-4/bindings/python3"),  # DCGM 4 packages
-    Path("/usr/local/dcgm/bindings/python3"),  # DCGM 3 packages
-)
-DEFAULT_ENDPOINT = "localhost:5555"
-
-_FE_GPU = 1  # DCGM_FE_GPU
-_FE_GPU_I = 4  # DCGM_FE_GPU_I
-
-# Datasheet SM counts by marketing name, for whole GPUs when the daemon supplies none (DCGM has
-# no SM-count field). First match wins, so longer names come first.
-_DATASHEET_SMS: tuple[tuple[str, int], ...] = (
-    ("H100 PCIe", 114),
-    ("H100", 132),
-    ("H200", 132),
-    ("GH200", 132),
-    ("B200", 148),
-    ("A100", 108),
-    ("A30", 56),
-    ("L40S", 142),
-    ("L40", 142),
-    ("L4", 58),
-    ("A10", 72),
-    ("V100", 80),
-    ("T4", 40),
-)
-
-# DCGM return codes by name -> the stable kind gpuflops reports (sampler_errors_total{kind}).
-_KIND_NAMES = {
-    "DCGM_ST_CONNECTION_NOT_VALID": "connection_lost",
-    "DCGM_ST_IN_USE": "profiler_in_use",
-    "DCGM_ST_PROFILING_MULTI_PASS": "profiling_multi_pass",
-    "DCGM_ST_PROFILING_NOT_SUPPORTED": "profiling_not_supported",
-    "DCGM_ST_PROFILING_LIBRARY_ERROR": "profiling_library_error",
-    "DCGM_ST_MODULE_NOT_LOADED": "module_not_loaded",
-    "DCGM_ST_NOT_SUPPORTED": "not_supported",
-    "DCGM_ST_GPU_NOT_SUPPORTED": "not_supported",
-    "DCGM_ST_NO_PERMISSION": "no_permission",
-    "DCGM_ST_REQUIRES_ROOT": "no_permission",
-    "DCGM_ST_TIMEOUT": "timeout",
-    "DCGM_ST_GPU_IS_LOST": "gpu_lost",
-    "DCGM_ST_NOT_WATCHED": "not_watched",
-    "DCGM_ST_NO_DATA": "no_data",
-    "DCGM_ST_LIBRARY_NOT_FOUND": "library_not_found",
-    "DCGM_ST_FUNCTION_NOT_FOUND": "function_not_found",
-    "DCGM_ST_UNINITIALIZED": "uninitialized",
-    "DCGM_ST_INIT_ERROR": "init_error",
-    "DCGM_ST_DUPLICATE_KEY": "duplicate_key",
-    "DCGM_ST_INSTANCE_NOT_FOUND": "instance_not_found",
-}
-# Kinds that mean "another tool holds the profiler": a counted gap until it lets go.
-PROFILER_BUSY_KINDS = frozenset({"profiler_in_use", "profiling_multi_pass"})
-
-
-class DcgmCallError(Exception):
-    """A DCGM call failed; ``kind`` is stable across DCGM versions."""
-
-    def __init__(self, function: str, kind: str, code: int | None, message: str) -> None:
-        super().__init__(f"{function}: {message}")
-        self.function = function
-        self.kind = kind
-        self.code = code
-
-
-@dataclass(frozen=True)
-class DcgmBindings:
-    """DCGM's binding modules, as loaded from its bindings directory."""
-
-    structs: ModuleType
-    agent: ModuleType
-    fields: ModuleType
-    value: ModuleType
-    path: str
-    kinds: dict[int, str] = field(default_factory=dict)
-
-
-def load_bindings(paths: Sequence[Path] = DEFAULT_BINDINGS_PATHS) -> DcgmBindings:
-    """Import DCGM's bindings from the first directory holding them. Raises SamplerError."""
-    found = next((p for p in paths if (p / "dcgm_agent.py").is_file()), None)
-    if found is None:
-        raise SamplerError(
-            "DCGM Python bindings not found (looked for dcgm_agent.py in "
-            + ", ".join(str(p) for p in paths)
-            + "); install DCGM or pass the bindings directory"
-        )
-    if str(found) not in sys.path:
-        sys.path.insert(0, str(found))
-    try:
-        structs = importlib.import_module("dcgm_structs")
-        agent = importlib.import_module("dcgm_agent")
-        fields = importlib.import_module("dcgm_fields")
-        value = importlib.import_module("dcgmvalue")
-    except Exception as e:  # the bindings run code at import; any failure means unusable
-        raise SamplerError(f"DCGM Python bindings in {found} failed to import: {e}") from None
-    loaded_from = getattr(agent, "__file__", "") or ""
-    if loaded_from and Path(loaded_from).parent != found:
-        log.info("DCGM bindings already imported from %s (asked for %s)", loaded_from, found)
-    kinds = {getattr(structs, n): k for n, k in _KIND_NAMES.items() if hasattr(structs, n)}
-    return DcgmBindings(structs, agent, fields, value, str(found), kinds)
-
-
-def dcgm_query(b: DcgmBindings, function: str, *args: Any) -> Any:
-    """Call ``dcgm_agent.<function>(*args)``, mapping every failure to DcgmCallError."""
-    fn = getattr(b.agent, function, None)
-    if fn is None:
-        raise DcgmCallError(function, "function_not_found", None, "not in these DCGM bindings")
-    try:
-        return fn(*args)
-    except b.structs.DCGMError as e:
-        code = getattr(e, "value", None)
-        kind = b.kinds.get(code, "unknown") if isinstance(code, int) else "unknown"
-        raise DcgmCallError(function, kind, code, str(e)) from None
-
-
-def parse_endpoint(endpoint: str) -> tuple[str, str | None]:
-    """``embedded``, ``unix:///path``, ``/path`` or ``host[:port]`` -> (mode, address)."""
-    e = endpoint.strip()
-    if e == "embedded":
-        return "embedded", None
-    if e.startswith("unix://"):
-        return "unix", e[len("unix://") :]
-    if e.startswith("/"):
-        return "unix", e
-    if e.startswith("tcp://"):
-        e = e[len("tcp://") :]
-    if not e:
-        raise SamplerError("empty DCGM endpoint; use host:port, unix:///path or embedded")
-    return "tcp", e
-
-
-@dataclass
-class _Unit:
-    info: GpuInfo
-    entity_group: int
-    entity_id: int
-    gpu_id: int  # DCGM id of the physical GPU (clock source)
-    fields: dict[int, Metric]  # profiling fields this unit reports
-    acct_s: float = 0.0  # end of the time already reported: t0 of the next sample
-    synced: bool = False  # acct_s is the timestamp of a consumed DCGM window's end
-    rows: dict[int, dict[int, float | None]] = field(default_factory=dict)  # ts_us -> values
-    warned: set[str] = field(default_factory=set)
-
 
 class DcgmSampler:
     """A Sampler over DCGM profiling fields. Constructing it connects and enumerates units."""
@@ -207,8 +51,8 @@ class DcgmSampler:
     def __init__(
         self,
         *,
-        endpoint: str = DEFAULT_ENDPOINT,
-        bindings_paths: Sequence[Path] = DEFAULT_BINDINGS_PATHS,
+        endpoint: str = DEFAULT_DCGM_ENDPOINT,
+        bindings_paths: Sequence[Path] = DEFAULT_DCGM_BINDINGS,
         interval_s: float = 0.1,
         update_period_s: float | None = None,
         clock_period_s: float = 0.02,
@@ -231,11 +75,10 @@ class DcgmSampler:
         self.endpoint = endpoint
         self._connect_timeout = connect_timeout_s
         self._reconnect_s = reconnect_s
-        self._sm_count_for = sm_count_for
         self._clock = clock
         self._sleep = sleep
         self._stop = stop or threading.Event()
-        self.errors: dict[tuple[str, str], int] = {}
+        self._errors = ErrorCounts(log)
         self._closed = False
         self._handle: Any = None
         self._ids: dict[str, int] = {}
@@ -257,7 +100,7 @@ class DcgmSampler:
         except DcgmCallError as e:
             raise SamplerError(f"cannot connect to DCGM at {endpoint} ({e.kind}: {e})") from None
         try:
-            self._units = self._enumerate(devices)
+            self._units = enumerate_units(self._q, self._handle, devices, sm_count_for)
         except DcgmCallError as e:
             self.close()
             raise SamplerError(f"cannot enumerate GPUs through DCGM ({e.kind}: {e})") from None
@@ -276,14 +119,12 @@ class DcgmSampler:
     def _q(self, function: str, *args: Any) -> Any:
         return dcgm_query(self._b, function, *args)
 
-    def _count(self, unit: _Unit, kind: str, message: str) -> None:
-        key = (unit.info.key, kind)
-        self.errors[key] = self.errors.get(key, 0) + 1
-        if kind not in unit.warned:
-            unit.warned.add(kind)
-            log.warning("gpu %s: %s (further occurrences at debug)", unit.info.key, message)
-        else:
-            log.debug("gpu %s: %s", unit.info.key, message)
+    def _count(self, unit: Unit, kind: str, message: str) -> None:
+        self._errors.count(unit.info.key, kind, message)
+
+    @property
+    def errors(self) -> dict[tuple[str, str], int]:
+        return self._errors.counts
 
     def _connect(self) -> None:
         if self._mode == "embedded":
@@ -298,101 +139,6 @@ class DcgmSampler:
         self._handle = self._q(
             "dcgmConnect_v2", self._address, params, self._b.structs.c_dcgmConnectV2Params_version2
         )
-
-    # ------------------------------------------------------------ enumeration
-
-    def _enumerate(self, devices: list[int] | None) -> list[_Unit]:
-        units: list[_Unit] = []
-        gpu_ids = self._q("dcgmGetAllSupportedDevices", self._handle)
-        try:
-            hierarchy = self._q("dcgmGetGpuInstanceHierarchy", self._handle)
-            entries = [hierarchy.entityList[i] for i in range(hierarchy.count)]
-        except DcgmCallError as e:
-            log.info("DCGM GPU instance hierarchy unavailable (%s); treating GPUs as whole", e)
-            entries = []
-        for gpu_id in gpu_ids:
-            if devices is not None and gpu_id not in devices:
-                continue
-            try:
-                units.extend(self._units_of(int(gpu_id), entries))
-            except DcgmCallError as e:
-                log.warning("gpu %d: cannot be enumerated through DCGM (%s); skipping it", gpu_id, e)
-        return units
-
-    def _units_of(self, gpu_id: int, entries: list[Any]) -> list[_Unit]:
-        attrs = self._q("dcgmGetDeviceAttributes", self._handle, gpu_id)
-        name = _text(attrs.identifiers.deviceName)
-        uuid = _text(attrs.identifiers.uuid)
-        try:
-            arch = ARCHITECTURE_CODES.get(
-                int(self._q("dcgmGetGpuChipArchitecture", self._handle, gpu_id)), "unknown"
-            )
-        except DcgmCallError:
-            arch = "unknown"
-        fields, reason = self._profiling_support(gpu_id, arch)
-        metrics = frozenset(fields.values())
-        instances = [
-            e
-            for e in entries
-            if e.entity.entityGroupId == _FE_GPU_I
-            and e.parent.entityGroupId == _FE_GPU
-            and e.parent.entityId == gpu_id
-        ]
-        if not (attrs.settings.migModeEnabled and instances):
-            info = GpuInfo(
-                key=str(gpu_id),
-                index=gpu_id,
-                uuid=uuid,
-                name=name,
-                architecture=arch,
-                sm_count=self._sms(gpu_id, None, name),
-                metrics=metrics,
-                unavailable_reason=reason,
-            )
-            return [_Unit(info, _FE_GPU, gpu_id, gpu_id, fields)]
-        units = []
-        for e in instances:
-            index = int(e.info.nvmlGpuIndex)
-            gi = int(e.info.nvmlInstanceId)
-            info = GpuInfo(
-                key=f"{index}/gi{gi}",
-                index=index,
-                uuid=uuid,
-                name=name,
-                architecture=arch,
-                sm_count=self._sms(index, gi, name),
-                gpu_instance_id=gi,
-                metrics=metrics,
-                unavailable_reason=reason,
-            )
-            units.append(_Unit(info, _FE_GPU_I, int(e.entity.entityId), gpu_id, fields))
-        return units
-
-    def _profiling_support(self, gpu_id: int, arch: str) -> tuple[dict[int, Metric], str | None]:
-        try:
-            groups = self._q("dcgmProfGetSupportedMetricGroups", self._handle, gpu_id)
-        except DcgmCallError as e:
-            return {}, f"DCGM profiling not available ({e.kind}); tensor activity unavailable on {arch}"
-        supported: set[int] = set()
-        for i in range(groups.numMetricGroups):
-            mg = groups.metricGroups[i]
-            supported.update(int(mg.fieldIds[j]) for j in range(mg.numFieldIds))
-        fields = {f: m for f, m in _FIELD_METRIC.items() if f in supported}
-        if not fields:
-            return {}, f"DCGM profiling reports no activity fields on this {arch} GPU"
-        missing = sorted(m.value for f, m in _FIELD_METRIC.items() if f not in supported)
-        if missing:
-            log.info("gpu %d: DCGM does not offer %s on this %s GPU", gpu_id, missing, arch)
-        return fields, None
-
-    def _sms(self, index: int, gi: int | None, name: str) -> int | None:
-        if self._sm_count_for is not None:
-            n = self._sm_count_for(index, gi)
-            if n:
-                return n
-        if gi is not None:
-            return None  # a MIG instance's SMs depend on its profile: only the caller knows
-        return next((n for sub, n in _DATASHEET_SMS if sub in name), None)
 
     def gpus(self) -> list[GpuInfo]:
         return [u.info for u in self._units]
@@ -415,7 +161,7 @@ class DcgmSampler:
                 f"{tag}-units", [(u.entity_group, u.entity_id) for u in prof_units]
             )
             gpus = sorted({u.gpu_id for u in self._units})
-            self._ids["clock_group"] = self._group(f"{tag}-gpus", [(_FE_GPU, g) for g in gpus])
+            self._ids["clock_group"] = self._group(f"{tag}-gpus", [(FE_GPU, g) for g in gpus])
             self._ids["clock_fields"] = self._q(
                 "dcgmFieldGroupCreate", self._handle, [SM_CLOCK_FIELD], f"{tag}-clock"
             )
@@ -578,102 +324,42 @@ class DcgmSampler:
 
     # ------------------------------------------------------------ sampling
 
-    def _clock_mean(self, gpu_id: int, a_us: int, b_us: int) -> tuple[float | None, int]:
-        rows = self._clock_rows.get(gpu_id, [])
-        inside = [hz for ts, hz in rows if a_us < ts <= b_us]
-        if inside:
-            return sum(inside) / len(inside), len(inside)
-        before = [(ts, hz) for ts, hz in rows if ts <= b_us and b_us - ts <= 1e6]
-        if before:
-            return max(before)[1], 1
-        return None, 0
-
-    def _gap(self, u: _Unit, t1: float, error: str, clock_hz: float | None = None) -> GpuSample:
-        t0 = u.acct_s
-        u.acct_s = max(t0, t1)
-        return GpuSample(u.info.key, t0, u.acct_s, None, clock_hz, error=error)
-
-    def _sample_unit(self, u: _Unit, now: float, err: DcgmCallError | None) -> GpuSample:
+    def _sample_unit(self, u: Unit, now: float, err: DcgmCallError | None) -> GpuSample:
         if not u.fields:
             a = int(u.acct_s * 1e6)
-            hz, n = self._clock_mean(u.gpu_id, a, int(now * 1e6))
-            s = self._gap(u, now, "tensor_activity_unavailable", hz)
+            hz, n = clock_mean(self._clock_rows.get(u.gpu_id, []), a, int(now * 1e6))
+            s = gap(u, now, "tensor_activity_unavailable", hz)
             return GpuSample(s.key, s.t0_s, s.t1_s, None, hz, n, error=s.error)
         if err is not None or self._handle is None:
             kind = err.kind if err is not None else "connection_lost"
             self._count(u, kind, f"DCGM read failed: {err or 'not connected'}")
             u.synced = False
             u.rows = {}
-            return self._gap(u, now, kind)
+            return gap(u, now, kind)
         if self._prof_error is not None:
             kind = self._prof_error.kind
             self._count(u, kind, f"DCGM profiling unavailable: {self._prof_error}")
             u.synced = False
             u.rows = {}
-            return self._gap(u, now, kind)
+            return gap(u, now, kind)
         ready = sorted(ts for ts in u.rows if ts / 1e6 > u.acct_s + 1e-7)
         if not ready:
             self._count(u, "no_data", "DCGM produced no new profiling values this interval")
             u.synced = False
-            return self._gap(u, now, "no_data")
+            return gap(u, now, "no_data")
         if not u.synced:
             # The first window after a gap may have started inside it: anchor on it instead.
             t1 = ready[-1]
             u.rows = {}
             u.synced = True
-            return self._gap(u, t1 / 1e6, "resync")
-        return self._measure(u, ready)
-
-    def _measure(self, u: _Unit, ready: list[int]) -> GpuSample:
-        t0 = u.acct_s
-        prev = round(t0 * 1e6)
-        weighted: dict[Metric, float] = {}
-        blank: set[Metric] = set()
-        cycles = 0.0
-        span = 0.0
-        reads = 0
-        for ts in ready:
-            row = u.rows.pop(ts)
-            dt = (ts - prev) / 1e6
-            hz, n = self._clock_mean(u.gpu_id, prev, ts)
-            prev = ts
-            if hz is None:
-                u.acct_s = ts / 1e6
-                u.rows = {}
-                self._count(u, "no_clock", "no SM clock value from DCGM for this window")
-                return GpuSample(u.info.key, t0, ts / 1e6, None, None, error="no_clock")
-            reads += n
-            cycles += hz * dt
-            span += dt
-            for f, metric in u.fields.items():
-                v = row.get(f)
-                if v is None:
-                    blank.add(metric)
-                else:
-                    weighted[metric] = weighted.get(metric, 0.0) + min(max(v, 0.0), 1.0) * hz * dt
-        t1 = ready[-1] / 1e6
-        u.acct_s = t1
-        clock_hz = cycles / span if span > 0 else None
-        activity = {m: (v / cycles if cycles > 0 else 0.0) for m, v in weighted.items() if m not in blank}
-        if not activity:
-            self._count(u, "blank", "DCGM returned blank profiling values (profiler busy or paused?)")
-            return GpuSample(u.info.key, t0, t1, None, clock_hz, reads, error="blank")
-        error = None
-        if blank:
-            error = "partial_blank"
-            self._count(u, error, f"DCGM returned blank values for {sorted(m.value for m in blank)}")
-        return GpuSample(u.info.key, t0, t1, activity, clock_hz, reads, error=error)
+            return gap(u, t1 / 1e6, "resync")
+        return measure(u, ready, self._clock_rows.get(u.gpu_id, []), self._count)
 
     def sample(self) -> list[GpuSample]:
         if self._closed:
             raise StopIteration
-        while True:
-            now = self._clock()
-            if now >= self._deadline:
-                break
-            self._sleep(min(self._clock_period, self._deadline - now))
-            if self._stop.is_set():
-                raise StopIteration
+        wait_until(self._deadline, clock=self._clock, sleep=self._sleep, stop=self._stop,
+                   period_s=self._clock_period)
         self._ensure_connected()
         err = self._read_all()
         # DCGM publishes a window a little after its end: poll briefly for units still waiting.
@@ -689,9 +375,9 @@ class DcgmSampler:
         measured = [s.t1_s for s in out if s.activity is not None or s.error == "resync"]
         base = max(measured) if measured else now
         # Read again just after DCGM's next window should close.
-        self._deadline = base + self.interval_s + min(0.01, self.interval_s / 10)
-        if self._deadline <= self._clock():
-            self._deadline = self._clock() + self.interval_s
+        self._deadline = next_deadline(
+            base + self.interval_s + min(0.01, self.interval_s / 10), self._clock, self.interval_s
+        )
         return out
 
     def _waiting(self) -> bool:
@@ -736,12 +422,7 @@ class DcgmSampler:
         return {
             "dcgm_endpoint": self.endpoint,
             "dcgm_bindings": self._b.path,
-            "hostname": socket.gethostname(),
-            "pid": os.getpid(),
+            **host_facts(),
             "update_period_s": self.update_period_s,
             "clock_period_s": self._clock_period,
         }
-
-
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
