@@ -342,8 +342,9 @@ def wire_jobs(d: Daemon, *, socket: bool = True) -> Any:
     from gpuflops.exporter.jobs_collector import JobsCollector
     from gpuflops.identity.mapper import JobMapper
     from gpuflops.identity.mapper import JobRef as MapRef
-    from gpuflops.jobs import JobRegistry, JobSocketServer, PsutilProcessLookup
-    from gpuflops.jobs.registry import JobEvent
+    from gpuflops.jobs.records import JobEvent, PsutilProcessLookup
+    from gpuflops.jobs.registry import JobRegistry
+    from gpuflops.jobs.server import JobSocketServer
     from gpuflops.ledger.sink import LedgerSink, ProgramView
 
     s = d.settings
@@ -355,7 +356,7 @@ def wire_jobs(d: Daemon, *, socket: bool = True) -> Any:
 
     kubelet = None
     if s.kubelet_url:
-        from gpuflops.identity.mapper import KubeletClient, urllib_fetch
+        from gpuflops.identity.kubelet import KubeletClient, urllib_fetch
 
         kubelet = KubeletClient(
             url=s.kubelet_url,

@@ -12,13 +12,9 @@ from pathlib import Path
 
 import click
 
-from gpuflops.compliance.report import (
-    PrometheusError,
-    PrometheusSource,
-    build_report,
-    load_accuracy,
-    render_html,
-)
+from gpuflops.compliance.html import render_html
+from gpuflops.compliance.prometheus import PrometheusError, PrometheusSource
+from gpuflops.compliance.report import build_report, load_accuracy
 from gpuflops.compliance.thresholds import ConfigError, load_programs_config
 from gpuflops.ledger.chain import verify_path
 from gpuflops.ledger.records import LEDGER_FILENAME, LedgerError

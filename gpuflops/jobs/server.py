@@ -27,7 +27,8 @@ from typing import Any
 
 from gpuflops.jobs import protocol
 from gpuflops.jobs.protocol import ErrorCode, ProtocolError
-from gpuflops.jobs.registry import JobRegistry, Peer
+from gpuflops.jobs.records import Peer
+from gpuflops.jobs.registry import JobRegistry
 
 log = logging.getLogger(__name__)
 

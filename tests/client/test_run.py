@@ -10,7 +10,8 @@ import textwrap
 from pathlib import Path
 
 from gpuflops.client.run import exit_status
-from gpuflops.jobs.registry import JobRef, JobRegistry
+from gpuflops.jobs.records import JobRef
+from gpuflops.jobs.registry import JobRegistry
 from gpuflops.jobs.server import JobSocketServer
 
 ROOT = str(Path(__file__).resolve().parents[2])

@@ -17,13 +17,9 @@ from typing import Any
 import jsonschema
 import pytest
 
-from gpuflops.compliance.report import (
-    SCHEMA_PATH,
-    PrometheusError,
-    PrometheusSource,
-    build_report,
-    render_html,
-)
+from gpuflops.compliance.html import render_html
+from gpuflops.compliance.prometheus import PrometheusError, PrometheusSource
+from gpuflops.compliance.report import SCHEMA_PATH, build_report
 from gpuflops.compliance.thresholds import ProgramsConfig
 from gpuflops.ledger.store import Ledger
 from gpuflops.model import FlopsRow

@@ -35,16 +35,8 @@ from gpuflops.identity.cgroup import (
     parse_stat,
     sanitize_label,
 )
-from gpuflops.identity.mapper import (
-    UNATTRIBUTED,
-    JobMapper,
-    JobRef,
-    KubeletClient,
-    parse_order,
-    parse_pod_list,
-    urllib_fetch,
-    validate_order,
-)
+from gpuflops.identity.kubelet import KubeletClient, parse_pod_list, urllib_fetch
+from gpuflops.identity.mapper import UNATTRIBUTED, JobMapper, JobRef, parse_order, validate_order
 
 PROC = Path(__file__).parent / "proc"
 U1 = "7a3c4e0e-2a5b-4c1f-9d6e-3f2b1a0c9d8e"

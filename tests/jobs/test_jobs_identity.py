@@ -11,7 +11,8 @@ import warnings
 
 import pytest
 
-from gpuflops.jobs.registry import JobRef, JobRegistry
+from gpuflops.jobs.records import JobRef
+from gpuflops.jobs.registry import JobRegistry
 from gpuflops.jobs.server import JobSocketServer
 from tests.jobs.jobsock_client import Client
 

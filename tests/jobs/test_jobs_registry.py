@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gpuflops.jobs.protocol import ErrorCode, Increment, ProtocolError
-from gpuflops.jobs.registry import JobEvent, JobRef, JobRegistry, Peer
+from gpuflops.jobs.records import JobEvent, JobRef, Peer
+from gpuflops.jobs.registry import JobRegistry
 
 
 class ProcTree:
