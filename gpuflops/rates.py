@@ -162,7 +162,7 @@ def family_for(architecture: str, name: str) -> Family | None:
     return FAMILIES.get(arch)
 
 
-def precision_of(pipe: Pipe, hmma_precision: str) -> str:
+def pipe_precision(pipe: Pipe, hmma_precision: str) -> str:
     """The precision label of work on a pipe; HMMA's comes from config or the job."""
     if pipe is Pipe.HMMA:
         return hmma_precision

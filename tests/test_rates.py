@@ -10,7 +10,7 @@ from gpuflops.rates import (
     FAMILIES,
     HMMA_PRECISIONS,
     family_for,
-    precision_of,
+    pipe_precision,
     rate_for,
 )
 
@@ -81,9 +81,9 @@ def test_h100_rates_match_gpu_facts() -> None:
 
 def test_precision_of_each_pipe() -> None:
     assert DEFAULT_HMMA_PRECISION in HMMA_PRECISIONS
-    assert precision_of(Pipe.HMMA, "fp8") == "fp8"
-    assert precision_of(Pipe.IMMA, "fp8") == "int8"
-    assert precision_of(Pipe.DFMA, "bf16") == "fp64"
-    assert precision_of(Pipe.FP64, "bf16") == "fp64"
-    assert precision_of(Pipe.FP32, "bf16") == "fp32"
-    assert precision_of(Pipe.FP16, "bf16") == "fp16"
+    assert pipe_precision(Pipe.HMMA, "fp8") == "fp8"
+    assert pipe_precision(Pipe.IMMA, "fp8") == "int8"
+    assert pipe_precision(Pipe.DFMA, "bf16") == "fp64"
+    assert pipe_precision(Pipe.FP64, "bf16") == "fp64"
+    assert pipe_precision(Pipe.FP32, "bf16") == "fp32"
+    assert pipe_precision(Pipe.FP16, "bf16") == "fp16"

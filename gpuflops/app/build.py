@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Generic, Literal, TypeVar
@@ -22,34 +21,28 @@ from typing import Any, Generic, Literal, TypeVar
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from gpuflops import __version__
-from gpuflops.config import Settings
+from gpuflops.config import Settings, demo_trace_path
 from gpuflops.exporter.collector import AttributionCollector, FlopsCollector
 from gpuflops.exporter.http import MetricsServer
-from gpuflops.exporter.state import UNATTRIBUTED, Row, Totals
-from gpuflops.model import GpuInfo, GpuSample
-from gpuflops.pipeline.attribute import AttributedInterval, ProcessAttributor
+from gpuflops.exporter.state import Totals
+from gpuflops.model import UNATTRIBUTED, AttributedInterval, FlopsRow, GpuInfo, GpuSample
+from gpuflops.pipeline.attribute import ProcessAttributor
 from gpuflops.pipeline.integrate import Integrator
 from gpuflops.rates import HMMA_PRECISIONS
 from gpuflops.sampler.base import Sampler, SamplerError
 
 log = logging.getLogger(__name__)
 
-DEMO_TRACE = "h100-demo.jsonl.gz"
 
 JobResolver = Callable[[int], tuple[str, str]]
 PrecisionOf = Callable[[str, str], str | None]  # (job, program) -> declared HMMA precision
 StepHook = Callable[[list[GpuSample]], None]
-RowSink = Callable[[list[tuple[float, float, list[Row]]], int], None]
+RowSink = Callable[[list[tuple[float, float, list[FlopsRow]]], int], None]
 GapSink = Callable[[str, str, float, float, str], None]
 
 
 class NoDriverError(SamplerError):
     """``--backend auto`` found no usable NVIDIA driver."""
-
-
-def demo_trace_path() -> Path:
-    """The H100 trace shipped in the package."""
-    return Path(str(resources.files("gpuflops") / "data" / DEMO_TRACE))
 
 
 def build_sampler(settings: Settings, stop: threading.Event) -> Sampler:
@@ -181,7 +174,7 @@ class Pipeline:
         return None
 
     def _settle(self, settled: list[AttributedInterval]) -> None:
-        batch: list[tuple[float, float, list[Row]]] = []
+        batch: list[tuple[float, float, list[FlopsRow]]] = []
         for item in settled:
             info = self._infos[item.key]
             rows = []
@@ -190,7 +183,7 @@ class Pipeline:
                     (UNATTRIBUTED, UNATTRIBUTED) if share.pid is None else self.resolve_job(share.pid)
                 )
                 rows.append(
-                    Row(item.key, info.uuid, share.pipe.value, share.precision, job, program,
+                    FlopsRow(item.key, info.uuid, share.pipe.value, share.precision, job, program,
                         share.pid, share.flops, share.comm)
                 )
             if rows:
@@ -340,9 +333,8 @@ def wire_jobs(d: Daemon, *, socket: bool = True) -> Any:
     from gpuflops.compliance.reconcile import normalize_precision
     from gpuflops.compliance.thresholds import load_programs_config
     from gpuflops.exporter.jobs_collector import JobsCollector
-    from gpuflops.identity.mapper import JobMapper
-    from gpuflops.identity.mapper import JobRef as MapRef
-    from gpuflops.jobs.records import JobEvent, PsutilProcessLookup
+    from gpuflops.identity.mapper import JobIdentity, JobMapper
+    from gpuflops.jobs.records import PsutilProcessLookup, RegistryEvent
     from gpuflops.jobs.registry import JobRegistry
     from gpuflops.jobs.server import JobSocketServer
     from gpuflops.ledger.sink import LedgerSink, ProgramView
@@ -350,9 +342,9 @@ def wire_jobs(d: Daemon, *, socket: bool = True) -> Any:
     s = d.settings
     registry = JobRegistry(process_lookup=PsutilProcessLookup(), clock=d.clock)
 
-    def from_socket(pid: int) -> MapRef | None:
+    def from_socket(pid: int) -> JobIdentity | None:
         ref = registry.job_for_pid(pid)
-        return None if ref is None else MapRef(ref.job_id, ref.program_id, "socket", {})
+        return None if ref is None else JobIdentity(ref.job_id, ref.program_id, "socket", {})
 
     kubelet = None
     if s.kubelet_url:
@@ -386,7 +378,7 @@ def wire_jobs(d: Daemon, *, socket: bool = True) -> Any:
     registry.on_event(sink.on_job_event)
     attributor = d.pipeline.attributor
 
-    def analytic_report(event: JobEvent) -> None:
+    def analytic_report(event: RegistryEvent) -> None:
         """Analytic work reported by a process: weights for splitting a GPU it shares."""
         if event.kind == "add":
             attributor.record_analytic(event.peer.pid, event.time_s, float(event.data["flops"]))

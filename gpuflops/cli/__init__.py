@@ -12,7 +12,15 @@ from pathlib import Path
 import click
 
 from gpuflops import __version__
-from gpuflops.config import ConfigError, Settings, load_settings
+from gpuflops.config import (
+    DEFAULT_LISTEN,
+    DEFAULT_SOCKET_PATH,
+    DEFAULT_STATE_DIR,
+    DEFAULT_STATUS_URL,
+    Settings,
+    SettingsError,
+    load_settings,
+)
 from gpuflops.sampler.base import SamplerError
 
 log = logging.getLogger("gpuflops")
@@ -43,17 +51,17 @@ def main() -> None:
 @click.option("--speed", type=float, default=None,
               help="Replay speed factor (above 1, sample timestamps run ahead of the wall clock).")
 @click.option("--no-loop", is_flag=True, help="Stop when the replayed trace ends.")
-@click.option("--listen", default=None, help="HOST:PORT for /metrics and /healthz [0.0.0.0:9450].")
+@click.option("--listen", default=None, help=f"HOST:PORT for /metrics and /healthz [{DEFAULT_LISTEN}].")
 @click.option("--interval", "interval_s", type=float, default=None, help="GPM interval in seconds [0.5].")
 @click.option("--precision", "hmma_precision", default=None,
               help="Assumed tensor-core (HMMA) precision: fp8, bf16, fp16, tf32 [bf16].")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None)
 @click.option("--record", "record_path", type=click.Path(dir_okay=False), default=None,
               help="Also write every interval to this trace file.")
-@click.option("--socket", "socket_path", default=None, help="Job socket path [/run/gpuflops/gpuflops.sock].")
+@click.option("--socket", "socket_path", default=None, help=f"Job socket path [{DEFAULT_SOCKET_PATH}].")
 @click.option("--socket-group", default=None, help="Group (name or gid) that may use the job socket.")
 @click.option("--no-socket", is_flag=True, help="Do not open the job socket.")
-@click.option("--state-dir", default=None, help="Ledger directory [/var/lib/gpuflops].")
+@click.option("--state-dir", default=None, help=f"Ledger directory [{DEFAULT_STATE_DIR}].")
 @click.option("--no-ledger", is_flag=True, help="Run without the persistent ledger (counters restart at 0).")
 @click.option("--programs", "program_config", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Program thresholds and policy (TOML, docs/ledger.md).")
@@ -98,7 +106,7 @@ def daemon(
         settings = load_settings(Path(config_path) if config_path else None)
         if demo or replay_path:
             if backend not in (None, "replay"):
-                raise ConfigError("--demo/--replay cannot be combined with --backend " + backend)
+                raise SettingsError("--demo/--replay cannot be combined with --backend " + backend)
             backend = "replay"
         settings = settings.with_overrides(
             backend=backend,
@@ -122,7 +130,7 @@ def daemon(
             dcgm_bindings=dcgm_bindings or None,
         ).validate()
         http_kwargs = _web_config(settings.web_config)
-    except ConfigError as e:
+    except SettingsError as e:
         raise click.ClickException(str(e)) from None
     stop = threading.Event()
     try:
@@ -180,7 +188,7 @@ def _web_config(path: str | None) -> dict[str, object]:
         wc = load_web_config(Path(path))
         return {"ssl_context": wc.ssl_context(), "auth": wc.check_auth if wc.auth_required else None}
     except WebConfigError as e:
-        raise ConfigError(str(e)) from None
+        raise SettingsError(str(e)) from None
 
 
 def _trace_meta(sampler: object) -> dict[str, object]:
@@ -245,7 +253,7 @@ def record(out: str, seconds: float, interval_s: float, clock_period_s: float) -
 
 
 @main.command()
-@click.option("--url", default="http://127.0.0.1:9450/metrics", show_default=True)
+@click.option("--url", default=DEFAULT_STATUS_URL, show_default=True)
 @click.option("--once", is_flag=True, help="Print one table and exit.")
 @click.option("--interval", "interval_s", type=float, default=1.0, show_default=True)
 def status(url: str, once: bool, interval_s: float) -> None:

@@ -7,7 +7,6 @@ import os
 import sys
 import tempfile
 import time
-from importlib import resources
 from pathlib import Path
 
 import click
@@ -15,18 +14,16 @@ import click
 from gpuflops.compliance.html import render_html
 from gpuflops.compliance.prometheus import PrometheusError, PrometheusSource
 from gpuflops.compliance.report import build_report, load_accuracy
-from gpuflops.compliance.thresholds import ConfigError, load_programs_config
+from gpuflops.compliance.thresholds import ProgramConfigError, load_programs_config
+from gpuflops.config import DEFAULT_ACCURACY_PATH, DEFAULT_STATE_DIR
 from gpuflops.ledger.chain import verify_path
 from gpuflops.ledger.records import LEDGER_FILENAME, LedgerError
 from gpuflops.ledger.store import Ledger
 
-DEFAULT_STATE_DIR = Path("/var/lib/gpuflops")
-
 state_dir_option = click.option(
     "--state-dir", type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_STATE_DIR, show_default=True, help="Directory holding ledger.sqlite3.")
+    default=Path(DEFAULT_STATE_DIR), show_default=True, help="Directory holding ledger.sqlite3.")
 
-DEFAULT_ACCURACY = Path(str(resources.files("gpuflops") / "data" / "accuracy-h100.json"))
 
 
 @click.command("verify")
@@ -77,8 +74,8 @@ def report_command(program: str, fmt: str, prometheus: str | None, state_dir: Pa
     """Write the audit report of one program as JSON or self-contained HTML."""
     try:
         config = load_programs_config(config_path)
-        accuracy = load_accuracy(accuracy_path or DEFAULT_ACCURACY)
-    except (ConfigError, OSError, ValueError) as exc:
+        accuracy = load_accuracy(accuracy_path or DEFAULT_ACCURACY_PATH)
+    except (ProgramConfigError, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     ledger_path = state_dir / LEDGER_FILENAME
     ledger: Ledger | None = None
@@ -93,7 +90,7 @@ def report_command(program: str, fmt: str, prometheus: str | None, state_dir: Pa
         source = PrometheusSource(prometheus) if prometheus else None
         doc = build_report(program, ledger=ledger, config=config, now_s=time.time(),
                            state_dir=state_dir, prometheus=source, accuracy=accuracy)
-    except (PrometheusError, ConfigError) as exc:
+    except (PrometheusError, ProgramConfigError) as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
         if ledger is not None:

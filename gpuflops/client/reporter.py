@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from gpuflops.config import DEFAULT_SOCKET_PATH
 from gpuflops.jobs import protocol
 from gpuflops.jobs.protocol import ErrorCode, Increment, ProtocolError
 
-DEFAULT_SOCKET_PATH = "/run/gpuflops/gpuflops.sock"
 MAX_ITEMS_PER_MESSAGE = 256  # keeps one add message far below the 64 KiB limit
 # Errors after which a batch can never be accepted: drop it (counted) instead of retrying forever.
 _PERMANENT = frozenset({ErrorCode.FORBIDDEN, ErrorCode.JOB_ENDED, ErrorCode.BAD_FIELD,

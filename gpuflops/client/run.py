@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 import click
 
-from gpuflops.client.reporter import DEFAULT_SOCKET_PATH
+from gpuflops.config import DEFAULT_SOCKET_PATH
 from gpuflops.jobs import protocol
 from gpuflops.jobs.protocol import ErrorCode, ProtocolError
 

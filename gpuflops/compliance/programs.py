@@ -7,12 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpuflops.compliance.reconcile import JobInput, ReconcileResult, reconcile_job
-from gpuflops.compliance.thresholds import ConfigError, ProgramsConfig, ProgramStatus, program_status
-from gpuflops.ledger.records import JobEvent, LedgerTotals
+from gpuflops.compliance.thresholds import ProgramConfigError, ProgramsConfig, ProgramStatus, program_status
+from gpuflops.ledger.records import JobEventRecord, LedgerTotals
 from gpuflops.ledger.store import Ledger
-
-# Pseudo-program of unattributed work (CONTRACTS.md); never compared with a threshold.
-UNATTRIBUTED = "unattributed"
+from gpuflops.model import UNATTRIBUTED
 
 
 @dataclass(frozen=True)
@@ -29,7 +27,7 @@ class Attempt:
     metadata: Mapping[str, Any]
 
 
-def merge_metadata(events: Sequence[JobEvent]) -> dict[tuple[str, str], dict[str, Any]]:
+def merge_metadata(events: Sequence[JobEventRecord]) -> dict[tuple[str, str], dict[str, Any]]:
     """Per (job, program): registration metadata, later registrations overriding earlier keys."""
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for ev in events:
@@ -39,9 +37,9 @@ def merge_metadata(events: Sequence[JobEvent]) -> dict[tuple[str, str], dict[str
     return out
 
 
-def attempts(events: Sequence[JobEvent]) -> list[Attempt]:
+def attempts(events: Sequence[JobEventRecord]) -> list[Attempt]:
     """Attempts in order of first registration."""
-    groups: dict[tuple[str, str, object], list[JobEvent]] = {}
+    groups: dict[tuple[str, str, object], list[JobEventRecord]] = {}
     for ev in events:
         if ev.kind == "register":
             groups.setdefault((ev.job, ev.program, ev.payload.get("attempt")), []).append(ev)
@@ -62,7 +60,7 @@ def attempts(events: Sequence[JobEvent]) -> list[Attempt]:
     return out
 
 
-def job_inputs(ledger: Ledger, totals: LedgerTotals, events: Sequence[JobEvent],
+def job_inputs(ledger: Ledger, totals: LedgerTotals, events: Sequence[JobEventRecord],
                program: str | None = None) -> list[JobInput]:
     """JobInputs from persisted totals; measured is matched to the estimates' span."""
     meta = merge_metadata(events)
@@ -109,6 +107,6 @@ def evaluate_ledger(ledger: Ledger, config: ProgramsConfig
     for program in sorted({i.program for i in inputs}):
         try:
             statuses[program] = evaluate_program(program, inputs, config)
-        except ConfigError as exc:
+        except ProgramConfigError as exc:
             errors[program] = str(exc)
     return statuses, errors

@@ -37,7 +37,7 @@ RULE_CHOICES = ("auto", "guidelines", "conservative", *RULES)
 DEFAULT_LEVELS = (0.5, 0.8, 0.95)
 
 
-class ConfigError(ValueError):
+class ProgramConfigError(ValueError):
     """A program configuration file or value is invalid; carries where."""
 
 
@@ -63,20 +63,20 @@ class ProgramConfig:
 
     def __post_init__(self) -> None:
         if self.rule not in RULE_CHOICES:
-            raise ConfigError(f"program {self.program!r}: unknown rule {self.rule!r}; "
+            raise ProgramConfigError(f"program {self.program!r}: unknown rule {self.rule!r}; "
                               f"choose one of {', '.join(RULE_CHOICES)}")
         if self.rule == "explicit" and not self.threshold_flops:
-            raise ConfigError(f"program {self.program!r}: rule explicit needs threshold_flops")
+            raise ProgramConfigError(f"program {self.program!r}: rule explicit needs threshold_flops")
         for name in ("base_model_compute_flops", "threshold_flops"):
             v = getattr(self, name)
             if v is not None and (not math.isfinite(v) or v <= 0):
-                raise ConfigError(f"program {self.program!r}: {name} must be > 0, got {v!r}")
+                raise ProgramConfigError(f"program {self.program!r}: {name} must be > 0, got {v!r}")
         if not self.levels or any(not 0 < x <= 1 for x in self.levels):
-            raise ConfigError(f"program {self.program!r}: levels must be in (0, 1]")
+            raise ProgramConfigError(f"program {self.program!r}: levels must be in (0, 1]")
         if not 0 < self.tolerance < 1:
-            raise ConfigError(f"program {self.program!r}: tolerance must be in (0, 1)")
+            raise ProgramConfigError(f"program {self.program!r}: tolerance must be in (0, 1)")
         if self.assumed_precision not in PRECISION_RATE:
-            raise ConfigError(f"program {self.program!r}: unknown assumed_precision "
+            raise ProgramConfigError(f"program {self.program!r}: unknown assumed_precision "
                               f"{self.assumed_precision!r}")
 
 
@@ -95,10 +95,10 @@ class ProgramsConfig:
         known = set(ProgramConfig.__dataclass_fields__) - {"program", "policy"}
         unknown = set(merged) - known
         if unknown:
-            raise ConfigError(f"program {program!r}: unknown keys {sorted(unknown)}")
+            raise ProgramConfigError(f"program {program!r}: unknown keys {sorted(unknown)}")
         unknown_p = set(policy) - set(CompliancePolicy.__dataclass_fields__)
         if unknown_p:
-            raise ConfigError(f"program {program!r}: unknown policy keys {sorted(unknown_p)}")
+            raise ProgramConfigError(f"program {program!r}: unknown policy keys {sorted(unknown_p)}")
         if "levels" in merged:
             merged["levels"] = tuple(float(x) for x in merged["levels"])
         for key in ("base_model_compute_flops", "threshold_flops", "tolerance"):
@@ -107,7 +107,7 @@ class ProgramsConfig:
         try:
             return ProgramConfig(program=program, policy=CompliancePolicy(**policy), **merged)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(str(exc)) from exc
+            raise ProgramConfigError(str(exc)) from exc
 
 
 def load_programs_config(path: Path | None) -> ProgramsConfig:
@@ -119,10 +119,10 @@ def load_programs_config(path: Path | None) -> ProgramsConfig:
         raw = path.read_bytes()
         data = json.loads(raw) if path.suffix == ".json" else tomllib.loads(raw.decode("utf-8"))
     except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise ProgramConfigError(f"{path}: {exc}") from exc
     extra = set(data) - {"defaults", "programs"}
     if extra:
-        raise ConfigError(f"{path}: unknown top-level keys {sorted(extra)}")
+        raise ProgramConfigError(f"{path}: unknown top-level keys {sorted(extra)}")
     cfg = ProgramsConfig(defaults=data.get("defaults", {}), programs=data.get("programs", {}))
     for name in cfg.programs:
         cfg.for_program(name)  # validate every program now, not at the first scrape
@@ -171,7 +171,7 @@ def resolve_threshold(cfg: ProgramConfig,
         else:
             rule = "unknown_base"
     if rule in ("one_third_of_base", "conservative_30pct") and base is None:
-        raise ConfigError(f"program {cfg.program!r}: rule {rule} needs the base model's compute")
+        raise ProgramConfigError(f"program {cfg.program!r}: rule {rule} needs the base model's compute")
     flops = {
         "one_third_of_base": (base or 0.0) / 3.0,
         "conservative_30pct": (base or 0.0) * 0.3,

@@ -17,15 +17,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from gpuflops.model import FlopsRow as Row  # one row type from attribution to ledger
-from gpuflops.model import GpuInfo, GpuSample, Metric
-from gpuflops.pipeline.integrate import IntervalFlops
-
-UNATTRIBUTED = "unattributed"
+from gpuflops.model import FlopsRow, GpuInfo, GpuSample, IntervalFlops, Metric
 
 GpuFlopsKey = tuple[str, str, str]  # gpu key, pipe, precision
 ProcKey = tuple[str, int, str]  # gpu key, pid, comm
-JobKey = tuple[str, str]  # job, program
+JobSeriesKey = tuple[str, str]  # job, program
 
 
 @dataclass(frozen=True)
@@ -53,8 +49,8 @@ class Snapshot:
     gpu_flops: Mapping[GpuFlopsKey, float]
     process_flops: Mapping[ProcKey, float]
     unattributed_flops: Mapping[str, float]
-    job_flops: Mapping[JobKey, float]
-    job_analytic: Mapping[JobKey, JobAnalytic]
+    job_flops: Mapping[JobSeriesKey, float]
+    job_analytic: Mapping[JobSeriesKey, JobAnalytic]
     live: Mapping[str, GpuLive]
     intervals: Mapping[str, int]
     gaps: Mapping[tuple[str, str], int]
@@ -81,8 +77,8 @@ class Totals:
         self._process_flops: dict[ProcKey, float] = {}
         self._process_seen: dict[ProcKey, float] = {}
         self._unattributed: dict[str, float] = {g.key: 0.0 for g in gpus}
-        self._job_flops: dict[JobKey, float] = {}
-        self._job_analytic: dict[JobKey, JobAnalytic] = {}
+        self._job_flops: dict[JobSeriesKey, float] = {}
+        self._job_analytic: dict[JobSeriesKey, JobAnalytic] = {}
         self._live: dict[str, GpuLive] = {}
         self._intervals: dict[str, int] = {g.key: 0 for g in gpus}
         self._gaps: dict[tuple[str, str], int] = {}
@@ -94,8 +90,8 @@ class Totals:
     def seed(
         self,
         gpu_flops: Mapping[GpuFlopsKey, float],
-        job_flops: Mapping[JobKey, float],
-        job_analytic: Mapping[JobKey, JobAnalytic],
+        job_flops: Mapping[JobSeriesKey, float],
+        job_analytic: Mapping[JobSeriesKey, JobAnalytic],
     ) -> None:
         """Start counters from persisted totals."""
         with self._lock:
@@ -122,7 +118,7 @@ class Totals:
                 gpu_util=sample.gpu_util,
             )
 
-    def add_rows(self, rows: Iterable[Row], held: int) -> None:
+    def add_rows(self, rows: Iterable[FlopsRow], held: int) -> None:
         """Count rows that are now durable."""
         now = self._clock()
         with self._lock:
@@ -130,7 +126,7 @@ class Totals:
             # Sum per job first and then add, in the same order as the ledger's own totals
             # (store._apply_interval), so a restart seeded from the ledger gets bit-identical
             # values: a counter one rounding step lower would read as a reset in Prometheus.
-            per_job: dict[JobKey, float] = {}
+            per_job: dict[JobSeriesKey, float] = {}
             for r in rows:
                 gk = (r.gpu, r.pipe, r.precision)
                 self._gpu_flops[gk] = self._gpu_flops.get(gk, 0.0) + r.flops

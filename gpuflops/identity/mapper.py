@@ -31,18 +31,18 @@ from gpuflops.identity.cgroup import (
     sanitize_label,
 )
 from gpuflops.identity.kubelet import KubeletClient
+from gpuflops.model import UNATTRIBUTED
 
 log = logging.getLogger(__name__)
 
 SOURCES: tuple[str, ...] = ("socket", "env", "kubernetes", "slurm", "torchrun", "systemd")
 DEFAULT_ORDER: tuple[str, ...] = SOURCES
-UNATTRIBUTED_JOB = "unattributed"
 PROGRAM_LABEL = "gpuflops.io/program"  # pod label or annotation naming the program
 JOB_LABEL = "gpuflops.io/job"  # pod label or annotation grouping several pods into one job
 
 
 @dataclass(frozen=True)
-class JobRef:
+class JobIdentity:
     """The job and program a process's FLOPs count towards, and how we know."""
 
     job: str  # Prometheus-safe label value, e.g. "k8s/ml/llama-ft-0", "slurm/4242"
@@ -51,11 +51,11 @@ class JobRef:
     details: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        # A read-only copy, so a JobRef shared between threads and caches cannot change.
+        # A read-only copy, so a JobIdentity shared between threads and caches cannot change.
         object.__setattr__(self, "details", MappingProxyType(dict(self.details)))
 
 
-UNATTRIBUTED = JobRef(UNATTRIBUTED_JOB, UNATTRIBUTED_JOB, "none", {})
+UNATTRIBUTED_IDENTITY = JobIdentity(UNATTRIBUTED, UNATTRIBUTED, "none", {})
 
 
 def validate_order(order: Iterable[str]) -> tuple[str, ...]:
@@ -129,7 +129,7 @@ class JobMapper:
         proc_root: Path = Path("/proc"),
         order: Sequence[str] = DEFAULT_ORDER,
         kubelet: KubeletClient | None = None,
-        socket_lookup: Callable[[int], JobRef | None] | None = None,
+        socket_lookup: Callable[[int], JobIdentity | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         ttl_s: float = 30.0,
         retain_s: float = 600.0,
@@ -149,7 +149,7 @@ class JobMapper:
         self._cache: dict[int, _Entry] = {}
         self._pruned_at = clock()
         self._counts: dict[str, int] = {}
-        self._sources: dict[str, Callable[[_ProcView], tuple[JobRef | None, bool]]] = {
+        self._sources: dict[str, Callable[[_ProcView], tuple[JobIdentity | None, bool]]] = {
             "env": self._from_env,
             "kubernetes": self._from_kubernetes,
             "slurm": self._from_slurm,
@@ -170,8 +170,8 @@ class JobMapper:
             counts["kubelet_errors"] = self._kubelet.errors
         return counts
 
-    def resolve(self, pid: int) -> JobRef:
-        """The job ``pid`` works for; ``UNATTRIBUTED`` when no source knows."""
+    def resolve(self, pid: int) -> JobIdentity:
+        """The job ``pid`` works for; ``UNATTRIBUTED_IDENTITY`` when no source knows."""
         with self._lock:
             now = self._clock()
             self._prune(now)
@@ -181,7 +181,7 @@ class JobMapper:
 
     # -- cache ---------------------------------------------------------------------------------
 
-    def _resolve(self, pid: int, now: float) -> JobRef:
+    def _resolve(self, pid: int, now: float) -> JobIdentity:
         entry = self._cache.get(pid)
         stat = self._read_stat(self._proc / str(pid))
         fresh = (
@@ -215,9 +215,9 @@ class JobMapper:
                     entry.results[source] = ref
             if ref is not None:
                 return ref
-        return UNATTRIBUTED
+        return UNATTRIBUTED_IDENTITY
 
-    def _run_source(self, source: str, view: _ProcView) -> tuple[JobRef | None, bool]:
+    def _run_source(self, source: str, view: _ProcView) -> tuple[JobIdentity | None, bool]:
         try:
             return self._sources[source](view)
         except Exception as e:  # a parser bug must cost one answer, not the daemon
@@ -276,7 +276,7 @@ class JobMapper:
     # -- sources -------------------------------------------------------------------------------
     # Each returns (answer or None, whether the answer may be cached for ttl_s).
 
-    def _from_socket(self, pid: int) -> JobRef | None:
+    def _from_socket(self, pid: int) -> JobIdentity | None:
         if self._socket_lookup is None:
             return None
         try:
@@ -287,17 +287,17 @@ class JobMapper:
         if ref is None:
             return None
         job = sanitize_label(ref.job)
-        if not job or job == UNATTRIBUTED_JOB:
+        if not job or job == UNATTRIBUTED:
             return None
-        return JobRef(job, sanitize_label(ref.program) or job, "socket", ref.details)
+        return JobIdentity(job, sanitize_label(ref.program) or job, "socket", ref.details)
 
-    def _from_env(self, view: _ProcView) -> tuple[JobRef | None, bool]:
+    def _from_env(self, view: _ProcView) -> tuple[JobIdentity | None, bool]:
         job = sanitize_label(view.env.get("GPUFLOPS_JOB", "")) if view.env else ""
         if not job:
             return None, True
-        return JobRef(job, _program(view.env) or job, "env", {}), True
+        return JobIdentity(job, _program(view.env) or job, "env", {}), True
 
-    def _from_kubernetes(self, view: _ProcView) -> tuple[JobRef | None, bool]:
+    def _from_kubernetes(self, view: _ProcView) -> tuple[JobIdentity | None, bool]:
         pod = find_pod(view.cgroups)
         if pod is None:
             return None, True
@@ -311,7 +311,7 @@ class JobMapper:
         }
         if info is None:
             job = sanitize_label(f"k8s/pod/{pod.pod_uid}")
-            ref = JobRef(job, _program(view.env) or job, "kubernetes", _details(details))
+            ref = JobIdentity(job, _program(view.env) or job, "kubernetes", _details(details))
             # Not cached: once the kubelet answers, the pod's name replaces its UID.
             return ref, self._kubelet is None
         group = info.labels.get(JOB_LABEL) or info.annotations.get(JOB_LABEL)
@@ -323,9 +323,9 @@ class JobMapper:
             container=info.containers.get(pod.container_id or ""),
         )
         program = _program(None, named) or _program(view.env) or job
-        return JobRef(job, program, "kubernetes", _details(details)), True
+        return JobIdentity(job, program, "kubernetes", _details(details)), True
 
-    def _from_slurm(self, view: _ProcView) -> tuple[JobRef | None, bool]:
+    def _from_slurm(self, view: _ProcView) -> tuple[JobIdentity | None, bool]:
         cg = find_slurm(view.cgroups)
         env = view.env or {}
         env_job = env.get("SLURM_JOB_ID", "").strip()
@@ -348,9 +348,9 @@ class JobMapper:
             ),
         })
         program = _program(view.env, trusted_env.get("SLURM_JOB_NAME")) or job
-        return JobRef(job, program, "slurm", details), True
+        return JobIdentity(job, program, "slurm", details), True
 
-    def _from_torchrun(self, view: _ProcView) -> tuple[JobRef | None, bool]:
+    def _from_torchrun(self, view: _ProcView) -> tuple[JobIdentity | None, bool]:
         env = view.env or {}
         if "TORCHELASTIC_RUN_ID" not in env:
             return None, True
@@ -368,7 +368,7 @@ class JobMapper:
             job = f"torchrun/{run_id}"
         job = sanitize_label(job)
         details["run_id"] = run_id
-        return JobRef(job, _program(env) or job, "torchrun", _details(details)), True
+        return JobIdentity(job, _program(env) or job, "torchrun", _details(details)), True
 
     def _torchrun_agent(self, view: _ProcView) -> int | None:
         ppid = view.ppid
@@ -386,14 +386,14 @@ class JobMapper:
             ppid = stat.ppid
         return None
 
-    def _from_systemd(self, view: _ProcView) -> tuple[JobRef | None, bool]:
+    def _from_systemd(self, view: _ProcView) -> tuple[JobIdentity | None, bool]:
         unit = find_systemd_unit(view.cgroups, self._systemd_ignore)
         if unit is None:
             return None, True
         scope = f"user@{unit.user_uid}/" if unit.user_uid else ""
         job = sanitize_label(f"systemd/{scope}{unit.unit}")
         details = _details({"unit": unit.unit, "user_uid": unit.user_uid})
-        return JobRef(job, _program(view.env) or job, "systemd", details), True
+        return JobIdentity(job, _program(view.env) or job, "systemd", details), True
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -412,4 +412,4 @@ class _Entry:
     view: _ProcView
     read_at: float
     seen_at: float = 0.0
-    results: dict[str, JobRef | None] = field(default_factory=dict)
+    results: dict[str, JobIdentity | None] = field(default_factory=dict)

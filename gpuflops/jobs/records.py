@@ -20,8 +20,8 @@ class Peer:
 
 
 @dataclass(frozen=True)
-class JobRef:
-    """What attribution needs to label a process's FLOPs."""
+class AttachedJob:
+    """The open job a process (or one of its ancestors) is attached to through the socket."""
 
     job_id: str
     program_id: str
@@ -52,7 +52,7 @@ class PsutilProcessLookup:
 
 
 @dataclass(frozen=True)
-class JobEvent:
+class RegistryEvent:
     """A change to the registry, for the ledger: what happened, to which job, sent by whom."""
 
     kind: str  # "register", "attach", "add", "end"

@@ -18,13 +18,13 @@ from typing import Any
 
 from gpuflops.jobs.protocol import PER_RANK_FIELDS, ErrorCode, Increment, ProtocolError
 from gpuflops.jobs.records import (
-    JobEvent,
-    JobRef,
+    AttachedJob,
     JobSnapshot,
     Peer,
     ProcessLookup,
     PsutilProcessLookup,
     RegisterResult,
+    RegistryEvent,
     RegistryLimits,
     RegistrySnapshot,
 )
@@ -81,7 +81,7 @@ class _Job:
 
 @dataclass
 class _CacheEntry:
-    ref: JobRef | None
+    ref: AttachedJob | None
     start_time: float | None
     checked_s: float
     generation: int
@@ -110,12 +110,12 @@ class JobRegistry:
         self._pid_index: dict[int, str] = {}  # attached pid -> open job id
         self._generation = 0  # bumped when attachments change; invalidates the pid cache
         self._cache: dict[int, _CacheEntry] = {}
-        self._listeners: list[Callable[[JobEvent], None]] = []
+        self._listeners: list[Callable[[RegistryEvent], None]] = []
         self._listener_errors = 0
 
     # -- listeners -------------------------------------------------------------------------
 
-    def on_event(self, listener: Callable[[JobEvent], None]) -> None:
+    def on_event(self, listener: Callable[[RegistryEvent], None]) -> None:
         """Call ``listener`` for every applied change, in order, on the mutating thread.
 
         Listeners must be quick (enqueue, don't write); an exception is logged and counted.
@@ -128,7 +128,7 @@ class JobRegistry:
         """Exceptions raised by listeners so far."""
         return self._listener_errors
 
-    def _emit(self, event: JobEvent) -> None:
+    def _emit(self, event: RegistryEvent) -> None:
         for listener in self._listeners:
             try:
                 listener(event)
@@ -243,7 +243,7 @@ class JobRegistry:
             data = {"metadata": dict(metadata), "created": created, "conflicts": conflicts}
             if client is not None:
                 data["client"] = client
-            self._emit(JobEvent("register", job_id, program_id, time_s, peer, data))
+            self._emit(RegistryEvent("register", job_id, program_id, time_s, peer, data))
         return RegisterResult(created=created, conflicts=conflicts)
 
     def _merge_metadata(self, job: _Job, metadata: Mapping[str, Any]) -> tuple[str, ...]:
@@ -287,7 +287,7 @@ class JobRegistry:
                 changed = self._attach_locked(job, pid, start_time)
                 time_s = self._clock()
             data = {"pid": pid, "changed": changed}
-            self._emit(JobEvent("attach", job_id, job.program_id, time_s, peer, data))
+            self._emit(RegistryEvent("attach", job_id, job.program_id, time_s, peer, data))
         return changed
 
     def add(
@@ -336,7 +336,7 @@ class JobRegistry:
                 if client is not None:
                     data["client"] = client
                     data["seq"] = seq
-                self._emit(JobEvent("add", job_id, program_id, time_s, peer, data))
+                self._emit(RegistryEvent("add", job_id, program_id, time_s, peer, data))
         return True
 
     def end(
@@ -386,7 +386,7 @@ class JobRegistry:
                 "status": status,
                 "job_ended": ended,
             }
-            self._emit(JobEvent("end", job_id, job.program_id, time_s, peer, data))
+            self._emit(RegistryEvent("end", job_id, job.program_id, time_s, peer, data))
         return ended
 
     # -- reads -----------------------------------------------------------------------------
@@ -403,7 +403,7 @@ class JobRegistry:
                 time_s=self._clock(), jobs=tuple(j.snapshot() for j in self._jobs.values())
             )
 
-    def job_for_pid(self, pid: int) -> JobRef | None:
+    def job_for_pid(self, pid: int) -> AttachedJob | None:
         """The open job ``pid`` or one of its ancestors is attached to, or None.
 
         Cached per pid for ``cache_ttl_s`` and until attachments change. Once found in a job's
@@ -442,7 +442,7 @@ class JobRegistry:
                 self._cache[pid] = _CacheEntry(ref, start_time, now, generation)
         return ref
 
-    def _resolve(self, pid: int) -> JobRef | None:
+    def _resolve(self, pid: int) -> AttachedJob | None:
         current: int | None = pid
         for _ in range(MAX_TREE_DEPTH):
             if current is None or current <= 0:
@@ -453,7 +453,7 @@ class JobRegistry:
                 recorded = job.pids.get(current) if job is not None else None
             if job is not None:
                 if recorded is None or recorded == self._lookup.start_time(current):
-                    return JobRef(job.job_id, job.program_id)
+                    return AttachedJob(job.job_id, job.program_id)
                 self._forget_pid(current, job.job_id)  # pid reused by another process
             current = self._lookup.parent_pid(current)
         return None

@@ -82,7 +82,7 @@ class LedgerTotals:
 
 
 @dataclass(frozen=True)
-class JobEvent:
+class JobEventRecord:
     """One job event as stored in the chain."""
 
     seq: int

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from gpuflops.exporter.state import JobAnalytic, Row, Totals
+from gpuflops.exporter.state import JobAnalytic, Totals
 from gpuflops.ledger.records import NODE, LedgerError
 from gpuflops.ledger.store import Ledger
+from gpuflops.model import FlopsRow
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class LedgerSink:
         self._clock = clock
         self._lock = threading.Lock()
         self._queue = _Queue()
-        self._pending: list[tuple[float, float, list[Row]]] = []
+        self._pending: list[tuple[float, float, list[FlopsRow]]] = []
         self.write_errors = 0
         self.records = 0
         self._warned = False
@@ -191,7 +192,7 @@ class LedgerSink:
     # ---------------------------------------------------------- sampling thread
 
     def commit(
-        self, rows_by_interval: list[tuple[float, float, list[Row]]], held: int, *, force: bool = False
+        self, rows_by_interval: list[tuple[float, float, list[FlopsRow]]], held: int, *, force: bool = False
     ) -> None:
         """Write job events, then intervals; count each once it is durable."""
         now = self._clock()

@@ -33,8 +33,8 @@ from gpuflops.ledger.records import (
     SESSION_EVENTS,
     Gap,
     GpuKey,
-    JobEvent,
     JobEventKind,
+    JobEventRecord,
     JobKey,
     JobTotals,
     LastActivity,
@@ -276,7 +276,7 @@ class Ledger:
             return _read_totals(self._con, self._head_seq, self._head_hash)
 
     def job_events(self, program: str | None = None,
-                   kinds: Sequence[str] | None = None) -> list[JobEvent]:
+                   kinds: Sequence[str] | None = None) -> list[JobEventRecord]:
         """Job events in chain order, optionally for one program and of some kinds only."""
         with self._lock:
             return _read_events(self._con, program, kinds)
@@ -341,7 +341,7 @@ def _read_totals(con: sqlite3.Connection, head_seq: int, head_hash: str) -> Ledg
 
 
 def _read_events(con: sqlite3.Connection, program: str | None,
-                 kinds: Sequence[str] | None = None) -> list[JobEvent]:
+                 kinds: Sequence[str] | None = None) -> list[JobEventRecord]:
     where, params = [], []
     if program is not None:
         where.append("e.program = ?")
@@ -354,7 +354,7 @@ def _read_events(con: sqlite3.Connection, program: str | None,
     out = []
     for seq, content in con.execute(sql, params):
         obj = json.loads(content)
-        out.append(JobEvent(seq=seq, kind=obj["kind"], job=obj["job"], program=obj["program"],
+        out.append(JobEventRecord(seq=seq, kind=obj["kind"], job=obj["job"], program=obj["program"],
                             t_s=obj["t_s"], payload=obj["payload"]))
     return out
 

@@ -28,8 +28,15 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gpuflops.model import GpuSample, Pipe, ProcessInfo, ProcessUtilSample
-from gpuflops.pipeline.integrate import IntervalFlops
+from gpuflops.model import (
+    AttributedInterval,
+    GpuSample,
+    IntervalFlops,
+    Pipe,
+    ProcessInfo,
+    ProcessUtilSample,
+    Share,
+)
 
 _HISTORY_S = 60.0
 _DEFAULT_WINDOW_S = 1.0
@@ -40,29 +47,6 @@ _ANALYTIC_FIRST_WINDOW_S = 0.5
 _ANALYTIC_MAX_WINDOW_S = 5.0
 _STALE_BUSY_S = _DEFAULT_WINDOW_S + 0.5  # a per-process sample's window plus the smoothing
 _MPS_SERVER_COMM = "nvidia-cuda-mps"  # comm of nvidia-cuda-mps-server (15 characters)
-
-
-@dataclass(frozen=True)
-class Share:
-    """FLOPs of one interval, one pipe and precision, given to a pid (None = unattributed)."""
-
-    pid: int | None
-    comm: str
-    pipe: Pipe
-    precision: str
-    flops: float
-
-
-@dataclass(frozen=True)
-class AttributedInterval:
-    key: str
-    t0_s: float
-    t1_s: float
-    shares: tuple[Share, ...]
-    method: str  # "single", "none_seen", "analytic", "sm_util", "no_util_data", "idle"
-    # The driver's per-process samples show two or more processes (not MPS clients, which it
-    # does not name) running kernels in the interval: their contexts time-sliced the GPU.
-    timesliced: bool = False
 
 
 @dataclass(frozen=True)

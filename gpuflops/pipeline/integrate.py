@@ -9,42 +9,16 @@ separately biases the product (shared/gpu-facts.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
-from gpuflops.model import PIPE_METRIC, GpuInfo, GpuSample, Pipe
+from gpuflops.model import PIPE_METRIC, GpuInfo, GpuSample, IntervalFlops, Pipe
 from gpuflops.rates import (
     DEFAULT_HMMA_PRECISION,
     Family,
     family_for,
-    precision_of,
+    pipe_precision,
     rate_for,
 )
-
-
-@dataclass(frozen=True)
-class IntervalFlops:
-    """FLOPs one unit executed over one interval, by (pipe, precision).
-
-    ``gap_reason`` is set when the interval could not be measured at all; ``flops`` is then
-    empty and the interval must be counted as a gap, not as zero work.
-    """
-
-    key: str
-    t0_s: float
-    t1_s: float
-    flops: Mapping[tuple[Pipe, str], float] = field(default_factory=dict)
-    gap_reason: str | None = None
-    unmeasured_pipes: tuple[Pipe, ...] = ()  # pipes the unit cannot report or has no rate for
-
-    @property
-    def total(self) -> float:
-        return sum(self.flops.values())
-
-    @property
-    def duration_s(self) -> float:
-        return self.t1_s - self.t0_s
-
 
 PrecisionFor = Callable[[str], str]
 
@@ -86,7 +60,7 @@ class Integrator:
         unmeasured: list[Pipe] = []
         for pipe, metric in PIPE_METRIC.items():
             activity = sample.activity.get(metric)
-            precision = precision_of(pipe, hmma_precision)
+            precision = pipe_precision(pipe, hmma_precision)
             rate = rate_for(family, pipe, precision)
             if activity is None or rate is None:
                 # No rate for an idle pipe costs nothing; for a busy one it is unmeasured work.

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from gpuflops.app.build import Daemon, NoDriverError, Pipeline, build_sampler, demo_trace_path, wire_jobs
-from gpuflops.config import Settings
-from gpuflops.exporter.state import UNATTRIBUTED, Row, Totals
+from gpuflops.app.build import Daemon, NoDriverError, Pipeline, build_sampler, wire_jobs
+from gpuflops.config import Settings, demo_trace_path
+from gpuflops.exporter.state import Totals
 from gpuflops.ledger.records import LEDGER_FILENAME
+from gpuflops.model import UNATTRIBUTED, FlopsRow
 from gpuflops.pipeline.attribute import ProcessAttributor
 from gpuflops.pipeline.integrate import Integrator
 from gpuflops.sampler.replay import ReplaySampler
@@ -29,9 +30,9 @@ def test_demo_trace_ships_in_the_package() -> None:
 
 def test_pipeline_end_to_end_over_the_demo_trace() -> None:
     totals = Totals([INFO])
-    batches: list[tuple[list[tuple[float, float, list[Row]]], int]] = []
+    batches: list[tuple[list[tuple[float, float, list[FlopsRow]]], int]] = []
 
-    def sink(batch: list[tuple[float, float, list[Row]]], held: int) -> None:
+    def sink(batch: list[tuple[float, float, list[FlopsRow]]], held: int) -> None:
         batches.append((batch, held))
         totals.add_rows((r for _a, _b, rows in batch for r in rows), held)
 

@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 from gpuflops.client.run import exit_status
-from gpuflops.jobs.records import JobRef
+from gpuflops.jobs.records import AttachedJob
 from gpuflops.jobs.registry import JobRegistry
 from gpuflops.jobs.server import JobSocketServer
 
@@ -43,8 +43,8 @@ def test_run_end_to_end(server: JobSocketServer, registry: JobRegistry) -> None:
         pid, job, program, sock = proc.stdout.readline().split()
         assert (job, program, sock) == ("e2e-1", "prog", str(server.path))
         # The trainer is a child of the launcher, which registered: its tree is attributed.
-        assert registry.job_for_pid(int(pid)) == JobRef("e2e-1", "prog")
-        assert registry.job_for_pid(proc.pid) == JobRef("e2e-1", "prog")
+        assert registry.job_for_pid(int(pid)) == AttachedJob("e2e-1", "prog")
+        assert registry.job_for_pid(proc.pid) == AttachedJob("e2e-1", "prog")
         proc.stdin.write("\n")
         proc.stdin.flush()
         assert proc.wait(30) == 3

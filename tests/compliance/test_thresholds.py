@@ -9,8 +9,8 @@ import pytest
 from gpuflops.compliance.programs import evaluate_program
 from gpuflops.compliance.reconcile import JobInput
 from gpuflops.compliance.thresholds import (
-    ConfigError,
     ProgramConfig,
+    ProgramConfigError,
     ProgramsConfig,
     load_programs_config,
     resolve_threshold,
@@ -31,9 +31,9 @@ def test_presets() -> None:
                                                "base_model_compute_source": "model card"}])
     assert (t.rule, t.flops, t.base_model_compute_source) == \
         ("one_third_of_base", pytest.approx(2e23), "model card")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ProgramConfigError):
         resolve_threshold(ProgramConfig("p", rule="one_third_of_base"))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ProgramConfigError):
         ProgramConfig("p", rule="explicit")
 
 
@@ -59,13 +59,13 @@ exclude_recompute = true
     assert cfg.for_program("other").rule == "auto"
     bad = tmp_path / "bad.toml"
     bad.write_text('[programs.x]\nrule = "half"\n')
-    with pytest.raises(ConfigError, match="unknown rule"):
+    with pytest.raises(ProgramConfigError, match="unknown rule"):
         load_programs_config(bad)
     bad.write_text('[programs.x]\nthreshhold = 1\n')
-    with pytest.raises(ConfigError, match="unknown keys"):
+    with pytest.raises(ProgramConfigError, match="unknown keys"):
         load_programs_config(bad)
     bad.write_text("[programs.x\n")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ProgramConfigError):
         load_programs_config(bad)
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from gpuflops.app.build import demo_trace_path
+from gpuflops.config import demo_trace_path
 from tests.deploy.tooling import REPO, require_tool
 
 RULES = REPO / "exporters" / "prometheus" / "gpuflops.rules.yml"

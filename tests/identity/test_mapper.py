@@ -36,7 +36,13 @@ from gpuflops.identity.cgroup import (
     sanitize_label,
 )
 from gpuflops.identity.kubelet import KubeletClient, parse_pod_list, urllib_fetch
-from gpuflops.identity.mapper import UNATTRIBUTED, JobMapper, JobRef, parse_order, validate_order
+from gpuflops.identity.mapper import (
+    UNATTRIBUTED_IDENTITY,
+    JobIdentity,
+    JobMapper,
+    parse_order,
+    validate_order,
+)
 
 PROC = Path(__file__).parent / "proc"
 U1 = "7a3c4e0e-2a5b-4c1f-9d6e-3f2b1a0c9d8e"
@@ -242,7 +248,7 @@ def test_resolve_fixture_default_order(pid: int) -> None:
     for k, v in want.details.items():
         assert ref.details.get(k) == v, k
     if want.source == "none":
-        assert ref == UNATTRIBUTED
+        assert ref == UNATTRIBUTED_IDENTITY
 
 
 def test_every_fixture_pid_resolves_to_a_safe_label() -> None:
@@ -260,12 +266,12 @@ def test_every_fixture_pid_resolves_to_a_safe_label() -> None:
 
 def test_jobref_is_immutable_and_hashable() -> None:
     d = {"a": "1"}
-    ref = JobRef("j", "p", "env", d)
+    ref = JobIdentity("j", "p", "env", d)
     d["a"] = "2"
     assert ref.details["a"] == "1"
     with pytest.raises(TypeError):
         ref.details["a"] = "3"  # type: ignore[index]
-    assert len({ref, JobRef("j", "p", "env", {"a": "1"})}) == 1
+    assert len({ref, JobIdentity("j", "p", "env", {"a": "1"})}) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,8 +286,8 @@ def test_order_decides_between_matching_sources() -> None:
     ref = JobMapper(PROC, order=("torchrun", "kubernetes")).resolve(5002)
     assert ref.job == "torchrun/pytorchjob-llama-ft"
     # A source left out of the order is never consulted.
-    assert JobMapper(PROC, order=("kubernetes", "systemd")).resolve(2001) == UNATTRIBUTED
-    assert JobMapper(PROC, order=()).resolve(1001) == UNATTRIBUTED
+    assert JobMapper(PROC, order=("kubernetes", "systemd")).resolve(2001) == UNATTRIBUTED_IDENTITY
+    assert JobMapper(PROC, order=()).resolve(1001) == UNATTRIBUTED_IDENTITY
 
 
 def test_order_validation() -> None:
@@ -299,21 +305,21 @@ def test_order_validation() -> None:
 
 
 def test_socket_lookup_first_live_and_sanitized() -> None:
-    registered: dict[int, JobRef] = {}
+    registered: dict[int, JobIdentity] = {}
     mapper = JobMapper(PROC, socket_lookup=registered.get)
     assert mapper.resolve(1003).source == "kubernetes"
     # A registration arriving later wins at once, without waiting for the cache to expire.
-    registered[1003] = JobRef("ft run 9", "", "socket", {"client": "hf"})
+    registered[1003] = JobIdentity("ft run 9", "", "socket", {"client": "hf"})
     ref = mapper.resolve(1003)
     assert (ref.job, ref.program, ref.source) == ("ft_run_9", "ft_run_9", "socket")
     assert ref.details == {"client": "hf"}
     # "unattributed" cannot be claimed through the socket; the next source answers.
-    registered[1003] = JobRef("unattributed", "x", "socket")
+    registered[1003] = JobIdentity("unattributed", "x", "socket")
     assert mapper.resolve(1003).source == "kubernetes"
 
 
 def test_socket_lookup_failure_falls_through() -> None:
-    def broken(pid: int) -> JobRef | None:
+    def broken(pid: int) -> JobIdentity | None:
         raise RuntimeError("registry bug")
 
     mapper = JobMapper(PROC, socket_lookup=broken)
@@ -358,17 +364,17 @@ def test_vanished_pid_keeps_last_answer_then_ages_out(tmp_path: Path) -> None:
     shutil.rmtree(root / "2001")
     clock.now += 100  # past the TTL: still the last known answer
     assert mapper.resolve(2001).job == "slurm/4242"
-    assert mapper.resolve(424242) == UNATTRIBUTED  # never seen
+    assert mapper.resolve(424242) == UNATTRIBUTED_IDENTITY  # never seen
     assert mapper.stats()["vanished"] == 2
     clock.now += 601
     mapper.resolve(1)  # triggers pruning
-    assert mapper.resolve(2001) == UNATTRIBUTED
+    assert mapper.resolve(2001) == UNATTRIBUTED_IDENTITY
 
 
 def test_half_written_stat_is_treated_as_vanished(tmp_path: Path) -> None:
     root = copy_proc(tmp_path, 4001)
     (root / "4001" / "stat").write_text("4001 (python3) S 1")
-    assert JobMapper(root).resolve(4001) == UNATTRIBUTED
+    assert JobMapper(root).resolve(4001) == UNATTRIBUTED_IDENTITY
 
 
 def test_cache_is_bounded(tmp_path: Path) -> None:
@@ -382,7 +388,7 @@ def test_cache_is_bounded(tmp_path: Path) -> None:
     shutil.rmtree(root / "4002")
     clock.now += 1
     # The older entry was evicted; the newer one still answers for its vanished process.
-    assert mapper.resolve(4001) == UNATTRIBUTED
+    assert mapper.resolve(4001) == UNATTRIBUTED_IDENTITY
     assert mapper.resolve(4002).job == "systemd/user@1000/sweep.service"
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from gpuflops.exporter.state import Row, Totals
+from gpuflops.exporter.state import Totals
 from gpuflops.ledger.chain import verify_path
 from gpuflops.ledger.records import NODE
 from gpuflops.ledger.sink import LedgerSink
 from gpuflops.ledger.store import Ledger
-from gpuflops.model import GpuInfo
+from gpuflops.model import FlopsRow, GpuInfo
 
 GPUS = [GpuInfo("0", 0, "GPU-a", "H100", "hopper", 132), GpuInfo("1", 1, "GPU-b", "H100", "hopper", 132)]
 
@@ -26,8 +26,8 @@ class Clock:
         return self.t
 
 
-def _row(flops: float) -> Row:
-    return Row("0", "GPU-a", "hmma", "bf16", "j", "p", 7, flops, "python")
+def _row(flops: float) -> FlopsRow:
+    return FlopsRow("0", "GPU-a", "hmma", "bf16", "j", "p", 7, flops, "python")
 
 
 def _sink(path: Path, clock: Clock) -> LedgerSink:

@@ -9,9 +9,16 @@ from typing import Any
 
 import pytest
 
-from gpuflops.model import GpuInfo, GpuSample, ProcessInfo, ProcessUtilSample
-from gpuflops.pipeline.attribute import AttributedInterval, ProcessAttributor
-from gpuflops.pipeline.integrate import Integrator, IntervalFlops
+from gpuflops.model import (
+    AttributedInterval,
+    GpuInfo,
+    GpuSample,
+    IntervalFlops,
+    ProcessInfo,
+    ProcessUtilSample,
+)
+from gpuflops.pipeline.attribute import ProcessAttributor
+from gpuflops.pipeline.integrate import Integrator
 from gpuflops.sampler.trace import TraceEvent, TraceInterval, load_trace
 
 ROOT = Path(__file__).parents[2]

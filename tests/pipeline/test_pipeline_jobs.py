@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from gpuflops.app.build import Pipeline, demo_trace_path
+from gpuflops.app.build import Pipeline
+from gpuflops.config import demo_trace_path
 from gpuflops.exporter.state import Totals
 from gpuflops.ledger.records import JobKey
 from gpuflops.ledger.sink import LedgerSink
