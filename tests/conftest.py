@@ -1,16 +1,49 @@
-"""Fixtures: a real job socket server on a short path under /tmp."""
+"""Fixtures every test folder shares: the demo trace, a fake clock, fake GPUs, and a real job
+socket server on a short path under /tmp (Unix socket paths must stay under 108 bytes)."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from gpuflops.jobs.registry import JobRegistry
 from gpuflops.jobs.server import JobSocketServer, ServerLimits
+from gpuflops.model import GpuInfo
 from tests.jobs.jobsock_client import Client
+from tests.support import DEMO_TRACE, DemoTrace, FakeClock, demo_trace, fake_gpus
+
+
+@pytest.fixture
+def demo_path() -> Path:
+    """The H100 demo trace shipped in the package."""
+    return DEMO_TRACE
+
+
+@pytest.fixture
+def demo() -> DemoTrace:
+    """The demo trace's header, intervals and events."""
+    return demo_trace()
+
+
+@pytest.fixture
+def demo_gpu(demo: DemoTrace) -> GpuInfo:
+    """The one H100 the demo trace recorded."""
+    return demo[0].gpus[0]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def gpus() -> list[GpuInfo]:
+    """Two fake H100s."""
+    return fake_gpus()
 
 
 @pytest.fixture

@@ -1,44 +1,23 @@
-"""Thin click commands over the ledger: ``gpuflops verify`` and ``gpuflops report``."""
+"""``gpuflops report``: the audit report of one program, as JSON or self-contained HTML."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import click
 
+from gpuflops.cli.common import state_dir_option
 from gpuflops.compliance.html import render_html
 from gpuflops.compliance.prometheus import PrometheusError, PrometheusSource
 from gpuflops.compliance.report import build_report, load_accuracy
 from gpuflops.compliance.thresholds import ProgramConfigError, load_programs_config
-from gpuflops.config import DEFAULT_ACCURACY_PATH, DEFAULT_STATE_DIR
-from gpuflops.ledger.chain import verify_path
+from gpuflops.config import DEFAULT_ACCURACY_PATH
 from gpuflops.ledger.records import LEDGER_FILENAME, LedgerError
 from gpuflops.ledger.store import Ledger
-
-state_dir_option = click.option(
-    "--state-dir", type=click.Path(file_okay=False, path_type=Path),
-    default=Path(DEFAULT_STATE_DIR), show_default=True, help="Directory holding ledger.sqlite3.")
-
-
-
-@click.command("verify")
-@state_dir_option
-def verify_command(state_dir: Path) -> None:
-    """Check the ledger's hash chain; exit 1 naming the first bad record, 2 if unreadable."""
-    result = verify_path(state_dir / LEDGER_FILENAME)
-    if result.ok:
-        click.echo(f"ok: {result.records} records, head seq {result.head_seq} "
-                   f"hash {result.head_hash}")
-        return
-    where = f"record {result.first_bad_id}" if result.first_bad_id is not None else "ledger"
-    click.echo(f"FAILED at {where}: {result.reason} ({result.records} records verified before "
-               f"it; last good hash {result.head_hash or '-'})", err=True)
-    sys.exit(1 if result.records else 2)
 
 
 def _write_atomic(path: Path, text: str) -> None:

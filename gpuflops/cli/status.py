@@ -1,12 +1,16 @@
-"""`gpuflops status`: reads a daemon's /metrics and renders a per-GPU table."""
+"""``gpuflops status``: reads a daemon's /metrics and renders a per-GPU table."""
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import click
 from prometheus_client.parser import text_string_to_metric_families
+
+from gpuflops.config import DEFAULT_STATUS_URL
 
 
 @dataclass
@@ -92,3 +96,22 @@ def render(rows: dict[str, GpuRow]) -> str:
         if r.unattributed:
             out.append(f"{'    unattributed':<65}{_eng(r.unattributed, 'FLOP'):>15}")
     return "\n".join(out)
+
+
+@click.command("status")
+@click.option("--url", default=DEFAULT_STATUS_URL, show_default=True)
+@click.option("--once", is_flag=True, help="Print one table and exit.")
+@click.option("--interval", "interval_s", type=float, default=1.0, show_default=True)
+def status_command(url: str, once: bool, interval_s: float) -> None:
+    """Live terminal view of each GPU: activity, clock, TFLOP/s, cumulative FLOPs, processes."""
+    while True:
+        try:
+            text = render(fetch_status(url))
+        except OSError as e:
+            raise click.ClickException(f"cannot read {url}: {e}") from None
+        if once:
+            click.echo(text)
+            return
+        click.clear()
+        click.echo(text)
+        time.sleep(interval_s)

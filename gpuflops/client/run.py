@@ -1,4 +1,5 @@
-"""``gpuflops run``: register a job, run a command as its process tree, end the job with its status.
+"""The ``gpuflops run`` launcher: register a job, run a command as its process tree, end the job
+with its status (the click command is gpuflops/cli/run.py).
 
 The launcher registers itself (the daemon attaches its pid from SO_PEERCRED), so the command and
 everything it starts is attributed to the job. It exports GPUFLOPS_JOB, GPUFLOPS_PROGRAM and
@@ -10,7 +11,6 @@ A daemon that is down never stops the command from running (unless --require-dae
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import select
 import signal
@@ -19,8 +19,6 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
-
-import click
 
 from gpuflops.config import DEFAULT_SOCKET_PATH
 from gpuflops.jobs import protocol
@@ -202,82 +200,3 @@ def _supervise(
             return exit_status(returncode)
         if info is None and not session.alive() and session.refused is None:
             session.connect()  # daemon restarted: register again so the tree stays attributed
-
-
-def _parse_meta(values: Sequence[str]) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--meta")
-        try:
-            value: Any = json.loads(raw)
-        except ValueError:
-            value = raw
-        try:
-            if key in protocol.METADATA_FIELDS:
-                if protocol.METADATA_FIELDS[key] in ("str", "id") and not isinstance(value, str):
-                    value = raw
-                meta[key] = protocol.check_metadata_field(key, value)
-            else:
-                extra[key] = value
-        except ProtocolError as exc:
-            raise click.BadParameter(exc.detail, param_hint="--meta") from None
-    if extra:
-        try:
-            meta["extra"] = protocol.check_extra(extra)
-        except ProtocolError as exc:
-            raise click.BadParameter(exc.detail, param_hint="--meta") from None
-    return meta
-
-
-def _check_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    try:
-        return protocol.check_id(param.name or "id", value)
-    except ProtocolError as exc:
-        raise click.BadParameter(exc.detail) from None
-
-
-@click.command(
-    "run",
-    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
-)
-@click.option("--job", required=True, callback=_check_id, help="Job id (a Prometheus label).")
-@click.option("--program", required=True, callback=_check_id, help="Program (compliance) id.")
-@click.option(
-    "--socket",
-    "socket_path",
-    default=None,
-    help=f"Daemon socket; default $GPUFLOPS_SOCKET or {DEFAULT_SOCKET_PATH}.",
-)
-@click.option(
-    "--meta",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Job metadata (model=..., params_total=..., method=lora, ...); repeatable.",
-)
-@click.option("--require-daemon", is_flag=True, help="Fail instead of running unregistered.")
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run_command(
-    job: str,
-    program: str,
-    socket_path: str | None,
-    meta: tuple[str, ...],
-    require_daemon: bool,
-    command: tuple[str, ...],
-) -> None:
-    """Run COMMAND as job JOB of PROGRAM: its whole process tree is metered for the job."""
-    code = run_job(
-        job,
-        program,
-        command,
-        socket_path=socket_path,
-        metadata=_parse_meta(meta),
-        require_daemon=require_daemon,
-    )
-    sys.exit(code)
-
-
-if __name__ == "__main__":
-    run_command()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from gpuflops.compliance.reconcile import JobInput, ReconcileResult, reconcile_job
@@ -110,3 +111,12 @@ def evaluate_ledger(ledger: Ledger, config: ProgramsConfig
         except ProgramConfigError as exc:
             errors[program] = str(exc)
     return statuses, errors
+
+
+@dataclass(frozen=True)
+class ProgramView:
+    """Reconciliation and threshold results for the exporter, replaced whole every refresh."""
+
+    statuses: Mapping[str, ProgramStatus] = field(default_factory=lambda: MappingProxyType({}))
+    errors: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    refreshed_s: float | None = None

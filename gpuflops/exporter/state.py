@@ -1,8 +1,9 @@
 """Cumulative counters fed by the pipeline, read by the exporter as an immutable snapshot.
 
-FLOPs counters grow only from rows the ledger has committed (or directly when running without
-a ledger), and start from the ledger's totals: so after a restart, even a ``kill -9``, they
-continue from where the durable record stands and never go backwards. (A counter that fell
+Only the pipeline writes them (gpuflops/pipeline/pipeline.py). FLOPs counters grow only from
+rows the ledger has committed (or directly when running without a ledger), and start from the
+ledger's totals: so after a restart, even a ``kill -9``, they continue from where the durable
+record stands and never go backwards. (A counter that fell
 back a little would look like a reset to Prometheus and be counted again in full.)
 
 Per-process and unattributed series are not persisted; after a restart they start at zero,
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from gpuflops.ledger.records import LedgerTotals
 from gpuflops.model import FlopsRow, GpuInfo, GpuSample, IntervalFlops, Metric
 
 GpuFlopsKey = tuple[str, str, str]  # gpu key, pipe, precision
@@ -68,6 +70,7 @@ class Totals:
         *,
         process_ttl_s: float = 300.0,
         clock: Callable[[], float] = time.time,
+        seed: LedgerTotals | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._gpus = tuple(gpus)
@@ -86,18 +89,13 @@ class Totals:
         self._errors: dict[tuple[str, str], int] = {}
         self._last: dict[str, float] = {}
         self._held = 0
-
-    def seed(
-        self,
-        gpu_flops: Mapping[GpuFlopsKey, float],
-        job_flops: Mapping[JobSeriesKey, float],
-        job_analytic: Mapping[JobSeriesKey, JobAnalytic],
-    ) -> None:
-        """Start counters from persisted totals."""
-        with self._lock:
-            self._gpu_flops.update(gpu_flops)
-            self._job_flops.update(job_flops)
-            self._job_analytic.update(job_analytic)
+        if seed is not None:  # start from the persisted totals
+            self._gpu_flops.update({(k.gpu, k.pipe, k.precision): v for k, v in seed.gpu.items()})
+            self._job_flops.update({(k.job, k.program): v.measured_flops for k, v in seed.jobs.items()})
+            self._job_analytic.update({
+                (k.job, k.program): JobAnalytic(v.analytic_flops, v.tokens, v.recompute_flops)
+                for k, v in seed.jobs.items()
+            })
 
     def record_live(self, sample: GpuSample, flops: IntervalFlops) -> None:
         """Gauges and sampler health for one interval (immediately, not after the ledger)."""
@@ -124,7 +122,7 @@ class Totals:
         with self._lock:
             self._held = held
             # Sum per job first and then add, in the same order as the ledger's own totals
-            # (store._apply_interval), so a restart seeded from the ledger gets bit-identical
+            # (ledger/schema.py, apply_interval), so a restart seeded from the ledger gets bit-identical
             # values: a counter one rounding step lower would read as a reset in Prometheus.
             per_job: dict[JobSeriesKey, float] = {}
             for r in rows:

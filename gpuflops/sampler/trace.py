@@ -22,6 +22,7 @@ import gzip
 import io
 import json
 import math
+import time
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from gpuflops.model import GpuInfo, GpuSample, Metric, ProcessInfo, ProcessUtilSample
+from gpuflops.sampler.base import Sampler
 
 FORMAT = "gpuflops-trace"
 VERSION = 1
@@ -114,6 +116,16 @@ def header_to_json(
         "gpus": [gpu_to_json(g) for g in gpus],
         **dict(meta),
     }
+
+
+def recording_meta(sampler: Sampler) -> dict[str, Any]:
+    """Trace header facts: when, which backend, and what the backend says of the host."""
+    meta: dict[str, Any] = {
+        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "backend": sampler.name,
+    }
+    meta.update(sampler.describe())
+    return meta
 
 
 class TraceWriter:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpuflops.app.build import Daemon, build_sampler, wire_jobs
+from gpuflops.app import build
 from gpuflops.client import JobReporter
 from gpuflops.compliance.programs import evaluate_ledger
 from gpuflops.compliance.thresholds import ProgramsConfig
@@ -36,9 +36,7 @@ def test_registered_job_reaches_ledger_thresholds_and_metrics() -> None:
         backend="replay", replay_speed=10.0, listen="127.0.0.1:0",
         socket_path=str(tmp / "s.sock"), state_dir=str(tmp / "state"), program_refresh_s=0.3,
     ).validate()
-    stop = threading.Event()
-    d = Daemon(settings, build_sampler(settings, stop), stop=stop)
-    wire_jobs(d)
+    d = build(settings)
     d.serve()
     assert d.server is not None
     port = d.server.port
@@ -70,8 +68,9 @@ def test_registered_job_reaches_ledger_thresholds_and_metrics() -> None:
                 if lab["program"] == "prog-a"]
         assert rule == ["one_third_of_base"]
     finally:
-        stop.set()
+        d.request_stop()
         loop.join(timeout=10)
+    assert not loop.is_alive()
     led = Ledger.open(tmp / "state" / LEDGER_FILENAME, clock=time.time, readonly=True)
     try:
         register = [e for e in led.job_events("prog-a") if e.kind == "register"]

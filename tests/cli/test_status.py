@@ -8,23 +8,21 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from prometheus_client.registry import CollectorRegistry
 
-from gpuflops.app.build import Pipeline
 from gpuflops.cli.status import fetch_status, parse_status, render
 from gpuflops.exporter.collector import FlopsCollector
 from gpuflops.exporter.http import MetricsServer
 from gpuflops.exporter.state import Totals
 from gpuflops.pipeline.attribute import ProcessAttributor
 from gpuflops.pipeline.integrate import Integrator
-from gpuflops.sampler.trace import load_trace
+from gpuflops.pipeline.label import Labeler
+from gpuflops.pipeline.pipeline import CountingSink, Pipeline
+from tests.support import ROOT, demo_trace
 
-ROOT = Path(__file__).parents[2]
-DEMO = ROOT / "gpuflops" / "data" / "h100-demo.jsonl.gz"
-_HEADER, _INTERVALS, _EVENTS = load_trace(DEMO)
+_HEADER, _INTERVALS, _EVENTS = demo_trace()
 INFO = _HEADER.gpus[0]
 SHARED_T1 = max(e.data["t1"] for e in _EVENTS if e.data.get("shared"))
 
@@ -35,7 +33,7 @@ def served() -> Iterator[tuple[str, Totals]]:
     no_gpm = replace(INFO, key="1", index=1, uuid="GPU-nogpm", metrics=frozenset(),
                      unavailable_reason="GPM not supported on this ampere GPU")
     totals = Totals([INFO, no_gpm])
-    p = Pipeline([INFO, no_gpm], Integrator(), ProcessAttributor(), totals)
+    p = Pipeline([INFO, no_gpm], Integrator(), ProcessAttributor(), Labeler(), CountingSink(), totals)
     for iv in _INTERVALS:
         s = iv.samples[0]
         if s.t0_s > SHARED_T1 - 3:

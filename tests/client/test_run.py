@@ -16,7 +16,8 @@ from gpuflops.jobs.server import JobSocketServer
 
 ROOT = str(Path(__file__).resolve().parents[2])
 ENV = {**os.environ, "PYTHONPATH": ROOT}
-LAUNCHER = [sys.executable, "-m", "gpuflops.client.run"]
+LAUNCHER = [sys.executable, "-m", "gpuflops", "run"]
+N = len(LAUNCHER)  # options go after the launcher
 
 TRAINER = textwrap.dedent(
     """
@@ -91,22 +92,22 @@ def test_run_without_daemon_still_runs_the_command(tmpdir_short: str) -> None:
            sys.executable, "-c", "import sys; sys.exit(5)"]
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=30)
     assert done.returncode == 5 and "running without registering" in done.stderr
-    strict = subprocess.run([*cmd[:3], "--require-daemon", *cmd[3:]], env=ENV,
+    strict = subprocess.run([*cmd[:N], "--require-daemon", *cmd[N:]], env=ENV,
                             capture_output=True, text=True, timeout=30)
     assert strict.returncode == 2 and "cannot connect" in strict.stderr
 
 
 def test_run_refused_job_and_bad_ids(server: JobSocketServer, registry: JobRegistry) -> None:
     base = [*LAUNCHER, "--program", "p", "--socket", str(server.path), "--", "true"]
-    first = subprocess.run([*base[:3], "--job", "once", *base[3:]], env=ENV, timeout=30)
+    first = subprocess.run([*base[:N], "--job", "once", *base[N:]], env=ENV, timeout=30)
     assert first.returncode == 0
-    again = subprocess.run([*base[:3], "--job", "once", *base[3:]], env=ENV, timeout=30,
+    again = subprocess.run([*base[:N], "--job", "once", *base[N:]], env=ENV, timeout=30,
                            capture_output=True, text=True)
     assert again.returncode == 2 and "job_ended" in again.stderr
-    bad = subprocess.run([*base[:3], "--job", "no spaces", *base[3:]], env=ENV, timeout=30,
+    bad = subprocess.run([*base[:N], "--job", "no spaces", *base[N:]], env=ENV, timeout=30,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "job" in bad.stderr
-    missing = subprocess.run([*base[:3], "--job", "nocmd", *base[3:-1], "/no/such/binary"],
+    missing = subprocess.run([*base[:N], "--job", "nocmd", *base[N:-1], "/no/such/binary"],
                              env=ENV, timeout=30, capture_output=True, text=True)
     assert missing.returncode == 127
     snap = registry.snapshot().job("nocmd")

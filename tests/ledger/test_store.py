@@ -178,7 +178,7 @@ def test_editing_a_derived_total_is_detected(ledger_path: Path) -> None:
 
 
 def test_verify_cli_names_the_first_bad_record(ledger_path: Path) -> None:
-    cmd = [sys.executable, "-c", "from gpuflops.cli.report import verify_command; "
+    cmd = [sys.executable, "-c", "from gpuflops.cli.verify import verify_command; "
            "verify_command()", "--state-dir", str(ledger_path.parent)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     ok = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)

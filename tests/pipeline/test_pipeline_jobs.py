@@ -5,23 +5,23 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from gpuflops.app.build import Pipeline
-from gpuflops.config import demo_trace_path
 from gpuflops.exporter.state import Totals
 from gpuflops.ledger.records import JobKey
 from gpuflops.ledger.sink import LedgerSink
 from gpuflops.ledger.store import Ledger
 from gpuflops.pipeline.attribute import ProcessAttributor
 from gpuflops.pipeline.integrate import Integrator
-from gpuflops.sampler.trace import load_trace
+from gpuflops.pipeline.label import Labeler
+from gpuflops.pipeline.pipeline import CountingSink, Pipeline
+from tests.support import demo_trace
 
 
-def _run(resolve, precision_of, sink=None, limit=400):  # type: ignore[no-untyped-def]
-    header, intervals, _ = load_trace(demo_trace_path())
+def _run(resolve, declared_precision, limit=400):  # type: ignore[no-untyped-def]
+    header, intervals, _ = demo_trace()
     gpus = list(header.gpus)
     totals = Totals(gpus)
-    p = Pipeline(gpus, Integrator(), ProcessAttributor(), totals, resolve, precision_of,
-                 sink.commit if sink else None)
+    p = Pipeline(gpus, Integrator(), ProcessAttributor(), Labeler(resolve, declared_precision),
+                 CountingSink(), totals)
     for iv in intervals[:limit]:
         p.step(list(iv.samples))
     p.flush()
@@ -42,16 +42,17 @@ def test_declared_precision_of_the_only_job_sets_the_hmma_rate() -> None:
 
 
 def _shared_run(declared: dict[str, str]) -> set[str]:
-    header, intervals, _ = load_trace(demo_trace_path())
+    header, intervals, _ = demo_trace()
     shared = [iv for iv in intervals if len(iv.samples[0].processes) > 1]
     assert shared, "the demo trace has a two-process phase"
     pids = [p.pid for p in shared[0].samples[0].processes]
     jobs = {pids[0]: ("a", "p"), pids[1]: ("b", "p")}
     gpus = list(header.gpus)
     totals = Totals(gpus)
-    p = Pipeline(gpus, Integrator(), ProcessAttributor(), totals,
-                 lambda pid: jobs.get(pid, ("unattributed", "unattributed")),
-                 lambda j, _p: declared.get(j))
+    p = Pipeline(gpus, Integrator(), ProcessAttributor(),
+                 Labeler(lambda pid: jobs.get(pid, ("unattributed", "unattributed")),
+                         lambda j, _p: declared.get(j)),
+                 CountingSink(), totals)
     for iv in shared:
         p.step(list(iv.samples))
     p.flush()
@@ -65,15 +66,14 @@ def test_jobs_sharing_a_gpu_use_their_precision_only_when_they_agree() -> None:
 
 
 def test_counters_rise_only_with_what_the_ledger_committed(tmp_path: Path) -> None:
-    header, _intervals, _ = load_trace(demo_trace_path())
+    header, intervals, _ = demo_trace()
     ledger = Ledger.open(tmp_path / "l.sqlite3", clock=time.time, synchronous="NORMAL")
     totals = Totals(list(header.gpus))
-    sink = LedgerSink(ledger, totals)
+    sink = LedgerSink(ledger)
     snap = None
     try:
-        header, intervals, _ = load_trace(demo_trace_path())
-        p = Pipeline(list(header.gpus), Integrator(), ProcessAttributor(), totals,
-                     lambda pid: ("j", "p"), None, sink.commit)
+        p = Pipeline(list(header.gpus), Integrator(), ProcessAttributor(),
+                     Labeler(lambda pid: ("j", "p")), sink, totals)
         for iv in intervals[:300]:
             p.step(list(iv.samples))
         p.flush()
@@ -90,8 +90,7 @@ def test_counters_rise_only_with_what_the_ledger_committed(tmp_path: Path) -> No
     # A new process seeds from the ledger and continues from there.
     ledger = Ledger.open(tmp_path / "l.sqlite3", clock=time.time, synchronous="NORMAL")
     try:
-        again = Totals(list(header.gpus))
-        LedgerSink(ledger, again)
+        again = Totals(list(header.gpus), seed=ledger.totals())
         seeded = again.snapshot()
         # Bit-identical, per series: a value one rounding step lower would read as a counter
         # reset in Prometheus and be counted again in full.
