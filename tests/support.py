@@ -15,14 +15,20 @@ from gpuflops.sampler.trace import TraceEvent, TraceHeader, TraceInterval, load_
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_TRACE = ROOT / "gpuflops" / "data" / "h100-demo.jsonl.gz"
 
-DemoTrace = tuple[TraceHeader, tuple[TraceInterval, ...], tuple[TraceEvent, ...]]
+Trace = tuple[TraceHeader, tuple[TraceInterval, ...], tuple[TraceEvent, ...]]
+DemoTrace = Trace
 
 
 @functools.cache
-def demo_trace() -> DemoTrace:
-    """The demo trace's header, intervals and ground-truth events (read once, immutable)."""
-    header, intervals, events = load_trace(DEMO_TRACE)
+def trace(path: Path) -> Trace:
+    """A recorded trace's header, intervals and ground-truth events (read once, immutable)."""
+    header, intervals, events = load_trace(path)
     return header, tuple(intervals), tuple(events)
+
+
+def demo_trace() -> DemoTrace:
+    """The demo trace shipped in the package."""
+    return trace(DEMO_TRACE)
 
 
 class FakeClock:

@@ -54,6 +54,7 @@ def test_build_sampler_replay_and_auto() -> None:
     assert "will not invent numbers" in str(ei.value)
 
 
+@pytest.mark.timeout(120)
 def test_restart_continues_counters_from_the_ledger(tmp_path: Path) -> None:
     settings = _replay(state_dir=str(tmp_path), job_socket=False)
 

@@ -9,6 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpuflops.app import build
@@ -30,6 +31,7 @@ def _samples(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
     return out
 
 
+@pytest.mark.timeout(60)
 def test_registered_job_reaches_ledger_thresholds_and_metrics() -> None:
     tmp = Path(tempfile.mkdtemp(dir="/tmp", prefix="gfj-"))
     settings = Settings(

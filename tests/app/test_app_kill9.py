@@ -123,6 +123,7 @@ def _session(port: int, state: Path, sock: Path, up_s: float, sig: signal.Signal
     return time.time()
 
 
+@pytest.mark.slow
 def test_restarts_leave_the_unmetered_time_in_the_ledger() -> None:
     """Killed, then stopped cleanly, then started again: the ledger holds one node-wide gap per
     restart, ``daemon_lost`` from the killed session's last record and ``daemon_stopped`` from

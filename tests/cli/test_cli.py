@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support import demo_trace
+
 ROOT = Path(__file__).parents[2]
 
 
@@ -109,6 +111,7 @@ class DemoDaemon:
             self.proc.communicate()
 
 
+@pytest.mark.slow
 def test_demo_daemon_meters_exits_cleanly_and_restarts_from_the_ledger(
     short_dir: Path, tmp_path: Path
 ) -> None:
@@ -197,7 +200,7 @@ def test_daemon_record_writes_a_trace_that_replays_the_same_intervals(short_dir:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     header, recorded, _ = load_trace(out)
-    _h, source, _e = load_trace(ROOT / "gpuflops" / "data" / "h100-demo.jsonl.gz")
+    _h, source, _e = demo_trace()
     assert header.meta["backend"] == "replay" and "recorded_at" in header.meta
     assert len(recorded) == len(source)
     # Same activity and clocks, interval by interval (times are moved onto the wall clock).

@@ -227,6 +227,7 @@ def _screenshot(chromium: str, page: Path, png: Path, profile: Path) -> bytes:
     return png.read_bytes()
 
 
+@pytest.mark.slow
 def test_html_report_renders_in_headless_chromium(state_dir: Path, tmp_path: Path) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

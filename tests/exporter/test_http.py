@@ -40,6 +40,7 @@ def daemon() -> Iterator[tuple[Daemon, FakeClock, MetricsServer]]:
     d.close()
 
 
+@pytest.mark.timeout(60)
 def test_healthz_follows_the_sampling_loop(daemon: tuple[Daemon, FakeClock, MetricsServer]) -> None:
     d, clock, server = daemon
     assert _get(server.port, "/healthz")[::2] == (200, "starting\n")

@@ -43,6 +43,7 @@ from gpuflops.identity.mapper import (
     parse_order,
     validate_order,
 )
+from tests.support import FakeClock
 
 PROC = Path(__file__).parent / "proc"
 U1 = "7a3c4e0e-2a5b-4c1f-9d6e-3f2b1a0c9d8e"
@@ -56,14 +57,6 @@ STATIC = "3c5d6f0e9a1b4c7d8e2f0a1b3c5d7e9f"
 def cid(name: str) -> str:
     """Container ids in the fixture tree are sha256(name), 64 hex digits like real ones."""
     return hashlib.sha256(name.encode()).hexdigest()
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def copy_proc(tmp_path: Path, *pids: int) -> Path:
@@ -339,7 +332,7 @@ def test_pid_reuse_detected_by_start_time(tmp_path: Path) -> None:
     # Same pid, new process: different start time and cgroup. The TTL has not expired.
     (root / "4001" / "cgroup").write_text("0::/system.slice/other-job.service\n")
     write_stat(root, 4001, 999999)
-    clock.now += 1
+    clock.t += 1
     assert mapper.resolve(4001).job == "systemd/other-job.service"
     assert mapper.stats()["pid_reused"] == 1
 
@@ -350,9 +343,9 @@ def test_ttl_rereads_proc_for_same_process(tmp_path: Path) -> None:
     mapper = JobMapper(root, clock=clock, ttl_s=30)
     assert mapper.resolve(4001).job == "systemd/finetune-llama.service"
     (root / "4001" / "cgroup").write_text("0::/system.slice/moved.service\n")
-    clock.now += 29
+    clock.t += 29
     assert mapper.resolve(4001).job == "systemd/finetune-llama.service"  # cached
-    clock.now += 1
+    clock.t += 1
     assert mapper.resolve(4001).job == "systemd/moved.service"
 
 
@@ -362,11 +355,11 @@ def test_vanished_pid_keeps_last_answer_then_ages_out(tmp_path: Path) -> None:
     mapper = JobMapper(root, clock=clock, ttl_s=30, retain_s=600)
     assert mapper.resolve(2001).job == "slurm/4242"
     shutil.rmtree(root / "2001")
-    clock.now += 100  # past the TTL: still the last known answer
+    clock.t += 100  # past the TTL: still the last known answer
     assert mapper.resolve(2001).job == "slurm/4242"
     assert mapper.resolve(424242) == UNATTRIBUTED_IDENTITY  # never seen
     assert mapper.stats()["vanished"] == 2
-    clock.now += 601
+    clock.t += 601
     mapper.resolve(1)  # triggers pruning
     assert mapper.resolve(2001) == UNATTRIBUTED_IDENTITY
 
@@ -382,11 +375,11 @@ def test_cache_is_bounded(tmp_path: Path) -> None:
     clock = FakeClock()
     mapper = JobMapper(root, clock=clock, max_entries=1)
     mapper.resolve(4001)
-    clock.now += 1
+    clock.t += 1
     mapper.resolve(4002)
     shutil.rmtree(root / "4001")
     shutil.rmtree(root / "4002")
-    clock.now += 1
+    clock.t += 1
     # The older entry was evicted; the newer one still answers for its vanished process.
     assert mapper.resolve(4001) == UNATTRIBUTED_IDENTITY
     assert mapper.resolve(4002).job == "systemd/user@1000/sweep.service"
@@ -570,7 +563,8 @@ def _serve(context: ssl.SSLContext | None) -> Iterator[Kubelet]:
     finally:
         server.shutdown()
         server.server_close()
-        thread.join()
+        thread.join(timeout=5)
+        assert not thread.is_alive()
 
 
 def test_kubelet_names_pods_programs_and_containers(kubelet_http: Kubelet) -> None:
@@ -592,7 +586,7 @@ def test_kubelet_names_pods_programs_and_containers(kubelet_http: Kubelet) -> No
     # One fetch served them all; the miss on U5 did not hammer the kubelet.
     assert len(kubelet_http.requests) == 1
     assert "Authorization" not in kubelet_http.requests[0]  # read-only port: no token
-    clock.now += 31
+    clock.t += 31
     mapper.resolve(1001)
     assert len(kubelet_http.requests) == 2  # refreshed after refresh_s
 
@@ -616,7 +610,7 @@ def test_kubelet_down_falls_back_then_recovers(kubelet_http: Kubelet) -> None:
     assert mapper.stats()["kubelet_requests"] == 1
     # The kubelet comes back; the pod's name replaces its UID (fallbacks are not cached).
     target[0] = kubelet_http.url
-    clock.now += 5
+    clock.t += 5
     assert mapper.resolve(1001).job == "k8s/ml/llama-ft-0"
 
 
@@ -630,12 +624,13 @@ def test_kubelet_bad_answers_keep_last_good_list(
     client = KubeletClient(kubelet_http.url, token_path=None, clock=clock)
     assert client.pod(U1) is not None
     kubelet_http.status[0], kubelet_http.body[0] = status, body
-    clock.now += 60
+    clock.t += 60
     info = client.pod(U1)
     assert info is not None and info.name == "llama-ft-0"
     assert client.errors == 1 and client.requests == 2
 
 
+@pytest.mark.timeout(10)
 def test_kubelet_hang_is_bounded_by_timeout() -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -684,7 +679,7 @@ def test_kubelet_https_with_service_account_token(
     assert kubelet_https.requests[-1]["Authorization"] == "Bearer eyJhbGciOi.test-token"
     # Rotated token is picked up on the next request.
     token.write_text("rotated")
-    clock.now += 31
+    clock.t += 31
     assert client.pod(U1) is not None
     assert kubelet_https.requests[-1]["Authorization"] == "Bearer rotated"
     # Without the CA, verification fails (counted, no exception) unless it is switched off.

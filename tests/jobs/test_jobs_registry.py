@@ -7,6 +7,7 @@ import pytest
 from gpuflops.jobs.protocol import ErrorCode, Increment, ProtocolError
 from gpuflops.jobs.records import AttachedJob, Peer, RegistryEvent
 from gpuflops.jobs.registry import JobRegistry
+from tests.support import FakeClock
 
 
 class ProcTree:
@@ -33,14 +34,6 @@ class ProcTree:
         return self.start.get(pid)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 @pytest.fixture
 def tree() -> ProcTree:
     t = ProcTree()
@@ -53,12 +46,7 @@ def tree() -> ProcTree:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def reg(tree: ProcTree, clock: Clock) -> JobRegistry:
+def reg(tree: ProcTree, clock: FakeClock) -> JobRegistry:
     return JobRegistry(process_lookup=tree, clock=clock, monotonic=clock, cache_ttl_s=2.0)
 
 
@@ -74,7 +62,7 @@ def test_children_of_attached_process_belong_to_the_job(reg: JobRegistry) -> Non
 
 
 def test_lookup_is_cached_and_invalidated_by_attach(
-    reg: JobRegistry, tree: ProcTree, clock: Clock
+    reg: JobRegistry, tree: ProcTree, clock: FakeClock
 ) -> None:
     assert reg.job_for_pid(13) is None
     calls = tree.calls
@@ -93,7 +81,7 @@ def test_lookup_is_cached_and_invalidated_by_attach(
 
 
 def test_reparented_child_keeps_its_job_and_reused_pid_does_not(
-    reg: JobRegistry, tree: ProcTree, clock: Clock
+    reg: JobRegistry, tree: ProcTree, clock: FakeClock
 ) -> None:
     reg.register("j1", "p1", {}, ROOT_LAUNCHER)
     assert reg.job_for_pid(12) == AttachedJob("j1", "p1")

@@ -16,16 +16,12 @@ from gpuflops.ledger.chain import verify_path
 from gpuflops.ledger.records import GpuKey, JobKey, LedgerCorruptError, LedgerVersionError
 from gpuflops.ledger.store import Ledger, open_or_quarantine
 from gpuflops.model import FlopsRow
+from tests.support import FakeClock
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_750_000_000.0
-
-    def __call__(self) -> float:
-        return self.t
+T0 = 1_750_000_000.0
 
 
 def rows(i: int) -> list[FlopsRow]:
@@ -37,7 +33,7 @@ def rows(i: int) -> list[FlopsRow]:
 @pytest.fixture
 def ledger_path(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "ledger.sqlite3"
-    ledger = Ledger.open(path, clock=Clock())
+    ledger = Ledger.open(path, clock=FakeClock(T0))
     ledger.append_job_event("register", "j1", "p", {"attempt": 1, "model": "m"}, 1.0)
     for i in range(8):
         ledger.append_interval(10.0 + i, 11.0 + i, rows(i))
@@ -50,7 +46,7 @@ def ledger_path(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_totals_persist_across_reopen(ledger_path: Path) -> None:
-    ledger = Ledger.open(ledger_path, clock=Clock())
+    ledger = Ledger.open(ledger_path, clock=FakeClock(T0))
     t = ledger.totals()
     assert t.gpu[GpuKey("0", "GPU-a", "hmma", "bf16")] == pytest.approx(36e12)
     assert t.gpu[GpuKey("1", "GPU-b", "fp32", "fp32")] == pytest.approx(4e12)
@@ -67,7 +63,7 @@ def test_totals_persist_across_reopen(ledger_path: Path) -> None:
 
 
 def test_empty_interval_writes_nothing_and_bad_values_are_refused(ledger_path: Path) -> None:
-    ledger = Ledger.open(ledger_path, clock=Clock())
+    ledger = Ledger.open(ledger_path, clock=FakeClock(T0))
     head = ledger.head()
     assert ledger.append_interval(30.0, 31.0, []) is None
     with pytest.raises(ValueError):
@@ -138,7 +134,7 @@ def test_deleting_the_last_record_is_detected(ledger_path: Path) -> None:
     first, reason = _bad(ledger_path)
     assert first == 11 and "chain_head" in reason
     with pytest.raises(LedgerCorruptError):
-        Ledger.open(ledger_path, clock=Clock())
+        Ledger.open(ledger_path, clock=FakeClock(T0))
 
 
 def test_deleting_the_first_record_is_detected(ledger_path: Path) -> None:
@@ -197,10 +193,10 @@ def test_corrupt_file_is_refused_then_quarantined_without_loss(tmp_path: Path) -
     garbage = b"this is not an SQLite database\x00" * 100
     path.write_bytes(garbage)
     with pytest.raises(LedgerCorruptError):
-        Ledger.open(path, clock=Clock())
+        Ledger.open(path, clock=FakeClock(T0))
     assert path.read_bytes() == garbage  # not overwritten
     assert not verify_path(path).ok
-    ledger, moved = open_or_quarantine(path, clock=Clock())
+    ledger, moved = open_or_quarantine(path, clock=FakeClock(T0))
     assert moved is not None and moved.read_bytes() == garbage
     ledger.append_interval(1.0, 2.0, rows(0))
     ledger.close()
@@ -210,19 +206,19 @@ def test_corrupt_file_is_refused_then_quarantined_without_loss(tmp_path: Path) -
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
-    Ledger.open(path, clock=Clock()).close()
+    Ledger.open(path, clock=FakeClock(T0)).close()
     con = _raw(path)
     con.execute("PRAGMA user_version = 99")
     con.close()
     with pytest.raises(LedgerVersionError):
-        Ledger.open(path, clock=Clock())
+        Ledger.open(path, clock=FakeClock(T0))
     with pytest.raises(LedgerVersionError):
-        open_or_quarantine(path, clock=Clock())
+        open_or_quarantine(path, clock=FakeClock(T0))
     assert path.exists()
 
 
 def test_readonly_open_does_not_create(tmp_path: Path) -> None:
     from gpuflops.ledger.records import LedgerError
     with pytest.raises(LedgerError):
-        Ledger.open(tmp_path / "none.sqlite3", clock=Clock(), readonly=True)
+        Ledger.open(tmp_path / "none.sqlite3", clock=FakeClock(T0), readonly=True)
     assert not (tmp_path / "none.sqlite3").exists()

@@ -19,20 +19,15 @@ from gpuflops.model import (
 )
 from gpuflops.pipeline.attribute import ProcessAttributor
 from gpuflops.pipeline.integrate import Integrator
-from gpuflops.sampler.trace import TraceEvent, TraceInterval, load_trace
+from gpuflops.sampler.trace import TraceEvent, TraceInterval
+from tests.support import DEMO_TRACE, ROOT, trace
 
-ROOT = Path(__file__).parents[2]
-DEMO = ROOT / "gpuflops" / "data" / "h100-demo.jsonl.gz"
+DEMO = DEMO_TRACE
 SCENARIOS = ROOT / "tests" / "data" / "h100-attribution-scenarios.jsonl.gz"
 
-_CACHE: dict[Path, tuple[GpuInfo, list[TraceInterval], list[TraceEvent]]] = {}
-
-
-def _trace(path: Path) -> tuple[GpuInfo, list[TraceInterval], list[TraceEvent]]:
-    if path not in _CACHE:
-        h, iv, ev = load_trace(path)
-        _CACHE[path] = (h.gpus[0], iv, ev)
-    return _CACHE[path]
+def _trace(path: Path) -> tuple[GpuInfo, tuple[TraceInterval, ...], tuple[TraceEvent, ...]]:
+    header, intervals, events = trace(path)
+    return header.gpus[0], intervals, events
 
 
 def _run(

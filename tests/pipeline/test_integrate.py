@@ -10,10 +10,10 @@ import pytest
 
 from gpuflops.model import GpuInfo, GpuSample, Metric, Pipe
 from gpuflops.pipeline.integrate import Integrator
-from gpuflops.sampler.trace import TraceEvent, TraceInterval, load_trace
+from gpuflops.sampler.trace import TraceEvent, TraceInterval
+from tests.support import DEMO_TRACE, ROOT, trace
 
-ROOT = Path(__file__).parents[2]
-DEMO = ROOT / "gpuflops" / "data" / "h100-demo.jsonl.gz"
+DEMO = DEMO_TRACE
 DEFAULTS = ROOT / "tests" / "data" / "h100-defaults-0.5s.jsonl.gz"
 HMMA_DTYPES = ("fp8", "fp16", "bf16", "tf32")
 
@@ -22,14 +22,9 @@ HMMA_DTYPES = ("fp8", "fp16", "bf16", "tf32")
 # H100 runs reached 0.974 (benchmarks/results/h100-run2-tradeoffs.json). The bound is +-2.5%.
 BOUND = 0.025
 
-_CACHE: dict[Path, tuple[GpuInfo, list[TraceInterval], list[TraceEvent]]] = {}
-
-
-def _trace(path: Path) -> tuple[GpuInfo, list[TraceInterval], list[TraceEvent]]:
-    if path not in _CACHE:
-        header, intervals, events = load_trace(path)
-        _CACHE[path] = (header.gpus[0], intervals, events)
-    return _CACHE[path]
+def _trace(path: Path) -> tuple[GpuInfo, tuple[TraceInterval, ...], tuple[TraceEvent, ...]]:
+    header, intervals, events = trace(path)
+    return header.gpus[0], intervals, events
 
 
 def _phases(path: Path) -> list[dict[str, Any]]:

@@ -12,9 +12,9 @@ import pytest
 from gpuflops.sampler.base import Sampler, SamplerError
 from gpuflops.sampler.replay import ReplaySampler
 from gpuflops.sampler.trace import TraceWriter, load_trace
+from tests.support import DEMO_TRACE, ROOT, demo_trace
 
-ROOT = Path(__file__).parents[2]
-DEMO = ROOT / "gpuflops" / "data" / "h100-demo.jsonl.gz"
+DEMO = DEMO_TRACE
 SCENARIOS = ROOT / "tests" / "data" / "h100-attribution-scenarios.jsonl.gz"
 
 
@@ -64,7 +64,7 @@ def test_is_a_sampler_and_reports_header_gpus() -> None:
 
 
 def test_timestamps_shifted_onto_clock_and_durations_kept() -> None:
-    _h, intervals, _ = load_trace(DEMO)
+    _h, intervals, _ = demo_trace()
     s, clock = _sampler(DEMO, start=5000.0)
     got = [s.sample() for _ in range(50)]
     origin = intervals[0].t0_s
@@ -171,7 +171,7 @@ def test_bad_arguments_and_empty_traces(tmp_path: Path) -> None:
 
 
 def test_replay_counts_the_backend_errors_the_recording_saw(tmp_path: Path) -> None:
-    header, intervals, _ = load_trace(DEMO)
+    header, intervals, _ = demo_trace()
     w = TraceWriter(tmp_path / "t.jsonl", list(header.gpus), header.interval_s, {})
     for i, iv in enumerate(intervals[:30]):
         samples = list(iv.samples)
