@@ -61,7 +61,7 @@ class NvmlCallError(CallError):
 
 
 # NVML return codes by name -> the stable kind gpuflops reports (sampler_errors_total{kind}).
-_ERROR_NAMES = {
+_NVML_ERROR_NAMES = {
     "NVML_ERROR_UNINITIALIZED": "uninitialized",
     "NVML_ERROR_INVALID_ARGUMENT": "invalid_argument",
     "NVML_ERROR_NOT_SUPPORTED": "not_supported",
@@ -143,7 +143,7 @@ class NvmlSampler:
             self._nvml = nvml or _load_pynvml()
         except ImportError as e:
             raise SamplerError(f"nvidia-ml-py is not installed: {e}") from None
-        self._kinds = error_kinds(self._nvml, _ERROR_NAMES)
+        self._kinds = error_kinds(self._nvml, _NVML_ERROR_NAMES)
         self.interval_s = interval_s
         self._clock_period = max(0.001, min(clock_period_s, interval_s))
         self._process_period = process_period_s

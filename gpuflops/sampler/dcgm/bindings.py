@@ -44,7 +44,7 @@ FE_GPU = 1  # DCGM_FE_GPU
 FE_GPU_I = 4  # DCGM_FE_GPU_I
 
 # DCGM return codes by name -> the stable kind gpuflops reports (sampler_errors_total{kind}).
-_ERROR_NAMES = {
+_DCGM_ERROR_NAMES = {
     "DCGM_ST_CONNECTION_NOT_VALID": "connection_lost",
     "DCGM_ST_IN_USE": "profiler_in_use",
     "DCGM_ST_PROFILING_MULTI_PASS": "profiling_multi_pass",
@@ -107,7 +107,7 @@ def load_bindings(paths: Sequence[Path] = DEFAULT_DCGM_BINDINGS) -> DcgmBindings
     loaded_from = getattr(agent, "__file__", "") or ""
     if loaded_from and Path(loaded_from).parent != found:
         log.info("DCGM bindings already imported from %s (asked for %s)", loaded_from, found)
-    kinds = error_kinds(structs, _ERROR_NAMES)
+    kinds = error_kinds(structs, _DCGM_ERROR_NAMES)
     return DcgmBindings(structs, agent, fields, value, str(found), kinds)
 
 
