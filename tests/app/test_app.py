@@ -3,6 +3,8 @@ choice, restarts."""
 
 from __future__ import annotations
 
+import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from gpuflops.app import build
 from gpuflops.app.assemble import NoDriverError, build_sampler
 from gpuflops.config import Settings, demo_trace_path
 from gpuflops.ledger.records import LEDGER_FILENAME
+from gpuflops.model import GpuInfo, GpuSample, Metric
 from gpuflops.pipeline.integrate import Integrator
 from gpuflops.sampler.replay import ReplaySampler
 from tests.support import DEMO_TRACE, demo_trace
@@ -55,6 +58,50 @@ def test_build_sampler_replay_and_auto() -> None:
 
 
 @pytest.mark.timeout(120)
+class _FakeBackend:
+    """Stands in for NvmlSampler / DcgmSampler in build_sampler: close() sets its stop token."""
+
+    name = "fake"
+    interval_s = 0.5
+
+    def __init__(self, built: list[_FakeBackend], *, stop: threading.Event, measures: bool,
+                 **_kw: object) -> None:
+        self.stop = stop
+        self.measures = measures
+        self.errors: dict[tuple[str, str], int] = {}
+        built.append(self)
+
+    def gpus(self) -> list[GpuInfo]:
+        metrics = frozenset(Metric) if self.measures else frozenset()
+        return [replace(INFO, metrics=metrics, unavailable_reason=None if self.measures else "no")]
+
+    def sample(self) -> list[GpuSample]:
+        raise StopIteration
+
+    def describe(self) -> dict[str, object]:
+        return {}
+
+    def close(self) -> None:
+        self.stop.set()
+
+
+def test_auto_closing_the_sampler_it_passes_over_leaves_the_chosen_one_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """NVML without GPM, DCGM with profiling: auto picks DCGM and closes the NVML sampler. Each
+    has its own stop token, so that close cannot stop the sampler the daemon runs."""
+    built: list[_FakeBackend] = []
+    monkeypatch.setattr("gpuflops.sampler.nvml.NvmlSampler",
+                        lambda **kw: _FakeBackend(built, measures=False, **kw))
+    monkeypatch.setattr("gpuflops.sampler.dcgm.sampler.DcgmSampler",
+                        lambda **kw: _FakeBackend(built, measures=True, **kw))
+    chosen, stop = build_sampler(Settings(backend="auto"))
+    nvml, dcgm = built
+    assert chosen is dcgm and stop is dcgm.stop
+    assert nvml.stop.is_set()  # closed by auto
+    assert not stop.is_set()
+
+
 def test_restart_continues_counters_from_the_ledger(tmp_path: Path) -> None:
     settings = _replay(state_dir=str(tmp_path), job_socket=False)
 
