@@ -12,32 +12,22 @@ import pytest
 from gpuflops.sampler.base import Sampler, SamplerError
 from gpuflops.sampler.replay import ReplaySampler
 from gpuflops.sampler.trace import TraceWriter, load_trace
-from tests.support import DEMO_TRACE, ROOT, demo_trace
+from tests.support import DEMO_TRACE, ROOT, FakeClock, demo_trace
 
 DEMO = DEMO_TRACE
 SCENARIOS = ROOT / "tests" / "data" / "h100-attribution-scenarios.jsonl.gz"
 
 
-class FakeTime:
-    """A clock whose stop Event advances it instead of blocking, so replay runs instantly."""
-
-    def __init__(self, t: float) -> None:
-        self.t = t
-        self.waits: list[float] = []
-
-    def __call__(self) -> float:
-        return self.t
-
-
 class AdvancingStop(threading.Event):
-    def __init__(self, clock: FakeTime) -> None:
+    """A stop Event that advances the fake clock instead of blocking, so replay runs instantly."""
+
+    def __init__(self, clock: FakeClock) -> None:
         super().__init__()
         self.clock = clock
 
     def wait(self, timeout: float | None = None) -> bool:
         assert timeout is not None
-        self.clock.waits.append(timeout)
-        self.clock.t += timeout
+        self.clock.sleep(timeout)
         return self.is_set()
 
 
@@ -50,8 +40,8 @@ def _head(tmp_path: Path, n_lines: int, src: Path = DEMO) -> Path:
     return out
 
 
-def _sampler(path: Path, start: float = 5000.0, **kw: object) -> tuple[ReplaySampler, FakeTime]:
-    clock = FakeTime(start)
+def _sampler(path: Path, start: float = 5000.0, **kw: object) -> tuple[ReplaySampler, FakeClock]:
+    clock = FakeClock(start)
     return ReplaySampler(path, clock=clock, stop=AdvancingStop(clock), **kw), clock  # type: ignore[arg-type]
 
 
