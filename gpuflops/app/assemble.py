@@ -66,7 +66,7 @@ def build_sampler(settings: Settings) -> tuple[Sampler, threading.Event]:
     from gpuflops.sampler.select import select_backend
 
     sm_counts: dict[tuple[int, int | None], int | None] = {}
-    tokens: dict[int, threading.Event] = {}  # id(sampler) -> its stop token
+    tokens: dict[Sampler, threading.Event] = {}  # every sampler built -> its stop token
 
     def nvml() -> Sampler:
         from gpuflops.sampler.nvml import NvmlSampler
@@ -79,7 +79,7 @@ def build_sampler(settings: Settings) -> tuple[Sampler, threading.Event]:
             stop=stop,
             devices=list(settings.devices) if settings.devices is not None else None,
         )
-        tokens[id(sampler)] = stop
+        tokens[sampler] = stop
         for g in sampler.gpus():  # DCGM has no SM-count field: NVML's is reused there
             sm_counts[(g.index, g.gpu_instance_id)] = g.sm_count
         return sampler
@@ -98,7 +98,7 @@ def build_sampler(settings: Settings) -> tuple[Sampler, threading.Event]:
             devices=list(settings.devices) if settings.devices is not None else None,
             stop=stop,
         )
-        tokens[id(sampler)] = stop
+        tokens[sampler] = stop
         return sampler
 
     try:
@@ -112,7 +112,7 @@ def build_sampler(settings: Settings) -> tuple[Sampler, threading.Event]:
                 "on an NVIDIA H100."
             ) from None
         raise
-    return chosen, tokens[id(chosen)]
+    return chosen, tokens[chosen]
 
 
 def build(

@@ -8,7 +8,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import click
-from prometheus_client.parser import text_string_to_metric_families
 
 from gpuflops.config import DEFAULT_STATUS_URL
 
@@ -28,6 +27,8 @@ class GpuRow:
 
 
 def parse_status(text: str) -> dict[str, GpuRow]:
+    from prometheus_client.parser import text_string_to_metric_families
+
     rows: dict[str, GpuRow] = defaultdict(lambda: GpuRow(""))
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
