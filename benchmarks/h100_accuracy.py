@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from mps import mps_daemon  # noqa: E402
 
-from gpuflops.integrate.integrator import Integrator  # noqa: E402
-from gpuflops.integrate.rates import FAMILIES  # noqa: E402
+from gpuflops.pipeline.integrate import Integrator  # noqa: E402
+from gpuflops.rates import FAMILIES  # noqa: E402
 from gpuflops.sampler.trace import TraceWriter, load_trace  # noqa: E402
 
 PEAK_BF16_DENSE = 989.4e12  # H100 SXM datasheet, what utilisation x peak tools multiply by

@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
-from gpuflops.integrate.rates import DEFAULT_HMMA_PRECISION, HMMA_PRECISIONS
+from gpuflops.rates import DEFAULT_HMMA_PRECISION, HMMA_PRECISIONS
 
 DEFAULT_LISTEN = "0.0.0.0:9450"
-DEFAULT_SOCKET = "/run/gpuflops/gpuflops.sock"
+DEFAULT_SOCKET_PATH = "/run/gpuflops/gpuflops.sock"  # the job socket, daemon and clients alike
 DEFAULT_STATE_DIR = "/var/lib/gpuflops"
+DEFAULT_STATUS_URL = "http://127.0.0.1:9450/metrics"  # what `gpuflops status` reads
+DEMO_TRACE = "h100-demo.jsonl.gz"  # shipped in gpuflops/data; `--demo` and the replay default
+# The H100 accuracy figures measured in docs/accuracy.md, the audit report's default.
+DEFAULT_ACCURACY_PATH = Path(str(resources.files("gpuflops") / "data" / "accuracy-h100.json"))
+DEFAULT_DCGM_ENDPOINT = "localhost:5555"  # host:port, unix:///path, or "embedded"
+# Where DCGM's Python bindings live when no directory is configured.
+DEFAULT_DCGM_BINDINGS: tuple[Path, ...] = (
+    Path("/usr/share/datacenter-gpu-manager-4/bindings/python3"),  # DCGM 4 packages
+    Path("/usr/local/dcgm/bindings/python3"),  # DCGM 3 packages
+)
 
 
-class ConfigError(ValueError):
+def demo_trace_path() -> Path:
+    """The H100 trace shipped in the package."""
+    return Path(str(resources.files("gpuflops") / "data" / DEMO_TRACE))
+
+
+class SettingsError(ValueError):
     """A setting is invalid; the message names it."""
 
 
@@ -40,7 +56,7 @@ class Settings:
     replay_path: str | None = None
     replay_speed: float = 1.0
     replay_loop: bool = True
-    socket_path: str = DEFAULT_SOCKET
+    socket_path: str = DEFAULT_SOCKET_PATH
     socket_group: str | None = None
     socket_mode: int = 0o660
     state_dir: str = DEFAULT_STATE_DIR
@@ -60,23 +76,23 @@ class Settings:
     kubelet_url: str | None = None
     kubelet_ca_file: str | None = None
     kubelet_insecure_tls: bool = False
-    dcgm_endpoint: str = "localhost:5555"  # host:port, unix:///path, or "embedded"
+    dcgm_endpoint: str = DEFAULT_DCGM_ENDPOINT
     dcgm_bindings: tuple[str, ...] = ()  # where DCGM's Python bindings live; () = known places
 
     def validate(self) -> Settings:
         if self.backend not in ("auto", "nvml", "dcgm", "replay"):
-            raise ConfigError(f"backend must be auto, nvml, dcgm or replay, not {self.backend!r}")
+            raise SettingsError(f"backend must be auto, nvml, dcgm or replay, not {self.backend!r}")
         if self.interval_s < 0.1:
-            raise ConfigError(f"interval must be >= 0.1 s (NVML GPM limit), got {self.interval_s}")
+            raise SettingsError(f"interval must be >= 0.1 s (NVML GPM limit), got {self.interval_s}")
         if not 0 < self.clock_period_s <= self.interval_s:
-            raise ConfigError("clock_period_s must be in (0, interval_s]")
+            raise SettingsError("clock_period_s must be in (0, interval_s]")
         for key, p in [("hmma_precision", self.hmma_precision), *self.hmma_precision_per_gpu.items()]:
             if p not in HMMA_PRECISIONS:
-                raise ConfigError(f"{key}: precision {p!r} is not one of {HMMA_PRECISIONS}")
+                raise SettingsError(f"{key}: precision {p!r} is not one of {HMMA_PRECISIONS}")
         if self.ledger_sync not in ("NORMAL", "FULL"):
-            raise ConfigError("ledger_sync must be NORMAL or FULL")
+            raise SettingsError("ledger_sync must be NORMAL or FULL")
         if self.replay_speed <= 0:
-            raise ConfigError("replay_speed must be positive")
+            raise SettingsError("replay_speed must be positive")
         return self
 
     def with_overrides(self, **kw: Any) -> Settings:
@@ -93,20 +109,20 @@ def load_settings(path: Path | None) -> Settings:
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise SettingsError(f"{path}: {e}") from None
     table = data.get("daemon", {})
     if not isinstance(table, dict):
-        raise ConfigError(f"{path}: [daemon] must be a table")
+        raise SettingsError(f"{path}: [daemon] must be a table")
     known = {f.name for f in fields(Settings)}
     unknown = set(table) - known
     if unknown:
-        raise ConfigError(f"{path}: unknown settings {sorted(unknown)}")
+        raise SettingsError(f"{path}: unknown settings {sorted(unknown)}")
     types = {f.name: str(f.type) for f in fields(Settings)}
     values = {}
     for key, value in table.items():
         values[key] = _typed(value, types[key].removesuffix(" | None"))
         if values[key] is None:
-            raise ConfigError(f"{path}: {key} must be {_WANT[types[key].removesuffix(' | None')]}")
+            raise SettingsError(f"{path}: {key} must be {_WANT[types[key].removesuffix(' | None')]}")
     return Settings(**values)
 
 

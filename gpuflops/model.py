@@ -1,4 +1,7 @@
-"""Domain types that flow through the pipeline: sampler -> integrator -> attribution -> exporter.
+"""Domain types that flow through the pipeline, and the constants every layer shares.
+
+sampler (GpuInfo, GpuSample) -> integrate (IntervalFlops) -> attribute (AttributedInterval of
+Shares) -> label (FlopsRow) -> ledger and counters.
 
 Everything here is immutable. Units are base SI units (seconds, hertz, bytes); backends convert
 NVML's MHz, microseconds and percentages at their boundary. A quantity a backend could not
@@ -10,6 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+
+# The job and program of work no job claimed (and the pseudo-program never compared with a
+# threshold); exported as job="unattributed", program="unattributed" (docs/CONTRACTS.md).
+UNATTRIBUTED = "unattributed"
 
 
 class Pipe(str, Enum):
@@ -105,3 +112,69 @@ class GpuSample:
     @property
     def duration_s(self) -> float:
         return self.t1_s - self.t0_s
+
+
+@dataclass(frozen=True)
+class IntervalFlops:
+    """FLOPs one unit executed over one interval, by (pipe, precision).
+
+    ``gap_reason`` is set when the interval could not be measured at all; ``flops`` is then
+    empty and the interval must be counted as a gap, not as zero work.
+    """
+
+    key: str
+    t0_s: float
+    t1_s: float
+    flops: Mapping[tuple[Pipe, str], float] = field(default_factory=dict)
+    gap_reason: str | None = None
+    unmeasured_pipes: tuple[Pipe, ...] = ()  # pipes the unit cannot report or has no rate for
+
+    @property
+    def total(self) -> float:
+        return sum(self.flops.values())
+
+    @property
+    def duration_s(self) -> float:
+        return self.t1_s - self.t0_s
+
+
+@dataclass(frozen=True)
+class Share:
+    """FLOPs of one interval, one pipe and precision, given to a pid (None = unattributed)."""
+
+    pid: int | None
+    comm: str
+    pipe: Pipe
+    precision: str
+    flops: float
+
+
+@dataclass(frozen=True)
+class AttributedInterval:
+    key: str
+    t0_s: float
+    t1_s: float
+    shares: tuple[Share, ...]
+    method: str  # "single", "none_seen", "analytic", "sm_util", "no_util_data", "idle"
+    # The driver's per-process samples show two or more processes (not MPS clients, which it
+    # does not name) running kernels in the interval: their contexts time-sliced the GPU.
+    timesliced: bool = False
+
+
+@dataclass(frozen=True)
+class FlopsRow:
+    """FLOPs one GPU pipe did for one job (and process) during one interval.
+
+    ``comm`` labels the process series in /metrics; the ledger does not store it.
+    """
+
+    gpu: str
+    uuid: str
+    pipe: str
+    precision: str
+    job: str
+    program: str
+    pid: int | None  # None: not attributable to a process
+    flops: float
+    comm: str = ""
+

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuflops.config import ConfigError, Settings, load_settings
+from gpuflops.config import Settings, SettingsError, load_settings
 
 
 def _toml(tmp_path: Path, text: str) -> Path:
@@ -55,7 +55,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
 
 def test_unknown_keys_are_refused(tmp_path: Path) -> None:
     p = _toml(tmp_path, "[daemon]\ninterval = 0.5\nbackend = 'nvml'\nbogus = 1\n")
-    with pytest.raises(ConfigError) as ei:
+    with pytest.raises(SettingsError) as ei:
         load_settings(p)
     assert str(ei.value) == f"{p}: unknown settings ['bogus', 'interval']"
 
@@ -75,14 +75,14 @@ def test_unknown_keys_are_refused(tmp_path: Path) -> None:
 )
 def test_bad_files_are_config_errors(tmp_path: Path, text: str, message: str) -> None:
     p = _toml(tmp_path, text)
-    with pytest.raises(ConfigError) as ei:
+    with pytest.raises(SettingsError) as ei:
         load_settings(p).validate()
     assert str(ei.value).startswith(f"{p}: ")
     assert message in str(ei.value)
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="No such file"):
+    with pytest.raises(SettingsError, match="No such file"):
         load_settings(tmp_path / "absent.toml")
 
 
@@ -100,7 +100,7 @@ def test_unreadable_file(tmp_path: Path) -> None:
     ],
 )
 def test_validation_errors(change: dict[str, object], message: str) -> None:
-    with pytest.raises(ConfigError) as ei:
+    with pytest.raises(SettingsError) as ei:
         Settings().with_overrides(**change).validate()
     assert message in str(ei.value)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import math
 import os
 import secrets
 import socket
@@ -25,10 +24,11 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from gpuflops.client.metadata import validated_metadata
+from gpuflops.config import DEFAULT_SOCKET_PATH
 from gpuflops.jobs import protocol
 from gpuflops.jobs.protocol import ErrorCode, Increment, ProtocolError
 
-DEFAULT_SOCKET_PATH = "/run/gpuflops/gpuflops.sock"
 MAX_ITEMS_PER_MESSAGE = 256  # keeps one add message far below the 64 KiB limit
 # Errors after which a batch can never be accepted: drop it (counted) instead of retrying forever.
 _PERMANENT = frozenset({ErrorCode.FORBIDDEN, ErrorCode.JOB_ENDED, ErrorCode.BAD_FIELD,
@@ -132,7 +132,7 @@ class JobReporter:
                 given[name] = value
             else:
                 extra[name] = value
-        self.metadata = self._validated(given, extra)
+        self.metadata = validated_metadata(given, extra, self._log)
         self.rank: int | None = self.metadata.get("rank")
 
         self._lock = threading.Lock()
@@ -165,29 +165,6 @@ class JobReporter:
             )
             self._thread.start()
             atexit.register(self._at_exit)
-
-    def _validated(self, given: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-        metadata: dict[str, Any] = {}
-        for name, value in given.items():
-            try:
-                checked = protocol.check_metadata_field(name, value)
-            except ProtocolError as exc:
-                self._log.warning("gpuflops: ignoring metadata %s", exc.detail)
-                continue
-            if checked is not None:
-                metadata[name] = checked
-        if extra:
-            try:
-                metadata["extra"] = protocol.check_extra(dict(extra))
-            except ProtocolError as exc:
-                self._log.warning("gpuflops: ignoring extra metadata: %s", exc.detail)
-        for dependent, bound in (("params_trainable", "params_total"), ("rank", "world_size")):
-            if metadata.get(dependent, -1) > metadata.get(bound, math.inf):
-                self._log.warning("gpuflops: ignoring %s larger than %s", dependent, bound)
-                del metadata[dependent]
-        if metadata.get("rank") == metadata.get("world_size") and "rank" in metadata:
-            del metadata["rank"]
-        return metadata
 
     # -- training-thread API ---------------------------------------------------------------
 

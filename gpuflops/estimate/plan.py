@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gpuflops.ledger.thresholds import GPAI_PRESUMPTION_FLOPS, SYSTEMIC_RISK_FLOPS
+from gpuflops.compliance.thresholds import GPAI_PRESUMPTION_FLOPS, SYSTEMIC_RISK_FLOPS
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Prometheus collector over an immutable :class:`gpuflops.totals.Snapshot` taken at scrape time.
+"""Prometheus collector over an immutable :class:`gpuflops.exporter.state.Snapshot` taken at scrape time.
 
 Series are listed in docs/metrics.md; names and labels are the contract rules and dashboards
 rely on (docs/CONTRACTS.md).
@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from gpuflops import __version__
-from gpuflops.totals import Snapshot
+from gpuflops.exporter.state import Snapshot
 
 
 class FlopsCollector(Collector):

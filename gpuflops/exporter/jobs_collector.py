@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gpuflops.totals import Snapshot
+from gpuflops.compliance.programs import ProgramView
+from gpuflops.exporter.state import Snapshot
+from gpuflops.jobs.records import RegistrySnapshot
+from gpuflops.jobs.server import ServerStats
+from gpuflops.ledger.sink import LedgerSink
 
 _PROGRAM_LABELS = {
     "gpuflops_program_flops_total": ("program", "basis"),
@@ -18,13 +21,15 @@ _PROGRAM_LABELS = {
 
 
 class JobsCollector(Collector):
+    """Per-job and per-program series, the job socket's message counts and the ledger's health."""
+
     def __init__(
         self,
         totals: Callable[[], Snapshot],
-        programs: Callable[[], Any],
-        registry: Callable[[], Any],
-        sink: Any,
-        socket_stats: Callable[[], Any] | None,
+        programs: Callable[[], ProgramView],
+        registry: Callable[[], RegistrySnapshot],
+        sink: LedgerSink,
+        socket_stats: Callable[[], ServerStats] | None,
     ) -> None:
         self._totals = totals
         self._programs = programs

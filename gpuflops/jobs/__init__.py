@@ -1,37 +1,5 @@
-"""Job socket: the protocol, the daemon-side server and the job registry."""
+"""Job socket: the protocol (shared with the client library), the daemon's server and registry.
 
-from gpuflops.jobs.registry import (
-    JobEvent,
-    JobRef,
-    JobRegistry,
-    JobSnapshot,
-    Peer,
-    ProcessLookup,
-    PsutilProcessLookup,
-    RegistryLimits,
-    RegistrySnapshot,
-)
-from gpuflops.jobs.server import (
-    DEFAULT_SOCKET_PATH,
-    JobSocketServer,
-    ServerLimits,
-    ServerStats,
-    SocketInUseError,
-)
-
-__all__ = [
-    "DEFAULT_SOCKET_PATH",
-    "JobEvent",
-    "JobRef",
-    "JobRegistry",
-    "JobSnapshot",
-    "JobSocketServer",
-    "Peer",
-    "ProcessLookup",
-    "PsutilProcessLookup",
-    "RegistryLimits",
-    "RegistrySnapshot",
-    "ServerLimits",
-    "ServerStats",
-    "SocketInUseError",
-]
+Deliberately empty: ``gpuflops.client`` imports ``gpuflops.jobs.protocol`` inside training jobs
+and must not load the server, the registry or psutil with it.
+"""

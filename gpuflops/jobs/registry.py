@@ -14,128 +14,24 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol
-
-import psutil
+from typing import Any
 
 from gpuflops.jobs.protocol import PER_RANK_FIELDS, ErrorCode, Increment, ProtocolError
+from gpuflops.jobs.records import (
+    AttachedJob,
+    JobSnapshot,
+    Peer,
+    ProcessLookup,
+    PsutilProcessLookup,
+    RegisterResult,
+    RegistryEvent,
+    RegistryLimits,
+    RegistrySnapshot,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_TREE_DEPTH = 128  # a process tree deeper than this is not a training job
-
-
-@dataclass(frozen=True)
-class Peer:
-    """The kernel-reported identity of a connected client (SO_PEERCRED)."""
-
-    pid: int
-    uid: int
-    gid: int
-
-
-@dataclass(frozen=True)
-class JobRef:
-    """What attribution needs to label a process's FLOPs."""
-
-    job_id: str
-    program_id: str
-
-
-class ProcessLookup(Protocol):
-    """Reads process ancestry; ``None`` when the process is gone or unreadable."""
-
-    def parent_pid(self, pid: int) -> int | None: ...
-
-    def start_time(self, pid: int) -> float | None: ...
-
-
-class PsutilProcessLookup:
-    """ProcessLookup backed by psutil (reads /proc on Linux)."""
-
-    def parent_pid(self, pid: int) -> int | None:
-        try:
-            return psutil.Process(pid).ppid()
-        except (psutil.Error, ValueError):
-            return None
-
-    def start_time(self, pid: int) -> float | None:
-        try:
-            return psutil.Process(pid).create_time()
-        except (psutil.Error, ValueError):
-            return None
-
-
-@dataclass(frozen=True)
-class JobEvent:
-    """A change to the registry, for the ledger: what happened, to which job, sent by whom."""
-
-    kind: str  # "register", "attach", "add", "end"
-    job_id: str
-    program_id: str
-    time_s: float  # wall clock when the daemon applied it
-    peer: Peer
-    data: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class JobSnapshot:
-    """Immutable copy of one job's record."""
-
-    job_id: str
-    program_id: str
-    owner_uid: int
-    state: str  # "open" or "ended"
-    started_s: float
-    ended_s: float | None
-    pids: frozenset[int]
-    metadata: Mapping[str, Any]  # per-job fields plus "ranks": {rank: {rank, local_rank, node}}
-    analytic_flops: float
-    analytic_tokens: float
-    recompute_flops: float
-    adds: int  # client-side add() calls received
-    exit_code: int | None
-    end_status: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain-JSON form, as sent in a query reply."""
-        meta = dict(self.metadata)
-        if "ranks" in meta:
-            meta["ranks"] = {str(k): dict(v) for k, v in meta["ranks"].items()}
-        if "extra" in meta:
-            meta["extra"] = dict(meta["extra"])
-        return {
-            "job": self.job_id,
-            "program": self.program_id,
-            "owner_uid": self.owner_uid,
-            "state": self.state,
-            "started_s": self.started_s,
-            "ended_s": self.ended_s,
-            "pids": sorted(self.pids),
-            "metadata": meta,
-            "analytic_flops": self.analytic_flops,
-            "analytic_tokens": self.analytic_tokens,
-            "recompute_flops": self.recompute_flops,
-            "adds": self.adds,
-            "exit_code": self.exit_code,
-            "end_status": self.end_status,
-        }
-
-
-@dataclass(frozen=True)
-class RegistrySnapshot:
-    """Immutable copy of the whole registry, for the exporter."""
-
-    time_s: float
-    jobs: tuple[JobSnapshot, ...]
-
-    def job(self, job_id: str) -> JobSnapshot | None:
-        """The snapshot of ``job_id``, or None."""
-        for job in self.jobs:
-            if job.job_id == job_id:
-                return job
-        return None
-
 
 @dataclass
 class _Job:
@@ -185,30 +81,10 @@ class _Job:
 
 @dataclass
 class _CacheEntry:
-    ref: JobRef | None
+    ref: AttachedJob | None
     start_time: float | None
     checked_s: float
     generation: int
-
-
-@dataclass(frozen=True)
-class RegistryLimits:
-    """Capacity bounds, so a misbehaving client cannot exhaust the daemon's memory."""
-
-    max_open_jobs: int = 10_000
-    max_ended_jobs: int = 1_000  # ended jobs kept for queries/snapshots; the ledger keeps all
-    max_pids_per_job: int = 4_096
-    max_clients_per_job: int = 4_096
-    max_participants_per_job: int = 65_536
-
-
-@dataclass(frozen=True)
-class RegisterResult:
-    """Outcome of a register: whether the job was new, and metadata fields that disagreed."""
-
-    created: bool
-    conflicts: tuple[str, ...]
-
 
 class JobRegistry:
     """Jobs, their attached processes and their analytic figures."""
@@ -234,12 +110,12 @@ class JobRegistry:
         self._pid_index: dict[int, str] = {}  # attached pid -> open job id
         self._generation = 0  # bumped when attachments change; invalidates the pid cache
         self._cache: dict[int, _CacheEntry] = {}
-        self._listeners: list[Callable[[JobEvent], None]] = []
+        self._listeners: list[Callable[[RegistryEvent], None]] = []
         self._listener_errors = 0
 
     # -- listeners -------------------------------------------------------------------------
 
-    def on_event(self, listener: Callable[[JobEvent], None]) -> None:
+    def on_event(self, listener: Callable[[RegistryEvent], None]) -> None:
         """Call ``listener`` for every applied change, in order, on the mutating thread.
 
         Listeners must be quick (enqueue, don't write); an exception is logged and counted.
@@ -252,7 +128,7 @@ class JobRegistry:
         """Exceptions raised by listeners so far."""
         return self._listener_errors
 
-    def _emit(self, event: JobEvent) -> None:
+    def _emit(self, event: RegistryEvent) -> None:
         for listener in self._listeners:
             try:
                 listener(event)
@@ -367,7 +243,7 @@ class JobRegistry:
             data = {"metadata": dict(metadata), "created": created, "conflicts": conflicts}
             if client is not None:
                 data["client"] = client
-            self._emit(JobEvent("register", job_id, program_id, time_s, peer, data))
+            self._emit(RegistryEvent("register", job_id, program_id, time_s, peer, data))
         return RegisterResult(created=created, conflicts=conflicts)
 
     def _merge_metadata(self, job: _Job, metadata: Mapping[str, Any]) -> tuple[str, ...]:
@@ -411,7 +287,7 @@ class JobRegistry:
                 changed = self._attach_locked(job, pid, start_time)
                 time_s = self._clock()
             data = {"pid": pid, "changed": changed}
-            self._emit(JobEvent("attach", job_id, job.program_id, time_s, peer, data))
+            self._emit(RegistryEvent("attach", job_id, job.program_id, time_s, peer, data))
         return changed
 
     def add(
@@ -460,7 +336,7 @@ class JobRegistry:
                 if client is not None:
                     data["client"] = client
                     data["seq"] = seq
-                self._emit(JobEvent("add", job_id, program_id, time_s, peer, data))
+                self._emit(RegistryEvent("add", job_id, program_id, time_s, peer, data))
         return True
 
     def end(
@@ -510,7 +386,7 @@ class JobRegistry:
                 "status": status,
                 "job_ended": ended,
             }
-            self._emit(JobEvent("end", job_id, job.program_id, time_s, peer, data))
+            self._emit(RegistryEvent("end", job_id, job.program_id, time_s, peer, data))
         return ended
 
     # -- reads -----------------------------------------------------------------------------
@@ -527,7 +403,7 @@ class JobRegistry:
                 time_s=self._clock(), jobs=tuple(j.snapshot() for j in self._jobs.values())
             )
 
-    def job_for_pid(self, pid: int) -> JobRef | None:
+    def job_for_pid(self, pid: int) -> AttachedJob | None:
         """The open job ``pid`` or one of its ancestors is attached to, or None.
 
         Cached per pid for ``cache_ttl_s`` and until attachments change. Once found in a job's
@@ -566,7 +442,7 @@ class JobRegistry:
                 self._cache[pid] = _CacheEntry(ref, start_time, now, generation)
         return ref
 
-    def _resolve(self, pid: int) -> JobRef | None:
+    def _resolve(self, pid: int) -> AttachedJob | None:
         current: int | None = pid
         for _ in range(MAX_TREE_DEPTH):
             if current is None or current <= 0:
@@ -577,7 +453,7 @@ class JobRegistry:
                 recorded = job.pids.get(current) if job is not None else None
             if job is not None:
                 if recorded is None or recorded == self._lookup.start_time(current):
-                    return JobRef(job.job_id, job.program_id)
+                    return AttachedJob(job.job_id, job.program_id)
                 self._forget_pid(current, job.job_id)  # pid reused by another process
             current = self._lookup.parent_pid(current)
         return None

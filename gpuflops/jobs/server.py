@@ -25,13 +25,14 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any
 
+from gpuflops.config import DEFAULT_SOCKET_PATH
 from gpuflops.jobs import protocol
 from gpuflops.jobs.protocol import ErrorCode, ProtocolError
-from gpuflops.jobs.registry import JobRegistry, Peer
+from gpuflops.jobs.records import Peer
+from gpuflops.jobs.registry import JobRegistry
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOCKET_PATH = "/run/gpuflops/gpuflops.sock"
 MAX_UNIX_PATH_BYTES = 107  # sun_path is 108 bytes including the terminating NUL
 _RECV_BYTES = 256 * 1024
 _OK = b'{"ok":true}\n'

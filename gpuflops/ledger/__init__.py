@@ -1,1 +1,1 @@
-"""The persistent FLOPs ledger: hash-chained store, reconciliation, thresholds, audit report."""
+"""The persistent FLOPs ledger: hash-chained records, schema, store and the daemon's sink."""

@@ -2,8 +2,8 @@
 
 The job socket's thread only enqueues (``on_job_event``); analytic ``add`` messages are
 coalesced per job into one ``estimate`` record per commit, so a client sending thousands of
-messages a second does not turn into thousands of ledger records. Counters are raised only
-after the commit that makes them durable (see gpuflops/totals.py).
+messages a second does not turn into thousands of ledger records. Each commit returns what it
+made durable; the pipeline raises the counters with it (the sink never touches them).
 
 Unmeasured time is recorded too: consecutive sampler gaps of a GPU become one ``gap`` record
 (written when the gap ends, and at least every ``gap_flush_s`` while it lasts), and at start
@@ -20,11 +20,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
-from gpuflops.ledger.store import NODE, Ledger, LedgerError
-from gpuflops.totals import JobAnalytic, Row, Totals
+from gpuflops.jobs.records import RegistryEvent
+from gpuflops.ledger.records import NODE, LedgerError
+from gpuflops.ledger.store import Ledger
+from gpuflops.model import FlopsRow
+from gpuflops.pipeline.pipeline import Batch, Committed, CommittedEstimate
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +58,11 @@ class _Queue:
 
 
 class LedgerSink:
-    """Commits what the pipeline and the job socket produce; raises counters after commit."""
+    """Commits what the pipeline and the job socket produce; returns what became durable."""
 
     def __init__(
         self,
         ledger: Ledger | None,
-        totals: Totals,
         *,
         clock: Callable[[], float] = time.time,
         commit_every_s: float = 0.0,
@@ -78,28 +79,13 @@ class LedgerSink:
         # Larger values trade that bound for a smaller ledger (docs/ledger.md, "Size").
         self._commit_every_s = commit_every_s
         self._last_commit = float("-inf")
-        self._totals = totals
         self._clock = clock
         self._lock = threading.Lock()
         self._queue = _Queue()
-        self._pending: list[tuple[float, float, list[Row]]] = []
+        self._pending: Batch = []
         self.write_errors = 0
-        self.records = 0
+        self.records = ledger.totals().records if ledger is not None else 0
         self._warned = False
-        if ledger is not None:
-            self._seed(ledger)
-
-    def _seed(self, ledger: Ledger) -> None:
-        t = ledger.totals()
-        self.records = t.records
-        self._totals.seed(
-            {(k.gpu, k.pipe, k.precision): v for k, v in t.gpu.items()},
-            {(k.job, k.program): v.measured_flops for k, v in t.jobs.items()},
-            {
-                (k.job, k.program): JobAnalytic(v.analytic_flops, v.tokens, v.recompute_flops)
-                for k, v in t.jobs.items()
-            },
-        )
 
     def start_session(self, payload: Mapping[str, Any], gpus: list[tuple[str, str]]) -> None:
         """Record this daemon's start, and the unmeasured time since the previous session."""
@@ -157,7 +143,7 @@ class LedgerSink:
 
     # ---------------------------------------------------------- socket thread
 
-    def on_job_event(self, event: Any) -> None:
+    def on_job_event(self, event: RegistryEvent) -> None:
         """Registry listener: enqueue only (runs on the socket server's thread)."""
         kind = event.kind
         key = (event.job_id, event.program_id)
@@ -189,38 +175,39 @@ class LedgerSink:
 
     # ---------------------------------------------------------- sampling thread
 
-    def commit(
-        self, rows_by_interval: list[tuple[float, float, list[Row]]], held: int, *, force: bool = False
-    ) -> None:
-        """Write job events, then intervals; count each once it is durable."""
+    def commit(self, batch: Batch, *, force: bool = False) -> Committed:
+        """Write job events, then intervals; return what is now durable, for the counters."""
         now = self._clock()
         if self.ledger is not None and not force and now - self._last_commit < self._commit_every_s:
-            self._pending.extend(rows_by_interval)
-            self._totals.add_rows((), held)
-            return
+            self._pending.extend(batch)
+            return Committed()
         self._last_commit = now
         with self._lock:
             for key in list(self._queue.estimates):
                 self._move_estimate(key)
             events, self._queue.events = self._queue.events, []
+        estimates: list[CommittedEstimate] = []
+        refused: list[str] = []
         for kind, job, program, t, payload in events:
-            if self._write_event(kind, job, program, t, payload) and kind == "estimate":
-                self._totals.add_estimate(
+            if self._write_event(kind, job, program, t, payload, refused) and kind == "estimate":
+                estimates.append(CommittedEstimate(
                     job, program, payload["analytic_flops"], payload["tokens"],
                     payload["recompute_flops"],
-                )
+                ))
+
+        def done(rows: tuple[tuple[FlopsRow, ...], ...] = ((),)) -> Committed:
+            return Committed(rows, tuple(estimates), tuple(refused))
+
         self._flush_gaps(force)
         if self.ledger is not None and now - self._last_write >= self._alive_every_s:
             self._write_session("alive", now)
-        self._pending.extend(rows_by_interval)
+        self._pending.extend(batch)
         if not self._pending:
-            self._totals.add_rows((), held)
-            return
+            return done()
         if self.ledger is None:
-            for _t0, _t1, rows in self._pending:
-                self._totals.add_rows(rows, held)
+            counted = tuple(tuple(rows) for _t0, _t1, rows in self._pending)
             self._pending.clear()
-            return
+            return done(counted)
         t0 = min(p[0] for p in self._pending)
         t1 = max(p[1] for p in self._pending)
         rows = [r for p in self._pending for r in p[2]]
@@ -228,26 +215,26 @@ class LedgerSink:
             seq = self.ledger.append_interval(t0, t1, rows)
         except (LedgerError, OSError) as e:
             self._write_failed(e)
+            dropped: Batch = []
             if len(self._pending) > _MAX_PENDING_INTERVALS:
                 # Keep metering even when the disk is gone: count, but say it is not durable.
                 dropped = self._pending[: -_MAX_PENDING_INTERVALS]
                 del self._pending[: -_MAX_PENDING_INTERVALS]
-                for _a, _b, rs in dropped:
-                    self._totals.add_rows(rs, held)
-            return
+            return done(tuple(tuple(rs) for _a, _b, rs in dropped))
         except ValueError as e:  # a bad row: never write it, keep the rest for the next commit
             log.error("ledger refused interval rows: %s", e)
-            self._totals.count_error("*", "ledger_bad_row")
+            refused.append("ledger_bad_row")
             good = [r for r in rows if math.isfinite(r.flops) and r.flops >= 0]
             self._pending = [(t0, t1, good)] if good else []
-            return
+            return done(())
         if seq is not None:
             self.records += 1
             self._last_write = now
         self._pending.clear()
-        self._totals.add_rows(rows, held)
+        return done((tuple(rows),))
 
-    def _write_event(self, kind: str, job: str, program: str, t: float, payload: dict[str, Any]) -> bool:
+    def _write_event(self, kind: str, job: str, program: str, t: float, payload: dict[str, Any],
+                     refused: list[str]) -> bool:
         if self.ledger is None:
             return True
         try:
@@ -259,7 +246,7 @@ class LedgerSink:
             return False
         except ValueError as e:
             log.error("ledger refused %s event for job %s: %s", kind, job, e)
-            self._totals.count_error("*", "ledger_bad_event")
+            refused.append("ledger_bad_event")
             return False
         self.records += 1
         self._last_write = self._clock()
@@ -288,12 +275,17 @@ class LedgerSink:
     def pending_intervals(self) -> int:
         return len(self._pending)
 
-    def close(self) -> None:
-        """Commit what is still pending, record the clean stop, then close the ledger."""
-        if self.ledger is not None:
-            self.commit([], 0, force=True)
-            self._write_session("stop", self._clock())
-            self.ledger.close()
+    def close(self) -> Committed:
+        """Commit what is still pending, record the clean stop, then close the ledger.
+
+        Returns that last commit (nothing without a ledger).
+        """
+        if self.ledger is None:
+            return Committed(rows=())
+        done = self.commit([], force=True)
+        self._write_session("stop", self._clock())
+        self.ledger.close()
+        return done
 
 
 def _estimate_payload(est: _Estimate) -> dict[str, Any]:
@@ -305,12 +297,3 @@ def _estimate_payload(est: _Estimate) -> dict[str, Any]:
         "window_t0_s": est.t0,
         "window_t1_s": est.t1,
     }
-
-
-@dataclass(frozen=True)
-class ProgramView:
-    """Reconciliation and threshold results for the exporter, replaced whole every refresh."""
-
-    statuses: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    errors: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    refreshed_s: float | None = None

@@ -23,235 +23,31 @@ import math
 import sqlite3
 import threading
 import uuid as uuidlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-SCHEMA_VERSION = 3
-GENESIS_PREV_HASH = "0" * 64
-LEDGER_FILENAME = "ledger.sqlite3"
-
-JobEventKind = Literal["register", "estimate", "end"]
-JOB_EVENT_KINDS: frozenset[str] = frozenset({"register", "estimate", "end"})
-Synchronous = Literal["FULL", "NORMAL"]
-SESSION_EVENTS: frozenset[str] = frozenset({"start", "stop", "alive"})
-NODE = "*"  # the ``gpu`` of a gap that covers every GPU of the node (the daemon was not running)
-
-
-class LedgerError(Exception):
-    """Base class for ledger failures; carries the ledger path."""
-
-    def __init__(self, path: Path, message: str) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
-        self.message = message
-
-
-class LedgerCorruptError(LedgerError):
-    """The file is not a readable ledger (not SQLite, damaged, or its chain head is broken)."""
-
-
-class LedgerVersionError(LedgerError):
-    """The file was written by a newer schema version than this code knows."""
-
-
-class LedgerWriteError(LedgerError):
-    """An append failed; nothing of it was committed."""
-
-
-@dataclass(frozen=True)
-class FlopsRow:
-    """FLOPs one GPU pipe did for one job (and process) during one interval.
-
-    ``comm`` labels the process series in /metrics; the ledger does not store it.
-    """
-
-    gpu: str
-    uuid: str
-    pipe: str
-    precision: str
-    job: str
-    program: str
-    pid: int | None  # None: not attributable to a process
-    flops: float
-    comm: str = ""
-
-
-@dataclass(frozen=True)
-class GpuKey:
-    gpu: str
-    uuid: str
-    pipe: str
-    precision: str
-
-
-@dataclass(frozen=True)
-class JobKey:
-    job: str
-    program: str
-
-
-@dataclass(frozen=True)
-class JobTotals:
-    """Persisted per-job sums; ``recompute_flops`` is the analytic recomputation term."""
-
-    measured_flops: float = 0.0
-    analytic_flops: float = 0.0
-    tokens: float = 0.0
-    recompute_flops: float = 0.0
-    # Span covered by analytic estimates (None before the first estimate).
-    estimate_t0_s: float | None = None
-    estimate_t1_s: float | None = None
-    first_t_s: float | None = None
-    last_t_s: float | None = None
-
-
-@dataclass(frozen=True)
-class LedgerTotals:
-    """Everything the daemon needs to restore its counters at start."""
-
-    gpu: Mapping[GpuKey, float]
-    jobs: Mapping[JobKey, JobTotals]
-    records: int
-    head_seq: int
-    head_hash: str
-
-    def program_measured(self, program: str) -> float:
-        return sum(t.measured_flops for k, t in self.jobs.items() if k.program == program)
-
-
-@dataclass(frozen=True)
-class JobEvent:
-    """One job event as stored in the chain."""
-
-    seq: int
-    kind: str
-    job: str
-    program: str
-    t_s: float
-    payload: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class Gap:
-    """Time one GPU (``gpu == NODE``: every GPU) was not measured, and why."""
-
-    seq: int
-    gpu: str
-    uuid: str
-    t0_s: float
-    t1_s: float
-    reason: str
-
-    @property
-    def duration_s(self) -> float:
-        return self.t1_s - self.t0_s
-
-
-@dataclass(frozen=True)
-class LastActivity:
-    """The newest record's time, and whether it was the daemon's clean stop."""
-
-    t_s: float
-    kind: str
-    clean_stop: bool
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    """Outcome of a full chain check; ``first_bad_id`` is the first failing sequence number."""
-
-    ok: bool
-    records: int
-    first_bad_id: int | None
-    reason: str | None
-    head_hash: str
-    head_seq: int = 0
-    warnings: tuple[str, ...] = field(default_factory=tuple)
-
-
-def canonical_json(obj: Any) -> str:
-    """Deterministic JSON: sorted keys, no spaces, no NaN/Infinity."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)
-
-
-def record_hash(prev_hash: str, content: str) -> str:
-    return hashlib.sha256(prev_hash.encode("ascii") + content.encode("utf-8")).hexdigest()
-
-
-_SCHEMA_V1 = """
-CREATE TABLE records (
-    seq INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,
-    content TEXT NOT NULL,
-    prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
-CREATE TABLE chain_head (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    seq INTEGER NOT NULL,
-    hash TEXT NOT NULL
-);
-CREATE TABLE gpu_totals (
-    gpu TEXT NOT NULL, uuid TEXT NOT NULL, pipe TEXT NOT NULL, precision TEXT NOT NULL,
-    flops REAL NOT NULL,
-    PRIMARY KEY (gpu, uuid, pipe, precision)
-);
-CREATE TABLE job_totals (
-    job TEXT NOT NULL, program TEXT NOT NULL,
-    measured_flops REAL NOT NULL DEFAULT 0,
-    analytic_flops REAL NOT NULL DEFAULT 0,
-    tokens REAL NOT NULL DEFAULT 0,
-    recompute_flops REAL NOT NULL DEFAULT 0,
-    estimate_t0_s REAL, estimate_t1_s REAL,
-    first_t_s REAL, last_t_s REAL,
-    PRIMARY KEY (job, program)
-);
-CREATE TABLE job_intervals (
-    seq INTEGER NOT NULL, job TEXT NOT NULL, program TEXT NOT NULL,
-    t0_s REAL NOT NULL, t1_s REAL NOT NULL, flops REAL NOT NULL,
-    PRIMARY KEY (seq, job, program)
-);
-CREATE INDEX job_intervals_job_t ON job_intervals (job, program, t1_s);
-CREATE INDEX job_intervals_program_t ON job_intervals (program, t1_s);
-CREATE TABLE job_events (
-    seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, job TEXT NOT NULL, program TEXT NOT NULL,
-    t_s REAL NOT NULL
-);
-CREATE INDEX job_events_program ON job_events (program);
-"""
-
-# Index i migrates schema version i to i + 1 inside one transaction.
-def _run_script(con: sqlite3.Connection, script: str) -> None:
-    # executescript() would COMMIT the migration's transaction half-way; run statements singly.
-    for statement in script.split(";"):
-        if statement.strip():
-            con.execute(statement)
-
-
-# v2: indexes so that program evaluation stays cheap as a job's intervals pile up.
-_SCHEMA_V2 = """
-CREATE INDEX job_intervals_job_t0 ON job_intervals (job, program, t0_s);
-CREATE INDEX job_events_kind ON job_events (kind);
-"""
-
-# v3: unmeasured time (sampler gaps, daemon down) as records of its own, indexed by time.
-_SCHEMA_V3 = """
-CREATE TABLE gaps (
-    seq INTEGER NOT NULL, gpu TEXT NOT NULL, uuid TEXT NOT NULL,
-    t0_s REAL NOT NULL, t1_s REAL NOT NULL, reason TEXT NOT NULL,
-    PRIMARY KEY (seq, gpu, uuid)
-);
-CREATE INDEX gaps_t1 ON gaps (t1_s);
-"""
-
-_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
-    lambda con: _run_script(con, _SCHEMA_V1),
-    lambda con: _run_script(con, _SCHEMA_V2),
-    lambda con: _run_script(con, _SCHEMA_V3),
+from gpuflops.ledger.chain import GENESIS_PREV_HASH, append_record, canonical_json, record_hash, verify_path
+from gpuflops.ledger.records import (
+    JOB_EVENT_KINDS,
+    SESSION_EVENTS,
+    Gap,
+    GpuKey,
+    JobEventKind,
+    JobEventRecord,
+    JobKey,
+    JobTotals,
+    LastActivity,
+    LedgerCorruptError,
+    LedgerError,
+    LedgerTotals,
+    LedgerVersionError,
+    LedgerWriteError,
+    Synchronous,
+    VerifyResult,
 )
+from gpuflops.ledger.schema import MIGRATIONS, SCHEMA_VERSION, apply_event, apply_gap, apply_interval
+from gpuflops.model import FlopsRow
 
 
 def _finite(value: float, what: str) -> float:
@@ -329,7 +125,7 @@ class Ledger:
         con.execute("BEGIN IMMEDIATE")
         try:
             for v in range(version, SCHEMA_VERSION):
-                _MIGRATIONS[v](con)
+                MIGRATIONS[v](con)
             if version == 0:
                 content = canonical_json({
                     "seq": 1, "kind": "genesis", "ledger_id": str(uuidlib.uuid4()),
@@ -341,7 +137,7 @@ class Ledger:
             else:
                 content = canonical_json({"kind": "migration", "from": version,
                                           "to": SCHEMA_VERSION, "t_s": clock()})
-                _append_record(con, "migration", content)
+                append_record(con, "migration", content)
             con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             con.execute("COMMIT")
         except BaseException:
@@ -417,7 +213,7 @@ class Ledger:
             return self._write("gap", lambda seq: {"seq": seq, "kind": "gap", "t0_s": t0,
                                                    "t1_s": t1, "reason": reason,
                                                    "gpus": [list(x) for x in body]},
-                               lambda seq: _apply_gap(self._con, seq, t0, t1, reason, body))
+                               lambda seq: apply_gap(self._con, seq, t0, t1, reason, body))
 
     def append_session(self, event: str, t_s: float, payload: Mapping[str, Any]) -> int:
         """Commit a daemon session event: ``start``, ``stop`` (clean) or ``alive`` (idle)."""
@@ -459,13 +255,13 @@ class Ledger:
         return seq
 
     def _apply_interval(self, seq: int, t0: float, t1: float, rows: Sequence[FlopsRow]) -> None:
-        _apply_interval(self._con, seq, t0, t1,
+        apply_interval(self._con, seq, t0, t1,
                         [(r.gpu, r.uuid, r.pipe, r.precision, r.job, r.program, float(r.flops))
                          for r in rows])
 
     def _apply_event(self, seq: int, kind: str, job: str, program: str, t: float,
                      data: Mapping[str, Any]) -> None:
-        _apply_event(self._con, seq, kind, job, program, t, data)
+        apply_event(self._con, seq, kind, job, program, t, data)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -480,7 +276,7 @@ class Ledger:
             return _read_totals(self._con, self._head_seq, self._head_hash)
 
     def job_events(self, program: str | None = None,
-                   kinds: Sequence[str] | None = None) -> list[JobEvent]:
+                   kinds: Sequence[str] | None = None) -> list[JobEventRecord]:
         """Job events in chain order, optionally for one program and of some kinds only."""
         with self._lock:
             return _read_events(self._con, program, kinds)
@@ -529,70 +325,6 @@ class Ledger:
             self._con.close()
 
 
-def _append_record(con: sqlite3.Connection, kind: str, partial_content: str) -> None:
-    head = con.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
-    seq = head[0] + 1
-    obj = json.loads(partial_content)
-    obj["seq"] = seq
-    content = canonical_json(obj)
-    h = record_hash(head[1], content)
-    con.execute("INSERT INTO records VALUES (?, ?, ?, ?, ?)", (seq, kind, content, head[1], h))
-    con.execute("UPDATE chain_head SET seq = ?, hash = ? WHERE id = 1", (seq, h))
-
-
-def _apply_interval(con: sqlite3.Connection, seq: int, t0: float, t1: float,
-                    rows: Sequence[tuple[str, str, str, str, str, str, float]]) -> None:
-    per_job: dict[tuple[str, str], float] = {}
-    for gpu, uuid, pipe, precision, job, program, flops in rows:
-        con.execute(
-            "INSERT INTO gpu_totals VALUES (?, ?, ?, ?, ?) ON CONFLICT (gpu, uuid, pipe, precision)"
-            " DO UPDATE SET flops = flops + excluded.flops",
-            (gpu, uuid, pipe, precision, flops))
-        per_job[(job, program)] = per_job.get((job, program), 0.0) + flops
-    for (job, program), flops in per_job.items():
-        con.execute("INSERT INTO job_intervals VALUES (?, ?, ?, ?, ?, ?)",
-                    (seq, job, program, t0, t1, flops))
-        con.execute(
-            "INSERT INTO job_totals (job, program, measured_flops, first_t_s, last_t_s)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (job, program) DO UPDATE SET"
-            " measured_flops = measured_flops + excluded.measured_flops,"
-            " first_t_s = min(coalesce(first_t_s, excluded.first_t_s), excluded.first_t_s),"
-            " last_t_s = max(coalesce(last_t_s, excluded.last_t_s), excluded.last_t_s)",
-            (job, program, flops, t0, t1))
-
-
-def _apply_gap(con: sqlite3.Connection, seq: int, t0: float, t1: float, reason: str,
-               gpus: Sequence[tuple[str, str]]) -> None:
-    for gpu, uuid in gpus:
-        con.execute("INSERT INTO gaps VALUES (?, ?, ?, ?, ?, ?)", (seq, gpu, uuid, t0, t1, reason))
-
-
-def _apply_event(con: sqlite3.Connection, seq: int, kind: str, job: str, program: str,
-                 t: float, data: Mapping[str, Any]) -> None:
-    con.execute("INSERT INTO job_events VALUES (?, ?, ?, ?, ?)", (seq, kind, job, program, t))
-    analytic = tokens = recompute = 0.0
-    w0: float | None = None
-    w1: float | None = None
-    if kind == "estimate":
-        analytic = float(data.get("analytic_flops", 0.0))
-        tokens = float(data.get("tokens", 0.0))
-        recompute = float(data.get("recompute_flops", 0.0))
-        w0 = float(data.get("window_t0_s", t))
-        w1 = float(data.get("window_t1_s", t))
-    con.execute(
-        "INSERT INTO job_totals (job, program, analytic_flops, tokens, recompute_flops,"
-        " estimate_t0_s, estimate_t1_s, first_t_s, last_t_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (job, program) DO UPDATE SET"
-        " analytic_flops = analytic_flops + excluded.analytic_flops,"
-        " tokens = tokens + excluded.tokens,"
-        " recompute_flops = recompute_flops + excluded.recompute_flops,"
-        " estimate_t0_s = CASE WHEN excluded.estimate_t0_s IS NULL THEN estimate_t0_s"
-        "   ELSE min(coalesce(estimate_t0_s, excluded.estimate_t0_s), excluded.estimate_t0_s) END,"
-        " estimate_t1_s = CASE WHEN excluded.estimate_t1_s IS NULL THEN estimate_t1_s"
-        "   ELSE max(coalesce(estimate_t1_s, excluded.estimate_t1_s), excluded.estimate_t1_s) END,"
-        " first_t_s = min(coalesce(first_t_s, excluded.first_t_s), excluded.first_t_s),"
-        " last_t_s = max(coalesce(last_t_s, excluded.last_t_s), excluded.last_t_s)",
-        (job, program, analytic, tokens, recompute, w0, w1, t, t))
 
 
 def _read_totals(con: sqlite3.Connection, head_seq: int, head_hash: str) -> LedgerTotals:
@@ -609,7 +341,7 @@ def _read_totals(con: sqlite3.Connection, head_seq: int, head_hash: str) -> Ledg
 
 
 def _read_events(con: sqlite3.Connection, program: str | None,
-                 kinds: Sequence[str] | None = None) -> list[JobEvent]:
+                 kinds: Sequence[str] | None = None) -> list[JobEventRecord]:
     where, params = [], []
     if program is not None:
         where.append("e.program = ?")
@@ -622,7 +354,7 @@ def _read_events(con: sqlite3.Connection, program: str | None,
     out = []
     for seq, content in con.execute(sql, params):
         obj = json.loads(content)
-        out.append(JobEvent(seq=seq, kind=obj["kind"], job=obj["job"], program=obj["program"],
+        out.append(JobEventRecord(seq=seq, kind=obj["kind"], job=obj["job"], program=obj["program"],
                             t_s=obj["t_s"], payload=obj["payload"]))
     return out
 
@@ -670,117 +402,6 @@ def _program_series(con: sqlite3.Connection, program: str,
         out.append((last_t, total))
     return out
 
-
-def _iter_records(con: sqlite3.Connection) -> Iterator[tuple[int, str, str, str, str]]:
-    yield from con.execute("SELECT seq, kind, content, prev_hash, hash FROM records ORDER BY seq")
-
-
-def verify_path(path: Path) -> VerifyResult:
-    """Check a ledger file's chain, head and derived totals without writing to it."""
-    path = Path(path)
-    if not path.exists():
-        return VerifyResult(False, 0, None, f"{path} does not exist", "")
-    try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
-    except sqlite3.Error as exc:
-        return VerifyResult(False, 0, None, f"cannot open: {exc}", "")
-    try:
-        con.execute("BEGIN")  # one consistent snapshot while the daemon keeps appending
-        return _verify(con)
-    except sqlite3.DatabaseError as exc:
-        return VerifyResult(False, 0, None, f"not a readable ledger: {exc}", "")
-    finally:
-        con.close()
-
-
-def _verify(con: sqlite3.Connection) -> VerifyResult:
-    prev_hash = GENESIS_PREV_HASH
-    expected_seq = 1
-    count = 0
-    scratch = sqlite3.connect(":memory:", isolation_level=None)
-    for migrate in _MIGRATIONS:
-        migrate(scratch)
-
-    def bad(seq: int | None, reason: str) -> VerifyResult:
-        return VerifyResult(False, count, seq, reason, prev_hash, expected_seq - 1)
-
-    for seq, kind, content, stored_prev, stored_hash in _iter_records(con):
-        if seq != expected_seq:
-            return bad(expected_seq, f"record {expected_seq} is missing (next is {seq})")
-        if stored_prev != prev_hash:
-            return bad(seq, "prev_hash does not match the previous record's hash "
-                            "(a record before it was edited, deleted or moved)")
-        if record_hash(prev_hash, content) != stored_hash:
-            return bad(seq, "hash does not match the content (record edited)")
-        try:
-            obj = json.loads(content)
-        except ValueError:
-            return bad(seq, "content is not JSON")
-        if obj.get("seq") != seq:
-            return bad(seq, f"content says seq {obj.get('seq')!r} (record moved)")
-        if obj.get("kind") != kind:
-            return bad(seq, "kind column does not match the content")
-        if canonical_json(obj) != content:
-            return bad(seq, "content is not in canonical form")
-        if seq == 1 and kind != "genesis":
-            return bad(seq, "first record is not the genesis record")
-        if kind == "interval":
-            rows = [(g, u, p, pr, j, prog, float(f)) for g, u, p, pr, j, prog, _pid, f
-                    in obj["rows"]]
-            _apply_interval(scratch, seq, obj["t0_s"], obj["t1_s"], rows)
-        elif kind in JOB_EVENT_KINDS:
-            _apply_event(scratch, seq, kind, obj["job"], obj["program"], obj["t_s"],
-                         obj["payload"])
-        elif kind == "gap":
-            _apply_gap(scratch, seq, obj["t0_s"], obj["t1_s"], obj["reason"],
-                       [(g, u) for g, u in obj["gpus"]])
-        prev_hash = stored_hash
-        expected_seq = seq + 1
-        count += 1
-    head = con.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
-    if count == 0:
-        return bad(1, "ledger has no records (genesis missing)")
-    if head is None:
-        return bad(None, "chain_head is missing")
-    if head[0] != expected_seq - 1 or head[1] != prev_hash:
-        return bad(expected_seq if head[0] >= expected_seq else head[0],
-                   f"chain_head says seq {head[0]} but the chain ends at {expected_seq - 1}"
-                   " (records deleted from the end, or chain_head edited)")
-    mismatch = _compare_derived(con, scratch)
-    if mismatch:
-        return VerifyResult(False, count, None, mismatch, prev_hash, expected_seq - 1)
-    return VerifyResult(True, count, None, None, prev_hash, expected_seq - 1)
-
-
-def _compare_derived(con: sqlite3.Connection, scratch: sqlite3.Connection) -> str | None:
-    """Compare the derived tables (which restore counters) with a replay of the chain."""
-    queries = {
-        "gpu_totals": "SELECT gpu, uuid, pipe, precision, flops FROM gpu_totals"
-                      " ORDER BY gpu, uuid, pipe, precision",
-        "job_totals": "SELECT job, program, measured_flops, analytic_flops, tokens,"
-                      " recompute_flops FROM job_totals ORDER BY job, program",
-        "job_intervals": "SELECT seq, job, program, flops FROM job_intervals"
-                         " ORDER BY seq, job, program",
-        "job_events": "SELECT seq, kind, job, program FROM job_events ORDER BY seq",
-        "gaps": "SELECT seq, gpu, uuid, t0_s, t1_s, reason FROM gaps ORDER BY seq, gpu, uuid",
-    }
-    present = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    for table, sql in queries.items():
-        if table not in present:  # a file of an older schema, read without migrating it
-            if scratch.execute(f"SELECT count(*) FROM {table}").fetchone()[0]:
-                return f"derived table {table} is missing, the chain has records for it"
-            continue
-        stored = con.execute(sql).fetchall()
-        replayed = scratch.execute(sql).fetchall()
-        if len(stored) != len(replayed):
-            return f"derived table {table} has {len(stored)} rows, chain implies {len(replayed)}"
-        for a, b in zip(stored, replayed, strict=True):
-            for x, y in zip(a, b, strict=True):
-                same = (math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-6)
-                        if isinstance(x, float) and isinstance(y, float) else x == y)
-                if not same:
-                    return f"derived table {table} row {a!r} differs from the chain ({b!r})"
-    return None
 
 
 def open_or_quarantine(path: Path, *, clock: Callable[[], float],

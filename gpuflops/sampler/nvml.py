@@ -2,7 +2,8 @@
 
 The only module that imports ``pynvml``; every call goes through :func:`nvml_query`, which maps
 NVML's errors to :class:`NvmlCallError` with a stable ``kind`` and tolerates functions that an
-older driver lacks. Units are converted here: MHz -> Hz, percent -> ratio, microseconds -> s.
+older driver lacks (the plumbing is shared with DCGM in sampler/base.py). Units are converted
+here: MHz -> Hz, percent -> ratio, microseconds -> s.
 
 Timing: GPM is sampled once per ``interval_s`` (NVML requires >= 100 ms between samples); in
 between, the SM clock is read every ``clock_period_s`` and averaged over exactly the interval
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -24,9 +23,19 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from gpuflops.integrate.rates import ARCHITECTURE_CODES
 from gpuflops.model import GpuInfo, GpuSample, Metric, ProcessInfo, ProcessUtilSample
-from gpuflops.sampler import SamplerError
+from gpuflops.rates import ARCHITECTURE_CODES
+from gpuflops.sampler.base import (
+    CallError,
+    ErrorCounts,
+    SamplerError,
+    error_kinds,
+    host_facts,
+    library_call,
+    next_deadline,
+    unit_info,
+    wait_until,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,45 +56,32 @@ MIN_GPM_INTERVAL_S = 0.1
 _LOST_RETRY_S = 10.0
 
 
-class NvmlCallError(Exception):
+class NvmlCallError(CallError):
     """An NVML call failed; ``kind`` is stable across driver versions."""
 
-    def __init__(self, function: str, kind: str, code: int | None, message: str) -> None:
-        super().__init__(f"{function}: {message}")
-        self.function = function
-        self.kind = kind
-        self.code = code
 
-
-def _error_kinds(nvml: ModuleType) -> dict[int, str]:
-    names = {
-        "NVML_ERROR_UNINITIALIZED": "uninitialized",
-        "NVML_ERROR_INVALID_ARGUMENT": "invalid_argument",
-        "NVML_ERROR_NOT_SUPPORTED": "not_supported",
-        "NVML_ERROR_NO_PERMISSION": "no_permission",
-        "NVML_ERROR_NOT_FOUND": "not_found",
-        "NVML_ERROR_DRIVER_NOT_LOADED": "driver_not_loaded",
-        "NVML_ERROR_TIMEOUT": "timeout",
-        "NVML_ERROR_LIBRARY_NOT_FOUND": "library_not_found",
-        "NVML_ERROR_FUNCTION_NOT_FOUND": "function_not_found",
-        "NVML_ERROR_GPU_IS_LOST": "gpu_lost",
-        "NVML_ERROR_RESET_REQUIRED": "reset_required",
-        "NVML_ERROR_UNKNOWN": "unknown",
-    }
-    return {getattr(nvml, n): k for n, k in names.items() if hasattr(nvml, n)}
+# NVML return codes by name -> the stable kind gpuflops reports (sampler_errors_total{kind}).
+_NVML_ERROR_NAMES = {
+    "NVML_ERROR_UNINITIALIZED": "uninitialized",
+    "NVML_ERROR_INVALID_ARGUMENT": "invalid_argument",
+    "NVML_ERROR_NOT_SUPPORTED": "not_supported",
+    "NVML_ERROR_NO_PERMISSION": "no_permission",
+    "NVML_ERROR_NOT_FOUND": "not_found",
+    "NVML_ERROR_DRIVER_NOT_LOADED": "driver_not_loaded",
+    "NVML_ERROR_TIMEOUT": "timeout",
+    "NVML_ERROR_LIBRARY_NOT_FOUND": "library_not_found",
+    "NVML_ERROR_FUNCTION_NOT_FOUND": "function_not_found",
+    "NVML_ERROR_GPU_IS_LOST": "gpu_lost",
+    "NVML_ERROR_RESET_REQUIRED": "reset_required",
+    "NVML_ERROR_UNKNOWN": "unknown",
+}
 
 
 def nvml_query(nvml: ModuleType, kinds: dict[int, str], function: str, *args: Any) -> Any:
     """Call ``nvml.<function>(*args)``, mapping every failure to NvmlCallError."""
-    fn = getattr(nvml, function, None)
-    if fn is None:
-        raise NvmlCallError(function, "function_not_found", None, "not in this nvidia-ml-py")
-    try:
-        return fn(*args)
-    except nvml.NVMLError as e:
-        code = getattr(e, "value", None)
-        kind = kinds.get(code, "unknown") if isinstance(code, int) else "unknown"
-        raise NvmlCallError(function, kind, code, str(e)) from None
+    return library_call(
+        nvml, nvml.NVMLError, kinds, NvmlCallError, "not in this nvidia-ml-py", function, *args
+    )
 
 
 def _binding_version() -> str:
@@ -121,7 +117,6 @@ class _Unit:
     pending_util: tuple[ProcessUtilSample, ...] = ()  # read at the last refresh, not yet sent
     gpu_util: float | None = None
     lost_since: float | None = None
-    warned: set[str] = field(default_factory=set)
 
 
 class NvmlSampler:
@@ -148,7 +143,7 @@ class NvmlSampler:
             self._nvml = nvml or _load_pynvml()
         except ImportError as e:
             raise SamplerError(f"nvidia-ml-py is not installed: {e}") from None
-        self._kinds = _error_kinds(self._nvml)
+        self._kinds = error_kinds(self._nvml, _NVML_ERROR_NAMES)
         self.interval_s = interval_s
         self._clock_period = max(0.001, min(clock_period_s, interval_s))
         self._process_period = process_period_s
@@ -156,7 +151,7 @@ class NvmlSampler:
         self._clock = clock
         self._sleep = sleep
         self._stop = stop or threading.Event()
-        self.errors: dict[tuple[str, str], int] = {}
+        self._errors = ErrorCounts(log)
         self._comms: dict[int, str] = {}
         try:
             self._q("nvmlInit")
@@ -193,13 +188,11 @@ class NvmlSampler:
         return v.decode() if isinstance(v, bytes) else str(v)
 
     def _count(self, unit: _Unit, kind: str, message: str) -> None:
-        key = (unit.info.key, kind)
-        self.errors[key] = self.errors.get(key, 0) + 1
-        if kind not in unit.warned:
-            unit.warned.add(kind)
-            log.warning("gpu %s: %s (further occurrences at debug)", unit.info.key, message)
-        else:
-            log.debug("gpu %s: %s", unit.info.key, message)
+        self._errors.count(unit.info.key, kind, message)
+
+    @property
+    def errors(self) -> dict[tuple[str, str], int]:
+        return self._errors.counts
 
     # ------------------------------------------------------------ enumeration
 
@@ -231,17 +224,10 @@ class NvmlSampler:
             mig = current == getattr(self._nvml, "NVML_DEVICE_MIG_ENABLE", 1)
         except NvmlCallError:
             mig = False
+        metrics = frozenset(GPM_METRIC_IDS) if gpm_ok else frozenset()
+        why = None if gpm_ok else reason
         if not mig:
-            info = GpuInfo(
-                key=str(index),
-                index=index,
-                uuid=uuid,
-                name=name,
-                architecture=arch,
-                sm_count=self._sm_count(h, arch, name),
-                metrics=frozenset(GPM_METRIC_IDS) if gpm_ok else frozenset(),
-                unavailable_reason=None if gpm_ok else reason,
-            )
+            info = unit_info(index, uuid, name, arch, self._sm_count(h, arch, name), metrics, why)
             return [self._make_unit(info, h, h)]
         units = []
         for mi in range(self._q("nvmlDeviceGetMaxMigDeviceCount", h)):
@@ -256,17 +242,8 @@ class NvmlSampler:
                 sm = int(self._q("nvmlDeviceGetAttributes", mh).multiprocessorCount)
             except NvmlCallError:
                 sm = None
-            info = GpuInfo(
-                key=f"{index}/gi{gi}",
-                index=index,
-                uuid=self._safe_str("nvmlDeviceGetUUID", mh) or uuid,
-                name=name,
-                architecture=arch,
-                sm_count=sm,
-                gpu_instance_id=gi,
-                metrics=frozenset(GPM_METRIC_IDS) if gpm_ok else frozenset(),
-                unavailable_reason=None if gpm_ok else reason,
-            )
+            mig_uuid = self._safe_str("nvmlDeviceGetUUID", mh) or uuid
+            info = unit_info(index, mig_uuid, name, arch, sm, metrics, why, gpu_instance_id=gi)
             units.append(self._make_unit(info, h, mh))
         return units
 
@@ -285,7 +262,7 @@ class NvmlSampler:
         except NvmlCallError:
             pass
         # Pass-through VMs answer NotSupported above (gpu-facts); derive from the core count.
-        from gpuflops.integrate.rates import family_for
+        from gpuflops.rates import family_for
 
         family = family_for(arch, name)
         try:
@@ -466,17 +443,8 @@ class NvmlSampler:
         if self._closed:
             raise StopIteration
         deadline = self._deadline
-        while True:
-            now = self._clock()
-            if now >= deadline:
-                break
-            self._read_clocks()
-            wake = min(deadline, now + self._clock_period)
-            # time.sleep, not Event.wait: it costs less CPU per wake-up, and a stop is seen
-            # within one clock period.
-            self._sleep(max(0.0, wake - self._clock()))
-            if self._stop.is_set():
-                raise StopIteration
+        wait_until(deadline, clock=self._clock, sleep=self._sleep, stop=self._stop,
+                   period_s=self._clock_period, tick=self._read_clocks)
         t = self._clock()
         # Half an interval of slack: samples land on the interval grid, and a refresh due at
         # exactly a grid point must not slip to the next one (1.1 s periods instead of 1 s).
@@ -484,10 +452,7 @@ class NvmlSampler:
             self._refresh_processes()
             self._next_proc_refresh = t + self._process_period
         out = [self._sample_unit(u, t) for u in self._units]
-        self._deadline = deadline + self.interval_s
-        if self._deadline <= self._clock():
-            # Fell behind (a stalled call): restart the grid rather than burst-sampling.
-            self._deadline = self._clock() + self.interval_s
+        self._deadline = next_deadline(deadline + self.interval_s, self._clock, self.interval_s)
         return out
 
     def close(self) -> None:
@@ -508,8 +473,7 @@ class NvmlSampler:
             "driver_version": self.driver_version,
             "nvml_version": self.nvml_version,
             "nvidia_ml_py": _binding_version(),
-            "hostname": socket.gethostname(),
-            "pid": os.getpid(),
+            **host_facts(),
             "clock_period_s": self._clock_period,
             "process_period_s": self._process_period,
         }

@@ -13,9 +13,10 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from gpuflops.model import GpuInfo, GpuSample, ProcessUtilSample
-from gpuflops.sampler import SamplerError
+from gpuflops.sampler.base import SamplerError
 from gpuflops.sampler.trace import TraceError, TraceInterval, load_trace
 
 # Gap reasons that are not a failed backend call (nvml.py counts those separately).
@@ -65,6 +66,10 @@ class ReplaySampler:
     @property
     def interval_s(self) -> float | None:
         return self.header.interval_s
+
+    def describe(self) -> dict[str, Any]:
+        """A replay adds nothing to a trace header: the recording's own facts are in its header."""
+        return {}
 
     def sample(self) -> list[GpuSample]:
         if self._pos >= len(self._intervals):

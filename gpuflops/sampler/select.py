@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from gpuflops.sampler import Sampler, SamplerError
+from gpuflops.sampler.base import Sampler, SamplerError
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ import gzip
 import io
 import json
 import math
+import time
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -29,10 +30,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from gpuflops.model import GpuInfo, GpuSample, Metric, ProcessInfo, ProcessUtilSample
+from gpuflops.sampler.base import Sampler
 
-FORMAT = "gpuflops-trace"
-VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+TRACE_FORMAT = "gpuflops-trace"
+TRACE_VERSION = 1
+SUPPORTED_TRACE_VERSIONS = (1,)
 
 
 class TraceError(ValueError):
@@ -108,12 +110,22 @@ def header_to_json(
     gpus: list[GpuInfo], interval_s: float | None, meta: Mapping[str, Any]
 ) -> dict[str, Any]:
     return {
-        "format": FORMAT,
-        "version": VERSION,
+        "format": TRACE_FORMAT,
+        "version": TRACE_VERSION,
         "interval_s": interval_s,
         "gpus": [gpu_to_json(g) for g in gpus],
         **dict(meta),
     }
+
+
+def recording_meta(sampler: Sampler) -> dict[str, Any]:
+    """Trace header facts: when, which backend, and what the backend says of the host."""
+    meta: dict[str, Any] = {
+        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "backend": sampler.name,
+    }
+    meta.update(sampler.describe())
+    return meta
 
 
 class TraceWriter:
@@ -307,11 +319,11 @@ def _parse_header(name: str, line: str) -> TraceHeader:
         d = json.loads(line)
     except json.JSONDecodeError as e:
         raise lc.fail(f"header is not JSON: {e.msg}") from None
-    if not isinstance(d, dict) or d.get("format") != FORMAT:
-        raise lc.fail(f"not a gpuflops trace (header 'format' must be {FORMAT!r})")
+    if not isinstance(d, dict) or d.get("format") != TRACE_FORMAT:
+        raise lc.fail(f"not a gpuflops trace (header 'format' must be {TRACE_FORMAT!r})")
     version = d.get("version")
-    if version not in SUPPORTED_VERSIONS:
-        raise lc.fail(f"unsupported trace version {version!r}; supported: {SUPPORTED_VERSIONS}")
+    if version not in SUPPORTED_TRACE_VERSIONS:
+        raise lc.fail(f"unsupported trace version {version!r}; supported: {SUPPORTED_TRACE_VERSIONS}")
     gpus = d.get("gpus")
     if not isinstance(gpus, list) or not gpus:
         raise lc.fail("header must list at least one gpu")

@@ -235,7 +235,7 @@ def test_example_training_pod_mounts_the_socket_and_validates() -> None:
 
 
 def _daemon_flags() -> set[str]:
-    from gpuflops.cli import daemon
+    from gpuflops.cli.daemon import daemon_command as daemon
 
     return {opt for p in daemon.params for opt in (*p.opts, *p.secondary_opts)}
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from gpuflops.daemon import demo_trace_path
+from gpuflops.config import demo_trace_path
 from tests.deploy.tooling import REPO, require_tool
 
 RULES = REPO / "exporters" / "prometheus" / "gpuflops.rules.yml"
@@ -283,7 +283,7 @@ def daemon(
     sock = workdir / "s.sock"
     log_path = workdir / "daemon.log"
     args = [
-        sys.executable, "-m", "gpuflops.cli", "daemon",
+        sys.executable, "-m", "gpuflops", "daemon",
         "--replay", str(trace or demo_trace_path()), "--speed", str(speed),
         "--listen", "127.0.0.1:0", "--socket", str(sock), "--state-dir", str(state),
         *extra_args,

@@ -21,10 +21,10 @@ from typing import Any
 import jsonschema
 import pytest
 
+from gpuflops.compliance.programs import evaluate_ledger
+from gpuflops.compliance.thresholds import load_programs_config
 from gpuflops.config import Settings
-from gpuflops.ledger.programs import evaluate_ledger
 from gpuflops.ledger.store import Ledger
-from gpuflops.ledger.thresholds import load_programs_config
 from tests.deploy.tooling import REPO
 from tests.e2e.promserver import (
     DaemonProc,
@@ -40,7 +40,7 @@ from tests.e2e.promserver import (
 )
 
 PROGRAM = "mistral-ft"
-SCHEMA = REPO / "gpuflops" / "ledger" / "report_schema.json"
+SCHEMA = REPO / "gpuflops" / "compliance" / "report_schema.json"
 # Whole-job figures: measured is the compliance basis and is not rescaled by an inferred precision,
 # so the report (whole-job totals from Prometheus) and the daemons (window-matched) agree exactly.
 PROGRAMS_TOML = f"""
@@ -83,7 +83,7 @@ def _ledger_figures(d: DaemonProc, programs: Path) -> dict[str, Any]:
 
 def _report(prom_url: str, state_dir: Path, programs: Path) -> dict[str, Any]:
     run = subprocess.run(
-        [sys.executable, "-m", "gpuflops.cli", "report", "--program", PROGRAM, "--format", "json",
+        [sys.executable, "-m", "gpuflops", "report", "--program", PROGRAM, "--format", "json",
          "--prometheus", prom_url, "--state-dir", str(state_dir), "--config", str(programs)],
         capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
     )

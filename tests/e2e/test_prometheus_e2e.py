@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
+from gpuflops.compliance.programs import evaluate_ledger
+from gpuflops.compliance.thresholds import load_programs_config
 from gpuflops.config import Settings
-from gpuflops.ledger.programs import evaluate_ledger
 from gpuflops.ledger.store import Ledger
-from gpuflops.ledger.thresholds import load_programs_config
 from tests.deploy.dashboards import dashboard_queries
 from tests.e2e.promserver import (
     DASHBOARDS,

@@ -92,6 +92,7 @@ def _get(url: str, context: ssl.SSLContext, auth: tuple[str, str] | None = None)
         return int(e.code)
 
 
+@pytest.mark.slow
 def test_prometheus_scrapes_over_tls_with_basic_auth(tmp_short: Path) -> None:
     require_prometheus()
     ca, cert, key = _pki(tmp_short)

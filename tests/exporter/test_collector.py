@@ -6,39 +6,30 @@ import re
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
-from gpuflops.attribution.process import ProcessAttributor
-from gpuflops.daemon import Pipeline
 from gpuflops.exporter.collector import AttributionCollector, FlopsCollector
 from gpuflops.exporter.http import MetricsServer
-from gpuflops.integrate.integrator import Integrator
+from gpuflops.exporter.state import Totals
 from gpuflops.model import GpuInfo, GpuSample
+from gpuflops.pipeline.attribute import ProcessAttributor
+from gpuflops.pipeline.integrate import Integrator
+from gpuflops.pipeline.label import Labeler
+from gpuflops.pipeline.pipeline import CountingSink, Pipeline
 from gpuflops.sampler.trace import load_trace
-from gpuflops.totals import Totals
+from tests.support import ROOT, FakeClock, demo_trace
 
-ROOT = Path(__file__).parents[2]
-DEMO = ROOT / "gpuflops" / "data" / "h100-demo.jsonl.gz"
 CONTRACTS = ROOT / "docs" / "CONTRACTS.md"
-_HEADER, _INTERVALS, _ = load_trace(DEMO)
+_HEADER, _INTERVALS, _ = demo_trace()
 INFO = _HEADER.gpus[0]
 SAMPLES = [iv.samples[0] for iv in _INTERVALS]
 # Series that other collectors own (jobs_collector.py: jobs, programs, job socket, ledger;
 # AttributionCollector: attribution, tested on a shared trace below).
 NOT_OURS = ("gpuflops_job_", "gpuflops_program_", "gpuflops_jobsocket_", "gpuflops_ledger_",
             "gpuflops_attribution_")
-
-
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def contract() -> dict[str, tuple[str, set[str]]]:
@@ -57,10 +48,11 @@ class Node:
     """Pipeline -> Totals -> FlopsCollector -> MetricsServer, stepped by the test."""
 
     def __init__(self, gpus: list[GpuInfo] | None = None, ttl_s: float = 300.0) -> None:
-        self.clock = Clock(1000.0)
+        self.clock = FakeClock(1000.0)
         self.gpus = gpus or [INFO]
         self.totals = Totals(self.gpus, process_ttl_s=ttl_s, clock=self.clock)
-        self.pipeline = Pipeline(self.gpus, Integrator(), ProcessAttributor(), self.totals)
+        self.pipeline = Pipeline(self.gpus, Integrator(), ProcessAttributor(), Labeler(), CountingSink(),
+                                 self.totals)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(FlopsCollector(self.totals.snapshot, "replay"))
         self.server = MetricsServer(self.registry, "127.0.0.1:0", lambda: (True, "ok"))
@@ -222,9 +214,9 @@ def test_attribution_series_on_a_real_shared_trace() -> None:
     FLOPs measured while the GPU was time-sliced, as scraped from a real server."""
     header, intervals, _ = load_trace(ROOT / "tests" / "data" / "h100-shared-reporting.jsonl.gz")
     gpus = header.gpus
-    totals = Totals(gpus, clock=Clock(1000.0))
+    totals = Totals(gpus, clock=FakeClock(1000.0))
     att = ProcessAttributor(hold_s=3.0)
-    pipeline = Pipeline(gpus, Integrator(), att, totals)
+    pipeline = Pipeline(gpus, Integrator(), att, Labeler(), CountingSink(), totals)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AttributionCollector(
         lambda: dict(att.stats), lambda: dict(att.timesliced_flops), {g.key: g.uuid for g in gpus}

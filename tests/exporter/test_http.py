@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import base64
 import http.client
-import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from gpuflops.app import Daemon, build
 from gpuflops.config import Settings
-from gpuflops.daemon import Daemon
 from gpuflops.exporter.http import MetricsServer, parse_listen
-from gpuflops.sampler.replay import ReplaySampler
-
-ROOT = Path(__file__).parents[2]
-DEMO = ROOT / "gpuflops" / "data" / "h100-demo.jsonl.gz"
-
-
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+from tests.support import DEMO_TRACE, FakeClock
 
 
 def _get(
@@ -41,11 +28,11 @@ def _get(
 
 
 @pytest.fixture
-def daemon() -> Iterator[tuple[Daemon, Clock, MetricsServer]]:
-    clock = Clock(10_000.0)
-    stop = threading.Event()
-    sampler = ReplaySampler(DEMO, speed=1e6, stop=stop)
-    d = Daemon(Settings(listen="127.0.0.1:0"), sampler, stop=stop, clock=clock)
+def daemon() -> Iterator[tuple[Daemon, FakeClock, MetricsServer]]:
+    clock = FakeClock(10_000.0)
+    settings = Settings(backend="replay", replay_path=str(DEMO_TRACE), replay_speed=1e6,
+                        replay_loop=False, listen="127.0.0.1:0", ledger=False, job_socket=False)
+    d = build(settings, clock=clock)
     server = MetricsServer(d.registry, "127.0.0.1:0", d.health)
     server.start()
     yield d, clock, server
@@ -53,7 +40,8 @@ def daemon() -> Iterator[tuple[Daemon, Clock, MetricsServer]]:
     d.close()
 
 
-def test_healthz_follows_the_sampling_loop(daemon: tuple[Daemon, Clock, MetricsServer]) -> None:
+@pytest.mark.timeout(60)
+def test_healthz_follows_the_sampling_loop(daemon: tuple[Daemon, FakeClock, MetricsServer]) -> None:
     d, clock, server = daemon
     assert _get(server.port, "/healthz")[::2] == (200, "starting\n")
     clock.t += 6.0  # limit: max(5 s, 10 x 0.5 s interval)
@@ -79,7 +67,7 @@ def test_healthz_follows_the_sampling_loop(daemon: tuple[Daemon, Clock, MetricsS
     assert 'gpuflops_sampler_intervals_total{gpu="0"} 20.0' in text
 
 
-def test_unknown_path_is_404_and_index_links(daemon: tuple[Daemon, Clock, MetricsServer]) -> None:
+def test_unknown_path_is_404_and_index_links(daemon: tuple[Daemon, FakeClock, MetricsServer]) -> None:
     _d, _clock, server = daemon
     assert _get(server.port, "/nope")[0] == 404
     assert _get(server.port, "/metrics/extra")[0] == 404

@@ -6,11 +6,10 @@ import json
 import random
 from typing import Any
 
-from jobsock_client import Client
-
 from gpuflops.jobs.protocol import MAX_MESSAGE_BYTES
 from gpuflops.jobs.registry import JobRegistry
 from gpuflops.jobs.server import JobSocketServer
+from tests.jobs.jobsock_client import Client
 
 VALUES: list[Any] = [
     None, True, False, 0, -1, 1, 2**64, 1e308, -0.0, 1.5, "", "x", "bad id", "a" * 300,

@@ -10,10 +10,11 @@ import textwrap
 import warnings
 
 import pytest
-from jobsock_client import Client
 
-from gpuflops.jobs.registry import JobRef, JobRegistry
+from gpuflops.jobs.records import AttachedJob
+from gpuflops.jobs.registry import JobRegistry
 from gpuflops.jobs.server import JobSocketServer
+from tests.jobs.jobsock_client import Client
 
 # Runs in a separate process: registers a job (attaching itself), then tries to attach its
 # parent, an unrelated process and its own child. Only stdlib, so it needs no PYTHONPATH.
@@ -58,7 +59,7 @@ def test_attach_only_own_process_tree(server: JobSocketServer, registry: JobRegi
         assert out["unrelated"]["error"] == "forbidden"
         assert out["own_child"] == {"ok": True, "attached": out["child_pid"]}
         assert out["spoof"]["error"] == "bad_field"  # identity is never taken from a message
-        ref = JobRef("child-job", "p")
+        ref = AttachedJob("child-job", "p")
         assert registry.job_for_pid(proc.pid) == ref
         assert registry.job_for_pid(out["child_pid"]) == ref
         assert registry.job_for_pid(os.getpid()) is None

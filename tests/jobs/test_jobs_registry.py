@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from gpuflops.jobs.protocol import ErrorCode, Increment, ProtocolError
-from gpuflops.jobs.registry import JobEvent, JobRef, JobRegistry, Peer
+from gpuflops.jobs.records import AttachedJob, Peer, RegistryEvent
+from gpuflops.jobs.registry import JobRegistry
+from tests.support import FakeClock
 
 
 class ProcTree:
@@ -32,14 +34,6 @@ class ProcTree:
         return self.start.get(pid)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 @pytest.fixture
 def tree() -> ProcTree:
     t = ProcTree()
@@ -52,12 +46,7 @@ def tree() -> ProcTree:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def reg(tree: ProcTree, clock: Clock) -> JobRegistry:
+def reg(tree: ProcTree, clock: FakeClock) -> JobRegistry:
     return JobRegistry(process_lookup=tree, clock=clock, monotonic=clock, cache_ttl_s=2.0)
 
 
@@ -66,14 +55,14 @@ ROOT_LAUNCHER = Peer(pid=10, uid=1000, gid=1000)
 
 def test_children_of_attached_process_belong_to_the_job(reg: JobRegistry) -> None:
     reg.register("j1", "p1", {}, ROOT_LAUNCHER)
-    assert reg.job_for_pid(12) == JobRef("j1", "p1")
-    assert reg.job_for_pid(10) == JobRef("j1", "p1")
+    assert reg.job_for_pid(12) == AttachedJob("j1", "p1")
+    assert reg.job_for_pid(10) == AttachedJob("j1", "p1")
     assert reg.job_for_pid(20) is None
     assert reg.job_for_pid(99999) is None
 
 
 def test_lookup_is_cached_and_invalidated_by_attach(
-    reg: JobRegistry, tree: ProcTree, clock: Clock
+    reg: JobRegistry, tree: ProcTree, clock: FakeClock
 ) -> None:
     assert reg.job_for_pid(13) is None
     calls = tree.calls
@@ -81,27 +70,27 @@ def test_lookup_is_cached_and_invalidated_by_attach(
         assert reg.job_for_pid(13) is None
     assert tree.calls == calls  # served from the cache
     reg.register("j1", "p1", {}, ROOT_LAUNCHER)  # attachment change invalidates
-    assert reg.job_for_pid(13) == JobRef("j1", "p1")
+    assert reg.job_for_pid(13) == AttachedJob("j1", "p1")
     calls = tree.calls
     clock.t += 1.0
-    assert reg.job_for_pid(13) == JobRef("j1", "p1")
+    assert reg.job_for_pid(13) == AttachedJob("j1", "p1")
     assert tree.calls == calls
     clock.t += 5.0  # past the TTL: re-verified
-    assert reg.job_for_pid(13) == JobRef("j1", "p1")
+    assert reg.job_for_pid(13) == AttachedJob("j1", "p1")
     assert tree.calls > calls
 
 
 def test_reparented_child_keeps_its_job_and_reused_pid_does_not(
-    reg: JobRegistry, tree: ProcTree, clock: Clock
+    reg: JobRegistry, tree: ProcTree, clock: FakeClock
 ) -> None:
     reg.register("j1", "p1", {}, ROOT_LAUNCHER)
-    assert reg.job_for_pid(12) == JobRef("j1", "p1")
+    assert reg.job_for_pid(12) == AttachedJob("j1", "p1")
     tree.exit(10)
     tree.exit(11)
     tree.spawn(12, 1)  # re-parented to init, same process (same start time)
     assert reg.prune() == 1
     clock.t += 5
-    assert reg.job_for_pid(12) == JobRef("j1", "p1")
+    assert reg.job_for_pid(12) == AttachedJob("j1", "p1")
     tree.spawn(10, 1, start=555.0)  # pid 10 reused by an unrelated process
     tree.spawn(30, 10, start=556.0)
     assert reg.job_for_pid(30) is None
@@ -181,7 +170,7 @@ def test_duplicate_seq_is_not_counted_twice(reg: JobRegistry) -> None:
 
 
 def test_events_carry_data_and_peer(reg: JobRegistry) -> None:
-    events: list[JobEvent] = []
+    events: list[RegistryEvent] = []
     reg.on_event(events.append)
     reg.on_event(lambda e: 1 / 0)  # a broken listener must not break the registry
     reg.register("j", "p", {"model": "m"}, ROOT_LAUNCHER)

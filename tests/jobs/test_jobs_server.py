@@ -9,11 +9,11 @@ import time
 from collections.abc import Callable
 
 import pytest
-from jobsock_client import Client
 
 from gpuflops.jobs.protocol import MAX_MESSAGE_BYTES
 from gpuflops.jobs.registry import JobRegistry
 from gpuflops.jobs.server import JobSocketServer, ServerLimits, SocketInUseError
+from tests.jobs.jobsock_client import Client
 
 
 def test_happy_path(client: Client, registry: JobRegistry) -> None:

@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from gpuflops.ledger.store import FlopsRow, Ledger
+from gpuflops.ledger.store import Ledger
+from gpuflops.model import FlopsRow
 
 
 def main() -> None:

@@ -8,29 +8,23 @@ from pathlib import Path
 
 import pytest
 
+from gpuflops.ledger.chain import verify_path
+from gpuflops.ledger.records import NODE
 from gpuflops.ledger.sink import LedgerSink
-from gpuflops.ledger.store import NODE, Ledger, verify_path
-from gpuflops.model import GpuInfo
-from gpuflops.totals import Row, Totals
+from gpuflops.ledger.store import Ledger
+from gpuflops.model import FlopsRow
+from tests.support import FakeClock, fake_gpus
 
-GPUS = [GpuInfo("0", 0, "GPU-a", "H100", "hopper", 132), GpuInfo("1", 1, "GPU-b", "H100", "hopper", 132)]
-
-
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+GPUS = fake_gpus()
 
 
-def _row(flops: float) -> Row:
-    return Row("0", "GPU-a", "hmma", "bf16", "j", "p", 7, flops, "python")
+def _row(flops: float) -> FlopsRow:
+    return FlopsRow("0", "GPU-a", "hmma", "bf16", "j", "p", 7, flops, "python")
 
 
-def _sink(path: Path, clock: Clock) -> LedgerSink:
+def _sink(path: Path, clock: FakeClock) -> LedgerSink:
     led = Ledger.open(path, clock=clock, synchronous="NORMAL")
-    return LedgerSink(led, Totals(GPUS, clock=clock), clock=clock)
+    return LedgerSink(led, clock=clock)
 
 
 def _kinds(path: Path) -> list[str]:
@@ -78,18 +72,18 @@ def test_gaps_are_chained_queried_by_time_and_verified(tmp_path: Path) -> None:
 
 
 def test_consecutive_sampler_gaps_become_one_record_when_the_gap_ends(tmp_path: Path) -> None:
-    clock = Clock(1000.0)
+    clock = FakeClock(1000.0)
     path = tmp_path / "l.sqlite3"
     sink = _sink(path, clock)
     for i in range(6):  # 3 s of a lost GPU 1 while GPU 0 works
         t0 = 1000.0 + 0.5 * i
         sink.on_gap("1", "GPU-b", t0, t0 + 0.5, "gpu_lost")
         clock.t = t0 + 0.5
-        sink.commit([(t0, t0 + 0.5, [_row(1e12)])], 0)
+        sink.commit([(t0, t0 + 0.5, [_row(1e12)])])
     assert sink.ledger is not None
     assert sink.ledger.gaps() == []  # still open
     clock.t += 0.5
-    sink.commit([(clock.t - 0.5, clock.t, [_row(1e12)])], 0)  # GPU 1 measured again
+    sink.commit([(clock.t - 0.5, clock.t, [_row(1e12)])])  # GPU 1 measured again
     (gap,) = sink.ledger.gaps()
     assert (gap.gpu, gap.uuid, gap.t0_s, gap.t1_s, gap.reason) == (
         "1", "GPU-b", 1000.0, 1003.0, "gpu_lost")
@@ -108,32 +102,32 @@ def test_consecutive_sampler_gaps_become_one_record_when_the_gap_ends(tmp_path: 
 
 
 def test_a_long_gap_is_written_in_pieces_so_a_crash_loses_little_of_it(tmp_path: Path) -> None:
-    clock = Clock(0.0)
+    clock = FakeClock(0.0)
     sink = _sink(tmp_path / "l.sqlite3", clock)
     for i in range(300):  # 150 s lost
         sink.on_gap("0", "GPU-a", 0.5 * i, 0.5 * i + 0.5, "gpm_read")
         clock.t = 0.5 * i + 0.5
-        sink.commit([], 0)
+        sink.commit([])
     assert sink.ledger is not None
     pieces = sink.ledger.gaps()
     assert [(g.t0_s, g.t1_s) for g in pieces] == [(0.0, 60.0), (60.0, 120.0)]  # 30 s still open
 
 
 def test_restarts_record_the_time_no_daemon_measured(tmp_path: Path) -> None:
-    clock = Clock(100.0)
+    clock = FakeClock(100.0)
     path = tmp_path / "l.sqlite3"
     gpus = [(g.key, g.uuid) for g in GPUS]
     sink = _sink(path, clock)
     sink.start_session({"version": "t"}, gpus)  # a new ledger: nothing before it
     clock.t = 101.0
-    sink.commit([(100.5, 101.0, [_row(1e12)])], 0)
+    sink.commit([(100.5, 101.0, [_row(1e12)])])
     clock.t = 105.0
     sink.close()  # clean stop at 105
     clock.t = 200.0
     sink = _sink(path, clock)
     sink.start_session({"version": "t"}, gpus)
     clock.t = 201.0
-    sink.commit([(200.5, 201.0, [_row(1e12)])], 0)
+    sink.commit([(200.5, 201.0, [_row(1e12)])])
     assert sink.ledger is not None
     sink.ledger.close()  # killed: no stop record
     clock.t = 300.0
@@ -149,13 +143,13 @@ def test_restarts_record_the_time_no_daemon_measured(tmp_path: Path) -> None:
 
 
 def test_an_idle_daemon_leaves_alive_records_that_bound_a_crash(tmp_path: Path) -> None:
-    clock = Clock(0.0)
+    clock = FakeClock(0.0)
     path = tmp_path / "l.sqlite3"
     sink = _sink(path, clock)
     sink.start_session({}, [("0", "GPU-a")])
     for t in range(1, 200):  # idle: nothing but commits of empty intervals
         clock.t = float(t)
-        sink.commit([], 0)
+        sink.commit([])
     assert sink.ledger is not None
     sink.ledger.close()  # crash at 199 s
     assert _kinds(path).count("session") == 1 + 3  # start, alive at 60, 120, 180

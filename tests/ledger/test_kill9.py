@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gpuflops.ledger.store import GpuKey, Ledger, verify_path
+from gpuflops.ledger.chain import verify_path
+from gpuflops.ledger.records import GpuKey
+from gpuflops.ledger.store import Ledger
 
 WRITER = Path(__file__).with_name("ledger_writer.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,6 +94,7 @@ def test_kill9_during_100ms_sampling(tmp_path: Path) -> None:
     assert len(in_flight) == 50
 
 
+@pytest.mark.slow
 def test_kill9_during_back_to_back_commits(tmp_path: Path) -> None:
     # No sleep between appends: most kills land inside a transaction.
     in_flight = _kill_runs(tmp_path, runs=12, period_s=0.0, seed=99)

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from gpuflops.exporter.state import Totals
+from gpuflops.ledger.schema import SCHEMA_VERSION
 from gpuflops.ledger.sink import LedgerSink
-from gpuflops.ledger.store import SCHEMA_VERSION, FlopsRow, Ledger
-from gpuflops.model import GpuInfo
-from gpuflops.totals import Totals
+from gpuflops.ledger.store import Ledger
+from gpuflops.model import FlopsRow, GpuInfo
+from gpuflops.pipeline.pipeline import Batch, count_committed
+from tests.support import FakeClock
 
 
 def _row(job: str, flops: float) -> FlopsRow:
@@ -91,26 +94,29 @@ def test_a_version_1_ledger_is_migrated_in_the_chain(tmp_path: Path) -> None:
     con.close()
 
 
-def test_sink_commit_cadence_and_final_commit_on_close(tmp_path: Path) -> None:
-    now = [1000.0]
+def test_sink_commit_cadence_and_final_commit_on_close(tmp_path: Path, clock: FakeClock) -> None:
     gpus = [GpuInfo("0", 0, "GPU-x", "H100", "hopper", 132)]
     totals = Totals(gpus)
-    led = Ledger.open(tmp_path / "l.sqlite3", clock=lambda: now[0], synchronous="NORMAL")
-    sink = LedgerSink(led, totals, clock=lambda: now[0], commit_every_s=5.0)
-    sink.commit([(now[0], now[0] + 0.5, [_row("j", 1e12)])], 0)  # first commit: written
+    led = Ledger.open(tmp_path / "l.sqlite3", clock=clock, synchronous="NORMAL")
+    sink = LedgerSink(led, clock=clock, commit_every_s=5.0)
+
+    def commit(batch: Batch) -> None:  # what the pipeline does with each commit
+        count_committed(totals, sink.commit(batch), 0)
+
+    commit([(clock.t, clock.t + 0.5, [_row("j", 1e12)])])  # first commit: written
     assert sum(totals.snapshot().gpu_flops.values()) == 1e12
     for _ in range(4):
-        now[0] += 0.5
-        sink.commit([(now[0], now[0] + 0.5, [_row("j", 1e12)])], 0)
+        clock.t += 0.5
+        commit([(clock.t, clock.t + 0.5, [_row("j", 1e12)])])
     # Within the cadence: held back, and not counted until durable.
     assert sink.pending_intervals == 4
     assert sum(totals.snapshot().gpu_flops.values()) == 1e12
-    now[0] += 5.0
-    sink.commit([], 0)
+    clock.t += 5.0
+    commit([])
     assert sink.pending_intervals == 0
     assert sum(totals.snapshot().gpu_flops.values()) == 5e12
-    sink.commit([(now[0], now[0] + 0.5, [_row("j", 2e12)])], 0)
-    sink.close()  # commits what is pending before closing
+    commit([(clock.t, clock.t + 0.5, [_row("j", 2e12)])])
+    count_committed(totals, sink.close(), 0)  # commits what is pending before closing
     led = Ledger.open(tmp_path / "l.sqlite3", clock=time.time, readonly=True)
     try:
         assert sum(led.totals().gpu.values()) == 7e12

@@ -12,26 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from gpuflops.ledger.store import (
-    FlopsRow,
-    GpuKey,
-    JobKey,
-    Ledger,
-    LedgerCorruptError,
-    LedgerVersionError,
-    open_or_quarantine,
-    verify_path,
-)
+from gpuflops.ledger.chain import verify_path
+from gpuflops.ledger.records import GpuKey, JobKey, LedgerCorruptError, LedgerVersionError
+from gpuflops.ledger.store import Ledger, open_or_quarantine
+from gpuflops.model import FlopsRow
+from tests.support import FakeClock
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_750_000_000.0
-
-    def __call__(self) -> float:
-        return self.t
+T0 = 1_750_000_000.0
 
 
 def rows(i: int) -> list[FlopsRow]:
@@ -43,7 +33,7 @@ def rows(i: int) -> list[FlopsRow]:
 @pytest.fixture
 def ledger_path(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "ledger.sqlite3"
-    ledger = Ledger.open(path, clock=Clock())
+    ledger = Ledger.open(path, clock=FakeClock(T0))
     ledger.append_job_event("register", "j1", "p", {"attempt": 1, "model": "m"}, 1.0)
     for i in range(8):
         ledger.append_interval(10.0 + i, 11.0 + i, rows(i))
@@ -56,7 +46,7 @@ def ledger_path(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_totals_persist_across_reopen(ledger_path: Path) -> None:
-    ledger = Ledger.open(ledger_path, clock=Clock())
+    ledger = Ledger.open(ledger_path, clock=FakeClock(T0))
     t = ledger.totals()
     assert t.gpu[GpuKey("0", "GPU-a", "hmma", "bf16")] == pytest.approx(36e12)
     assert t.gpu[GpuKey("1", "GPU-b", "fp32", "fp32")] == pytest.approx(4e12)
@@ -73,7 +63,7 @@ def test_totals_persist_across_reopen(ledger_path: Path) -> None:
 
 
 def test_empty_interval_writes_nothing_and_bad_values_are_refused(ledger_path: Path) -> None:
-    ledger = Ledger.open(ledger_path, clock=Clock())
+    ledger = Ledger.open(ledger_path, clock=FakeClock(T0))
     head = ledger.head()
     assert ledger.append_interval(30.0, 31.0, []) is None
     with pytest.raises(ValueError):
@@ -117,7 +107,7 @@ def test_edit_of_any_record_is_detected(ledger_path: Path) -> None:
 
 
 def test_edit_with_recomputed_hash_is_detected_at_the_next_record(ledger_path: Path) -> None:
-    from gpuflops.ledger.store import canonical_json, record_hash
+    from gpuflops.ledger.chain import canonical_json, record_hash
     con = _raw(ledger_path)
     content, prev = con.execute("SELECT content, prev_hash FROM records WHERE seq = 4").fetchone()
     obj = json.loads(content)
@@ -144,7 +134,7 @@ def test_deleting_the_last_record_is_detected(ledger_path: Path) -> None:
     first, reason = _bad(ledger_path)
     assert first == 11 and "chain_head" in reason
     with pytest.raises(LedgerCorruptError):
-        Ledger.open(ledger_path, clock=Clock())
+        Ledger.open(ledger_path, clock=FakeClock(T0))
 
 
 def test_deleting_the_first_record_is_detected(ledger_path: Path) -> None:
@@ -184,7 +174,7 @@ def test_editing_a_derived_total_is_detected(ledger_path: Path) -> None:
 
 
 def test_verify_cli_names_the_first_bad_record(ledger_path: Path) -> None:
-    cmd = [sys.executable, "-c", "from gpuflops.ledger_cli import verify_command; "
+    cmd = [sys.executable, "-c", "from gpuflops.cli.verify import verify_command; "
            "verify_command()", "--state-dir", str(ledger_path.parent)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     ok = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -203,10 +193,10 @@ def test_corrupt_file_is_refused_then_quarantined_without_loss(tmp_path: Path) -
     garbage = b"this is not an SQLite database\x00" * 100
     path.write_bytes(garbage)
     with pytest.raises(LedgerCorruptError):
-        Ledger.open(path, clock=Clock())
+        Ledger.open(path, clock=FakeClock(T0))
     assert path.read_bytes() == garbage  # not overwritten
     assert not verify_path(path).ok
-    ledger, moved = open_or_quarantine(path, clock=Clock())
+    ledger, moved = open_or_quarantine(path, clock=FakeClock(T0))
     assert moved is not None and moved.read_bytes() == garbage
     ledger.append_interval(1.0, 2.0, rows(0))
     ledger.close()
@@ -216,19 +206,19 @@ def test_corrupt_file_is_refused_then_quarantined_without_loss(tmp_path: Path) -
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
-    Ledger.open(path, clock=Clock()).close()
+    Ledger.open(path, clock=FakeClock(T0)).close()
     con = _raw(path)
     con.execute("PRAGMA user_version = 99")
     con.close()
     with pytest.raises(LedgerVersionError):
-        Ledger.open(path, clock=Clock())
+        Ledger.open(path, clock=FakeClock(T0))
     with pytest.raises(LedgerVersionError):
-        open_or_quarantine(path, clock=Clock())
+        open_or_quarantine(path, clock=FakeClock(T0))
     assert path.exists()
 
 
 def test_readonly_open_does_not_create(tmp_path: Path) -> None:
-    from gpuflops.ledger.store import LedgerError
+    from gpuflops.ledger.records import LedgerError
     with pytest.raises(LedgerError):
-        Ledger.open(tmp_path / "none.sqlite3", clock=Clock(), readonly=True)
+        Ledger.open(tmp_path / "none.sqlite3", clock=FakeClock(T0), readonly=True)
     assert not (tmp_path / "none.sqlite3").exists()

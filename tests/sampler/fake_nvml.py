@@ -22,19 +22,6 @@ _ARCH_CODE = {"volta": 5, "turing": 6, "ampere": 7, "ada": 8, "hopper": 9, "blac
 _ID_METRIC = {v: k for k, v in GPM_METRIC_IDS.items()}
 
 
-class FakeClock:
-    """Wall time that advances only when someone sleeps: a whole trace replays instantly."""
-
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, dt: float) -> None:
-        self.t += max(dt, 0.0)
-
-
 class NVMLError(Exception):
     def __init__(self, value: int) -> None:
         super().__init__(f"fake NVML error {value}")

@@ -12,23 +12,23 @@ from pathlib import Path
 
 import pytest
 
-from gpuflops.integrate.integrator import Integrator
 from gpuflops.model import GpuInfo, GpuSample, Metric
-from gpuflops.sampler import SamplerError
-from gpuflops.sampler.dcgm import DcgmSampler, parse_endpoint
+from gpuflops.pipeline.integrate import Integrator
+from gpuflops.sampler.base import SamplerError
+from gpuflops.sampler.dcgm.bindings import parse_endpoint
+from gpuflops.sampler.dcgm.sampler import DcgmSampler
 from gpuflops.sampler.nvml import NvmlSampler
-from gpuflops.sampler.trace import load_trace
+from tests.support import DEMO_TRACE, FakeClock, demo_trace
 
 HERE = Path(__file__).parent
 FAKE_DIR = HERE / "fake_dcgm"
-TRACE = Path(__file__).parents[2] / "gpuflops" / "data" / "h100-demo.jsonl.gz"
+TRACE = DEMO_TRACE
 sys.path.insert(0, str(FAKE_DIR))
 sys.path.insert(0, str(HERE))
 
 import dcgm_fake_engine as fe  # noqa: E402
 import dcgm_structs as ds  # noqa: E402
 import fake_nvml  # noqa: E402
-from fake_nvml import FakeClock  # noqa: E402
 
 
 @dataclass
@@ -110,7 +110,7 @@ def _flops(
 
 
 def test_dcgm_matches_gpm_on_recorded_h100_workload(rig: Rig) -> None:
-    header, _, events = load_trace(TRACE)
+    header, _, events = demo_trace()
     phases = [e.data for e in events if e.data.get("kind") == "phase"]
     info = header.gpus[0]
 

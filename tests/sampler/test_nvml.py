@@ -9,17 +9,15 @@ from pathlib import Path
 
 import fake_nvml
 import pytest
-from fake_nvml import FakeClock
 
-from gpuflops.integrate.integrator import Integrator
 from gpuflops.model import GpuSample, Metric
-from gpuflops.sampler import Sampler, SamplerError
+from gpuflops.pipeline.integrate import Integrator
+from gpuflops.sampler.base import Sampler, SamplerError
 from gpuflops.sampler.nvml import GPM_METRIC_IDS, NvmlSampler
-from gpuflops.sampler.trace import load_trace
+from tests.support import DEMO_TRACE, FakeClock, demo_trace
 
-ROOT = Path(__file__).parents[2]
-DEMO = ROOT / "gpuflops" / "data" / "h100-demo.jsonl.gz"
-_HEADER, _INTERVALS, _EVENTS = load_trace(DEMO)
+DEMO = DEMO_TRACE
+_HEADER, _INTERVALS, _EVENTS = demo_trace()
 T0 = _INTERVALS[0].t0_s
 PHASES = {e.data["name"]: e.data for e in _EVENTS if e.data["kind"] == "phase" and not e.data.get("shared")}
 SHARED = [e.data for e in _EVENTS if e.data.get("shared")]

@@ -9,35 +9,25 @@ from pathlib import Path
 
 import pytest
 
-from gpuflops.sampler import Sampler, SamplerError
+from gpuflops.sampler.base import Sampler, SamplerError
 from gpuflops.sampler.replay import ReplaySampler
 from gpuflops.sampler.trace import TraceWriter, load_trace
+from tests.support import DEMO_TRACE, ROOT, FakeClock, demo_trace
 
-ROOT = Path(__file__).parents[2]
-DEMO = ROOT / "gpuflops" / "data" / "h100-demo.jsonl.gz"
+DEMO = DEMO_TRACE
 SCENARIOS = ROOT / "tests" / "data" / "h100-attribution-scenarios.jsonl.gz"
 
 
-class FakeTime:
-    """A clock whose stop Event advances it instead of blocking, so replay runs instantly."""
-
-    def __init__(self, t: float) -> None:
-        self.t = t
-        self.waits: list[float] = []
-
-    def __call__(self) -> float:
-        return self.t
-
-
 class AdvancingStop(threading.Event):
-    def __init__(self, clock: FakeTime) -> None:
+    """A stop Event that advances the fake clock instead of blocking, so replay runs instantly."""
+
+    def __init__(self, clock: FakeClock) -> None:
         super().__init__()
         self.clock = clock
 
     def wait(self, timeout: float | None = None) -> bool:
         assert timeout is not None
-        self.clock.waits.append(timeout)
-        self.clock.t += timeout
+        self.clock.sleep(timeout)
         return self.is_set()
 
 
@@ -50,8 +40,8 @@ def _head(tmp_path: Path, n_lines: int, src: Path = DEMO) -> Path:
     return out
 
 
-def _sampler(path: Path, start: float = 5000.0, **kw: object) -> tuple[ReplaySampler, FakeTime]:
-    clock = FakeTime(start)
+def _sampler(path: Path, start: float = 5000.0, **kw: object) -> tuple[ReplaySampler, FakeClock]:
+    clock = FakeClock(start)
     return ReplaySampler(path, clock=clock, stop=AdvancingStop(clock), **kw), clock  # type: ignore[arg-type]
 
 
@@ -64,7 +54,7 @@ def test_is_a_sampler_and_reports_header_gpus() -> None:
 
 
 def test_timestamps_shifted_onto_clock_and_durations_kept() -> None:
-    _h, intervals, _ = load_trace(DEMO)
+    _h, intervals, _ = demo_trace()
     s, clock = _sampler(DEMO, start=5000.0)
     got = [s.sample() for _ in range(50)]
     origin = intervals[0].t0_s
@@ -171,7 +161,7 @@ def test_bad_arguments_and_empty_traces(tmp_path: Path) -> None:
 
 
 def test_replay_counts_the_backend_errors_the_recording_saw(tmp_path: Path) -> None:
-    header, intervals, _ = load_trace(DEMO)
+    header, intervals, _ = demo_trace()
     w = TraceWriter(tmp_path / "t.jsonl", list(header.gpus), header.interval_s, {})
     for i, iv in enumerate(intervals[:30]):
         samples = list(iv.samples)

@@ -11,21 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from gpuflops.sampler import Sampler, SamplerError
-from gpuflops.sampler.dcgm import DcgmSampler
+from gpuflops.sampler.base import Sampler, SamplerError
+from gpuflops.sampler.dcgm.sampler import DcgmSampler
 from gpuflops.sampler.nvml import NvmlSampler
 from gpuflops.sampler.select import select_backend
+from tests.support import DEMO_TRACE, FakeClock
 
 HERE = Path(__file__).parent
 FAKE_DIR = HERE / "fake_dcgm"
-TRACE = Path(__file__).parents[2] / "gpuflops" / "data" / "h100-demo.jsonl.gz"
+TRACE = DEMO_TRACE
 sys.path.insert(0, str(FAKE_DIR))
 sys.path.insert(0, str(HERE))
 
 import dcgm_fake_engine as fe  # noqa: E402
 import dcgm_structs as ds  # noqa: E402
 import fake_nvml  # noqa: E402
-from fake_nvml import FakeClock  # noqa: E402
 
 
 @dataclass

@@ -18,9 +18,9 @@ from gpuflops.sampler.trace import (
     load_trace,
     read_trace,
 )
+from tests.support import DEMO_TRACE, ROOT
 
-ROOT = Path(__file__).parents[2]
-DEMO = ROOT / "gpuflops" / "data" / "h100-demo.jsonl.gz"
+DEMO = DEMO_TRACE
 SCENARIOS = ROOT / "tests" / "data" / "h100-attribution-scenarios.jsonl.gz"
 
 

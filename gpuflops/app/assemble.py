@@ -1,0 +1,278 @@
+"""Composition root: the only place that builds real objects and wires them together.
+
+sampler -> integrate -> attribute -> label -> ledger sink -> counters -> exporter, with the job
+socket feeding the label stage (pid -> job, declared precision), the attribution (analytic
+reports) and the ledger (registrations, estimates). Everything is built once, here, and handed
+to the stage that uses it; nothing is reassigned afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import MappingProxyType
+from typing import Literal
+
+from prometheus_client.registry import CollectorRegistry
+
+from gpuflops import __version__
+from gpuflops.app.daemon import Daemon
+from gpuflops.compliance.programs import ProgramView, evaluate_ledger
+from gpuflops.compliance.reconcile import normalize_precision
+from gpuflops.compliance.thresholds import load_programs_config
+from gpuflops.config import DEFAULT_DCGM_BINDINGS, Settings, demo_trace_path
+from gpuflops.exporter.collector import AttributionCollector, FlopsCollector
+from gpuflops.exporter.jobs_collector import JobsCollector
+from gpuflops.exporter.state import Totals
+from gpuflops.identity.kubelet import KubeletClient, urllib_fetch
+from gpuflops.identity.mapper import JobIdentity, JobMapper
+from gpuflops.jobs.records import PsutilProcessLookup, RegistryEvent
+from gpuflops.jobs.registry import JobRegistry
+from gpuflops.jobs.server import JobSocketServer
+from gpuflops.ledger.records import LEDGER_FILENAME, LedgerError
+from gpuflops.ledger.sink import LedgerSink
+from gpuflops.ledger.store import Ledger, open_or_quarantine
+from gpuflops.model import GpuInfo
+from gpuflops.pipeline.attribute import ProcessAttributor
+from gpuflops.pipeline.integrate import Integrator
+from gpuflops.pipeline.label import Labeler, Memo
+from gpuflops.pipeline.pipeline import Pipeline, StepHook
+from gpuflops.sampler.base import Sampler, SamplerError
+from gpuflops.sampler.trace import TraceWriter, recording_meta
+
+log = logging.getLogger(__name__)
+
+
+class NoDriverError(SamplerError):
+    """``--backend auto`` found no usable NVIDIA driver."""
+
+
+def build_sampler(settings: Settings) -> tuple[Sampler, threading.Event]:
+    """The configured backend and its own stop token. ``auto`` never falls back to a replay.
+
+    Every sampler built gets a token of its own, so closing one that ``auto`` passed over
+    cannot stop the one it chose.
+    """
+    if settings.backend == "replay":
+        from gpuflops.sampler.replay import ReplaySampler
+
+        stop = threading.Event()
+        path = Path(settings.replay_path) if settings.replay_path else demo_trace_path()
+        return ReplaySampler(path, speed=settings.replay_speed, loop=settings.replay_loop, stop=stop), stop
+    from gpuflops.sampler.select import select_backend
+
+    sm_counts: dict[tuple[int, int | None], int | None] = {}
+    tokens: dict[Sampler, threading.Event] = {}  # every sampler built -> its stop token
+
+    def nvml() -> Sampler:
+        from gpuflops.sampler.nvml import NvmlSampler
+
+        stop = threading.Event()
+        sampler = NvmlSampler(
+            interval_s=settings.interval_s,
+            clock_period_s=settings.clock_period_s,
+            process_period_s=settings.process_period_s,
+            stop=stop,
+            devices=list(settings.devices) if settings.devices is not None else None,
+        )
+        tokens[sampler] = stop
+        for g in sampler.gpus():  # DCGM has no SM-count field: NVML's is reused there
+            sm_counts[(g.index, g.gpu_instance_id)] = g.sm_count
+        return sampler
+
+    def dcgm() -> Sampler:
+        from gpuflops.sampler.dcgm.sampler import DcgmSampler
+
+        stop = threading.Event()
+        paths = [Path(p) for p in settings.dcgm_bindings] or list(DEFAULT_DCGM_BINDINGS)
+        sampler = DcgmSampler(
+            endpoint=settings.dcgm_endpoint,
+            bindings_paths=paths,
+            interval_s=settings.interval_s,
+            clock_period_s=settings.clock_period_s,
+            sm_count_for=lambda index, gi: sm_counts.get((index, gi)),
+            devices=list(settings.devices) if settings.devices is not None else None,
+            stop=stop,
+        )
+        tokens[sampler] = stop
+        return sampler
+
+    try:
+        chosen = select_backend(settings, nvml=nvml, dcgm=dcgm)
+    except SamplerError as e:
+        if settings.backend == "auto":
+            raise NoDriverError(
+                f"no usable NVIDIA GPU found: {e}\n"
+                "gpuflops measures real GPUs only and will not invent numbers. To see it work "
+                "on this machine, run `gpuflops daemon --demo`, which replays a trace recorded "
+                "on an NVIDIA H100."
+            ) from None
+        raise
+    return chosen, tokens[chosen]
+
+
+def build(
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.time,
+    registry: CollectorRegistry | None = None,
+    record: Path | None = None,
+) -> Daemon:
+    """Every real object the daemon needs, wired once; ``record``: also write a trace there.
+
+    Raises SamplerError when no sampler can be built (nothing else is opened then). On any later
+    failure what was opened is closed again before the error propagates.
+    """
+    sampler, sampler_stop = build_sampler(settings)
+    closers: list[Callable[[], None]] = []
+    try:
+        return _assemble(settings, sampler, sampler_stop, clock, registry, record, closers)
+    except BaseException:
+        for fn in reversed(closers):
+            try:
+                fn()
+            except Exception:
+                log.exception("error during shutdown")
+        sampler.close()
+        raise
+
+
+def _assemble(
+    s: Settings,
+    sampler: Sampler,
+    sampler_stop: threading.Event,
+    clock: Callable[[], float],
+    registry: CollectorRegistry | None,
+    record: Path | None,
+    closers: list[Callable[[], None]],
+) -> Daemon:
+    gpus = sampler.gpus()
+    _warn_unmeasurable(gpus)
+    per_gpu = dict(s.hmma_precision_per_gpu)
+    integrator = Integrator(lambda key: per_gpu.get(key, s.hmma_precision))
+    attributor = ProcessAttributor(
+        s.attribution_hold_s, analytic=s.analytic_split, analytic_tolerance=s.analytic_split_tolerance
+    )
+    recorders: list[StepHook] = []
+    if record is not None:
+        writer = TraceWriter(record, gpus, sampler.interval_s, recording_meta(sampler))
+        recorders.append(writer.interval)
+        closers.append(writer.close)
+
+    jobs = JobRegistry(process_lookup=PsutilProcessLookup(), clock=clock)
+    labeler = _labeler(s, jobs, clock)
+    ledger = _open_ledger(s, clock) if s.ledger else None
+    totals = Totals(gpus, process_ttl_s=s.process_ttl_s, clock=clock,
+                    seed=ledger.totals() if ledger is not None else None)
+    sink = LedgerSink(ledger, clock=clock, commit_every_s=s.ledger_commit_s)
+    jobs.on_event(sink.on_job_event)
+
+    def analytic_report(event: RegistryEvent) -> None:
+        """Analytic work reported by a process: weights for splitting a GPU it shares."""
+        if event.kind == "add":
+            attributor.record_analytic(event.peer.pid, event.time_s, float(event.data["flops"]))
+
+    jobs.on_event(analytic_report)
+    pipeline = Pipeline(gpus, integrator, attributor, labeler, sink, totals, recorders=recorders)
+    # Closers run last-added first: the socket stops before the ledger takes its last commit.
+    closers.append(pipeline.close)
+    sink.start_session(
+        {"version": __version__, "backend": sampler.name, "host": socket.gethostname()},
+        [(g.key, g.uuid) for g in gpus],
+    )
+    programs_cfg = load_programs_config(Path(s.program_config) if s.program_config else None)
+    view = [ProgramView()]
+
+    def refresh_programs() -> None:
+        if ledger is None:
+            return
+        statuses, errors = evaluate_ledger(ledger, programs_cfg)
+        view[0] = ProgramView(MappingProxyType(statuses), MappingProxyType(errors), clock())
+
+    server = None
+    if s.job_socket:
+        server = JobSocketServer(jobs, s.socket_path, mode=s.socket_mode, group=s.socket_group)
+        server.start()
+        closers.append(server.stop)
+        log.info("job socket listening on %s", s.socket_path)
+
+    registry = registry or CollectorRegistry(auto_describe=False)
+    registry.register(FlopsCollector(totals.snapshot, sampler.name))
+    registry.register(AttributionCollector(
+        lambda: dict(attributor.stats),
+        lambda: dict(attributor.timesliced_flops),
+        {g.key: g.uuid for g in gpus},
+    ))
+    registry.register(JobsCollector(totals.snapshot, lambda: view[0], jobs.snapshot, sink,
+                                    server.stats if server else None))
+    return Daemon(
+        s, sampler, pipeline, totals, registry,
+        stop=threading.Event(), sampler_stop=sampler_stop, clock=clock,
+        periodic=[(s.program_refresh_s, refresh_programs)], closers=closers,
+    )
+
+
+def _warn_unmeasurable(gpus: list[GpuInfo]) -> None:
+    for g in gpus:
+        if not g.metrics:
+            log.warning(
+                "gpu %s (%s): %s. gpuflops exports what NVML offers for it and counts no "
+                "FLOPs; gpuflops_gpu_tensor_activity_available is 0.",
+                g.key,
+                g.name,
+                g.unavailable_reason,
+            )
+
+
+def _labeler(s: Settings, jobs: JobRegistry, clock: Callable[[], float]) -> Labeler:
+    """pid -> job through the configured sources (the socket's registrations first, by
+    default), and the HMMA precision each job declared when it registered."""
+
+    def from_socket(pid: int) -> JobIdentity | None:
+        ref = jobs.job_for_pid(pid)
+        return None if ref is None else JobIdentity(ref.job_id, ref.program_id, "socket", {})
+
+    kubelet = None
+    if s.kubelet_url:
+        kubelet = KubeletClient(
+            url=s.kubelet_url,
+            fetch=urllib_fetch(
+                Path(s.kubelet_ca_file) if s.kubelet_ca_file else None,
+                verify_tls=not s.kubelet_insecure_tls,
+            ),
+        )
+    mapper = JobMapper(order=s.job_sources, socket_lookup=from_socket, kubelet=kubelet)
+
+    def resolve(pid: int) -> tuple[str, str]:
+        ref = mapper.resolve(pid)
+        return ref.job, ref.program
+
+    def declared_precision(job: str) -> str | None:
+        snap = jobs.snapshot().job(job)
+        return None if snap is None else normalize_precision(snap.metadata.get("precision"))
+
+    declared = Memo(declared_precision, clock)
+    return Labeler(Memo(resolve, clock), lambda job, _program: declared(job))
+
+
+def _open_ledger(s: Settings, clock: Callable[[], float]) -> Ledger | None:
+    path = Path(s.state_dir) / LEDGER_FILENAME
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sync: Literal["NORMAL", "FULL"] = "FULL" if s.ledger_sync == "FULL" else "NORMAL"
+        ledger, moved = open_or_quarantine(path, clock=clock, synchronous=sync)
+    except (LedgerError, OSError) as e:
+        log.error(
+            "ledger %s cannot be used (%s); metering continues WITHOUT persistence: counters "
+            "will restart at zero and nothing is written to the file",
+            path,
+            e,
+        )
+        return None
+    if moved is not None:
+        log.warning("ledger %s was corrupt; moved intact to %s and started a new one", path, moved)
+    return ledger

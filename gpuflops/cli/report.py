@@ -1,0 +1,85 @@
+"""``gpuflops report``: the audit report of one program, as JSON or self-contained HTML."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from gpuflops.cli.common import state_dir_option
+from gpuflops.compliance.html import render_html
+from gpuflops.compliance.prometheus import PrometheusError, PrometheusSource
+from gpuflops.compliance.report import build_report, load_accuracy
+from gpuflops.compliance.thresholds import ProgramConfigError, load_programs_config
+from gpuflops.config import DEFAULT_ACCURACY_PATH
+from gpuflops.ledger.records import LEDGER_FILENAME, LedgerError
+from gpuflops.ledger.store import Ledger
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@click.command("report")
+@click.option("--program", required=True, help="Program to report on.")
+@click.option("--format", "fmt", type=click.Choice(["json", "html"]), default="json",
+              show_default=True)
+@click.option("--prometheus", metavar="URL", default=None,
+              help="Take cluster-wide totals from this Prometheus (e.g. http://prom:9090).")
+@state_dir_option
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Program configuration (TOML or JSON); see docs/ledger.md.")
+@click.option("--accuracy", "accuracy_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="JSON object of accuracy figures [the H100 figures measured in "
+              "docs/accuracy.md, shipped as gpuflops/data/accuracy-h100.json].")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write here (atomically) instead of stdout.")
+def report_command(program: str, fmt: str, prometheus: str | None, state_dir: Path,
+                   config_path: Path | None, accuracy_path: Path | None,
+                   out: Path | None) -> None:
+    """Write the audit report of one program as JSON or self-contained HTML."""
+    try:
+        config = load_programs_config(config_path)
+        accuracy = load_accuracy(accuracy_path or DEFAULT_ACCURACY_PATH)
+    except (ProgramConfigError, OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    ledger_path = state_dir / LEDGER_FILENAME
+    ledger: Ledger | None = None
+    if ledger_path.exists():
+        try:
+            ledger = Ledger.open(ledger_path, clock=time.time, readonly=True)
+        except LedgerError as exc:
+            raise click.ClickException(str(exc)) from exc
+    elif prometheus is None:
+        raise click.ClickException(f"no ledger at {ledger_path} and no --prometheus given")
+    try:
+        source = PrometheusSource(prometheus) if prometheus else None
+        doc = build_report(program, ledger=ledger, config=config, now_s=time.time(),
+                           state_dir=state_dir, prometheus=source, accuracy=accuracy)
+    except (PrometheusError, ProgramConfigError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        if ledger is not None:
+            ledger.close()
+    text = (json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n" if fmt == "json"
+            else render_html(doc))
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        try:
+            _write_atomic(out, text)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {out}: {exc}") from exc

@@ -1,0 +1,27 @@
+"""``gpuflops verify``: check the ledger's hash chain and derived totals."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from gpuflops.cli.common import state_dir_option
+from gpuflops.ledger.chain import verify_path
+from gpuflops.ledger.records import LEDGER_FILENAME
+
+
+@click.command("verify")
+@state_dir_option
+def verify_command(state_dir: Path) -> None:
+    """Check the ledger's hash chain; exit 1 naming the first bad record, 2 if unreadable."""
+    result = verify_path(state_dir / LEDGER_FILENAME)
+    if result.ok:
+        click.echo(f"ok: {result.records} records, head seq {result.head_seq} "
+                   f"hash {result.head_hash}")
+        return
+    where = f"record {result.first_bad_id}" if result.first_bad_id is not None else "ledger"
+    click.echo(f"FAILED at {where}: {result.reason} ({result.records} records verified before "
+               f"it; last good hash {result.head_hash or '-'})", err=True)
+    sys.exit(1 if result.records else 2)

@@ -1,0 +1,193 @@
+"""The audit report of one program: JSON (report_schema.json) and a self-contained HTML page.
+
+Totals come from the local ledger, or with a Prometheus URL from Prometheus (all nodes). Job
+metadata, attempts and the chain head always come from the local ledger. The HTML page is
+rendered by html.py, the Prometheus queries are in prometheus.py.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from gpuflops.compliance.programs import Attempt, attempts, evaluate_program, job_inputs, merge_metadata
+from gpuflops.compliance.prometheus import PrometheusSource
+from gpuflops.compliance.thresholds import ProgramsConfig, ProgramStatus
+from gpuflops.ledger.store import Ledger
+
+REPORT_SCHEMA_VERSION = 2
+SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
+ACCURACY_DOC = "docs/accuracy.md"
+
+ASSUMPTIONS = (
+    "Measured FLOPs are tensor- and FP-pipe activity (NVML GPM) x SM clock x SM count x the "
+    "peak FLOPs/clock/SM of the assumed precision; the counters cannot tell tensor "
+    "precisions apart.",
+    "Measured FLOPs include everything the GPUs executed for the job: activation "
+    "recomputation, evaluation and any other work; analytic FLOPs are what the job's "
+    "estimate reported (including its recomputation term when it reported one).",
+    "Work no job claimed is kept as program 'unattributed' and is not counted here.",
+    "Reconciliation compares measured FLOPs inside the span the estimates cover with the "
+    "estimates; with a Prometheus source it compares whole-job totals.",
+)
+
+def _iso(t_s: float) -> str:
+    return dt.datetime.fromtimestamp(t_s, dt.timezone.utc).isoformat()
+
+
+def _jsonable(value: Any) -> Any:
+    """Metadata as JSON (it already is: it came through canonical JSON); floats stay finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def build_report(program: str, *, ledger: Ledger | None, config: ProgramsConfig,
+                 now_s: float, state_dir: Path | None = None,
+                 prometheus: PrometheusSource | None = None,
+                 accuracy: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The report document (validates against report_schema.json)."""
+    events = ledger.job_events(program) if ledger is not None else []
+    meta = merge_metadata(events)
+    att: list[Attempt] = attempts(events)
+    if prometheus is not None:
+        inputs = prometheus.job_inputs(program, meta)
+        start = min([a.first_t_s for a in att] + [now_s - 86400.0])
+        series = prometheus.series(program, start, now_s)
+        source: dict[str, Any] = {"kind": "prometheus", "prometheus_url": prometheus.base_url,
+                                  "queries": list(prometheus.queries)}
+    elif ledger is not None:
+        inputs = job_inputs(ledger, ledger.totals(), events, program)
+        series = ledger.program_series(program)
+        source = {"kind": "ledger", "queries": []}
+    else:
+        raise ValueError("a report needs a ledger, a Prometheus source, or both")
+    if state_dir is not None:
+        source["state_dir"] = str(state_dir)
+    status: ProgramStatus = evaluate_program(program, inputs, config,
+                                             [a.metadata for a in att])
+    cfg = config.for_program(program)
+    check = ledger.verify() if ledger is not None else None
+    coverage = _coverage(ledger, program) if ledger is not None else None
+    th = status.threshold
+    flagged = [j for j in status.jobs if j.flagged]
+    evidence = [
+        f"{status.flops_by_basis['compliance']:.6e} FLOPs counted under the policy: "
+        f"{status.policy.describe()}",
+        f"threshold {th.flops:.6e} FLOPs under rule {th.rule} ({th.description})"
+        + (f"; base model compute {th.base_model_compute_flops:.6e} FLOPs, source: "
+           f"{th.base_model_compute_source or 'not stated'}" if th.base_model_compute_flops
+           else ""),
+        ("no local ledger" if check is None else
+         f"ledger chain head seq {check.head_seq} hash {check.head_hash}: "
+         + ("verified" if check.ok else f"VERIFY FAILED: {check.reason}")),
+    ] + [f"job {j.job}: " + "; ".join(f.message for f in j.findings if f.flag) for j in flagged]
+    if coverage is not None and coverage["gaps"]:
+        evidence.append(
+            f"{len(coverage['gaps'])} spans of unmeasured time on this node during the program: "
+            + ", ".join(f"{r} {v:.1f} s" for r, v in sorted(coverage["unmeasured_seconds"].items())))
+    uncertainties = [{"name": k, "value": v, "source": ACCURACY_DOC}
+                     for k, v in sorted((accuracy or {}).items())]
+    if not uncertainties:
+        uncertainties = [{"name": "measurement error", "value": "not provided",
+                          "source": ACCURACY_DOC}]
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "program": program,
+        "generated_at": _iso(now_s),
+        "generated_at_s": now_s,
+        "source": source,
+        "totals": {
+            "measured_flops": status.flops_by_basis["measured"],
+            "analytic_flops": status.flops_by_basis["analytic"],
+            "compliance_flops": status.flops_by_basis["compliance"],
+            "recompute_flops": sum(j.recompute_flops for j in status.jobs),
+            "tokens": sum(i.tokens for i in inputs),
+        },
+        "threshold": {
+            "rule": th.rule, "description": th.description, "flops": th.flops,
+            "base_model_compute_flops": th.base_model_compute_flops,
+            "base_model_compute_source": th.base_model_compute_source,
+            "systemic_risk": th.systemic_risk, "ratio": status.ratio,
+            "levels": list(status.levels), "level_reached": status.level_reached,
+        },
+        "jobs": [{
+            "job": j.job, "measured_flops": j.measured_flops, "analytic_flops": j.analytic_flops,
+            "recompute_flops": j.recompute_flops,
+            "analytic_without_recompute_flops": j.analytic_without_recompute_flops,
+            "tokens": next((i.tokens for i in inputs if i.job == j.job), 0.0),
+            "ratio": j.ratio, "divergent": j.divergent,
+            "declared_precision": j.declared_precision,
+            "inferred_precision": j.inferred_precision,
+            "correction_factor": j.correction_factor,
+            "compliance_flops": j.compliance_flops,
+            "findings": [asdict(f) for f in j.findings],
+            "metadata": _jsonable(meta.get((j.job, program), {})),
+        } for j in status.jobs],
+        "attempts": [{
+            "job": a.job, "attempt": a.attempt, "resumed_from": a.resumed_from,
+            "first_registered_at": _iso(a.first_t_s), "nodes": list(a.nodes), "ranks": a.ranks,
+            "metadata": _jsonable(a.metadata),
+        } for a in att],
+        "series": [{"t_s": t, "cumulative_flops": v} for t, v in series],
+        "method": {
+            "assumed_precision": cfg.assumed_precision,
+            "tolerance": cfg.tolerance,
+            "policy": asdict(cfg.policy),
+            "policy_description": cfg.policy.describe(),
+            "assumptions": list(ASSUMPTIONS),
+            "uncertainties": uncertainties,
+        },
+        "decision": {
+            "outcome": status.decision,
+            "rule": th.rule,
+            "reason": status.decision_reason,
+            "evidence": evidence,
+        },
+        "coverage": coverage,
+        "ledger": None if ledger is None or check is None else {
+            "path": str(ledger.path), "head_seq": check.head_seq, "head_hash": check.head_hash,
+            "records": check.records, "verified": check.ok, "verify_reason": check.reason,
+        },
+    }
+
+
+def _coverage(ledger: Ledger, program: str) -> dict[str, Any]:
+    """Unmeasured time this node's ledger recorded during the program's span."""
+    spans = [(t.first_t_s, t.last_t_s) for k, t in ledger.totals().jobs.items()
+             if k.program == program and t.first_t_s is not None and t.last_t_s is not None]
+    if not spans:
+        return {"scope": "this node's ledger", "from": None, "to": None, "gaps": [],
+                "unmeasured_seconds": {}}
+    t0 = min(a for a, _ in spans)
+    t1 = max(b for _, b in spans)
+    gaps = ledger.gaps(t0, t1)
+    by_reason: dict[str, float] = {}
+    for g in gaps:
+        by_reason[g.reason] = by_reason.get(g.reason, 0.0) + g.duration_s
+    return {
+        "scope": "this node's ledger",
+        "from": _iso(t0), "to": _iso(t1),
+        "gaps": [{"gpu": g.gpu, "uuid": g.uuid, "from": _iso(g.t0_s), "to": _iso(g.t1_s),
+                  "seconds": g.duration_s, "reason": g.reason} for g in gaps],
+        "unmeasured_seconds": by_reason,
+    }
+
+
+def load_accuracy(path: Path | None) -> dict[str, str]:
+    """Accuracy figures (name -> value text) taken from docs/accuracy.md, as a JSON object."""
+    if path is None:
+        return {}
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of name -> value")
+    return {str(k): str(v) for k, v in data.items()}

@@ -1,0 +1,1 @@
+"""Which job a process works for: /proc and cgroups, environment, Kubernetes, Slurm, systemd."""

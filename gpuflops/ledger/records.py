@@ -1,0 +1,131 @@
+"""What the ledger holds and returns: record kinds, errors, and the typed results of reads."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+LEDGER_FILENAME = "ledger.sqlite3"
+
+JobEventKind = Literal["register", "estimate", "end"]
+JOB_EVENT_KINDS: frozenset[str] = frozenset({"register", "estimate", "end"})
+Synchronous = Literal["FULL", "NORMAL"]
+SESSION_EVENTS: frozenset[str] = frozenset({"start", "stop", "alive"})
+NODE = "*"  # the ``gpu`` of a gap that covers every GPU of the node (the daemon was not running)
+
+
+class LedgerError(Exception):
+    """Base class for ledger failures; carries the ledger path."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+class LedgerCorruptError(LedgerError):
+    """The file is not a readable ledger (not SQLite, damaged, or its chain head is broken)."""
+
+
+class LedgerVersionError(LedgerError):
+    """The file was written by a newer schema version than this code knows."""
+
+
+class LedgerWriteError(LedgerError):
+    """An append failed; nothing of it was committed."""
+
+
+
+@dataclass(frozen=True)
+class GpuKey:
+    gpu: str
+    uuid: str
+    pipe: str
+    precision: str
+
+
+@dataclass(frozen=True)
+class JobKey:
+    job: str
+    program: str
+
+
+@dataclass(frozen=True)
+class JobTotals:
+    """Persisted per-job sums; ``recompute_flops`` is the analytic recomputation term."""
+
+    measured_flops: float = 0.0
+    analytic_flops: float = 0.0
+    tokens: float = 0.0
+    recompute_flops: float = 0.0
+    # Span covered by analytic estimates (None before the first estimate).
+    estimate_t0_s: float | None = None
+    estimate_t1_s: float | None = None
+    first_t_s: float | None = None
+    last_t_s: float | None = None
+
+
+@dataclass(frozen=True)
+class LedgerTotals:
+    """Everything the daemon needs to restore its counters at start."""
+
+    gpu: Mapping[GpuKey, float]
+    jobs: Mapping[JobKey, JobTotals]
+    records: int
+    head_seq: int
+    head_hash: str
+
+    def program_measured(self, program: str) -> float:
+        return sum(t.measured_flops for k, t in self.jobs.items() if k.program == program)
+
+
+@dataclass(frozen=True)
+class JobEventRecord:
+    """One job event as stored in the chain."""
+
+    seq: int
+    kind: str
+    job: str
+    program: str
+    t_s: float
+    payload: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Time one GPU (``gpu == NODE``: every GPU) was not measured, and why."""
+
+    seq: int
+    gpu: str
+    uuid: str
+    t0_s: float
+    t1_s: float
+    reason: str
+
+    @property
+    def duration_s(self) -> float:
+        return self.t1_s - self.t0_s
+
+
+@dataclass(frozen=True)
+class LastActivity:
+    """The newest record's time, and whether it was the daemon's clean stop."""
+
+    t_s: float
+    kind: str
+    clean_stop: bool
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of a full chain check; ``first_bad_id`` is the first failing sequence number."""
+
+    ok: bool
+    records: int
+    first_bad_id: int | None
+    reason: str | None
+    head_hash: str
+    head_seq: int = 0
+    warnings: tuple[str, ...] = field(default_factory=tuple)

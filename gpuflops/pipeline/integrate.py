@@ -1,0 +1,79 @@
+"""Turns activity samples into FLOPs per pipe.
+
+FLOPs over an interval = activity x SMs x FLOPs/clock/SM(family, precision) x mean SM clock x dt.
+The mean clock is taken over the same interval the activity covers (the sampler reads the clock
+several times within each interval): the clock swings 1.0-1.98 GHz within a second under the
+power cap and throttling comes with high activity, so averaging the two over long windows
+separately biases the product (shared/gpu-facts.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from gpuflops.model import PIPE_METRIC, GpuInfo, GpuSample, IntervalFlops, Pipe
+from gpuflops.rates import (
+    DEFAULT_HMMA_PRECISION,
+    Family,
+    family_for,
+    pipe_precision,
+    rate_for,
+)
+
+PrecisionFor = Callable[[str], str]
+
+
+class Integrator:
+    """Stateless per interval; the HMMA precision comes from a callable (config or job)."""
+
+    def __init__(self, precision_for: PrecisionFor | None = None) -> None:
+        self._precision_for = precision_for or (lambda _key: DEFAULT_HMMA_PRECISION)
+        self._families: dict[str, Family | None] = {}
+
+    def family(self, info: GpuInfo) -> Family | None:
+        if info.key not in self._families:
+            self._families[info.key] = family_for(info.architecture, info.name)
+        return self._families[info.key]
+
+    def hmma_precision(self, key: str) -> str:
+        return self._precision_for(key)
+
+    def integrate(
+        self, info: GpuInfo, sample: GpuSample, hmma_precision: str | None = None
+    ) -> IntervalFlops:
+        """FLOPs of one interval; ``hmma_precision`` overrides the configured one (a job's)."""
+        if sample.activity is None:
+            return self._gap(sample, sample.error or "no_activity")
+        if sample.clock_hz is None:
+            return self._gap(sample, "no_clock")
+        family = self.family(info)
+        if family is None:
+            return self._gap(sample, "unknown_architecture")
+        if info.sm_count is None:
+            return self._gap(sample, "unknown_sm_count")
+        dt = sample.duration_s
+        if dt <= 0:
+            return self._gap(sample, "empty_interval")
+        cycles = sample.clock_hz * dt
+        hmma_precision = hmma_precision or self._precision_for(info.key)
+        flops: dict[tuple[Pipe, str], float] = {}
+        unmeasured: list[Pipe] = []
+        for pipe, metric in PIPE_METRIC.items():
+            activity = sample.activity.get(metric)
+            precision = pipe_precision(pipe, hmma_precision)
+            rate = rate_for(family, pipe, precision)
+            if activity is None or rate is None:
+                # No rate for an idle pipe costs nothing; for a busy one it is unmeasured work.
+                if activity is None or activity > 0:
+                    unmeasured.append(pipe)
+                continue
+            flops[(pipe, precision)] = (
+                activity * info.sm_count * rate.flops_per_clock_per_sm * cycles
+            )
+        return IntervalFlops(
+            sample.key, sample.t0_s, sample.t1_s, flops, None, tuple(unmeasured)
+        )
+
+    @staticmethod
+    def _gap(sample: GpuSample, reason: str) -> IntervalFlops:
+        return IntervalFlops(sample.key, sample.t0_s, sample.t1_s, {}, reason, ())
