@@ -13,9 +13,9 @@ from typing import Any
 import lightning.pytorch as pl
 
 from gpuflops.client.estimating import EstimatingCallback, Reporter, StepTally
+from gpuflops.compliance.reconcile import normalize_precision
 from gpuflops.estimate.spec import SpecError
 from gpuflops.estimate.torchmodel import batch_fields, batch_tokens
-from gpuflops.ledger.reconcile import normalize_precision
 
 
 class GpuflopsLightningCallback(EstimatingCallback, pl.Callback):
