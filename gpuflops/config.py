@@ -44,6 +44,12 @@ class Settings:
     # 0.5 s intervals were as accurate as 0.1 s ones, at a fraction of the CPU.
     interval_s: float = 0.5
     clock_period_s: float = 0.1
+    # Hardware cycle counters for the clock and tensor work: "auto" uses CUPTI PM sampling where
+    # cupti-python is installed and falls back to NVML's clock otherwise; "cupti" refuses to
+    # start without it; "nvml" never uses it (docs/accuracy.md, docs/backends.md).
+    counters: str = "auto"
+    pm_period_s: float = 0.05  # PM sample period: window edges land within one period
+    yield_to_profilers: bool = True  # hand GPU counters to Nsight tools while they run
     process_period_s: float = 1.0  # process list and per-process utilisation refresh
     process_ttl_s: float = 300.0  # exited processes' series age out after this
     attribution_hold_s: float = 3.0  # how long a shared interval waits for per-process samples
@@ -86,6 +92,11 @@ class Settings:
             raise SettingsError(f"interval must be >= 0.1 s (NVML GPM limit), got {self.interval_s}")
         if not 0 < self.clock_period_s <= self.interval_s:
             raise SettingsError("clock_period_s must be in (0, interval_s]")
+        if self.counters not in ("auto", "cupti", "nvml"):
+            raise SettingsError(f"counters must be auto, cupti or nvml, not {self.counters!r}")
+        if not 0.001 <= self.pm_period_s <= self.interval_s / 2:
+            raise SettingsError("pm_period_s must be in [0.001, interval_s / 2]: a window "
+                                f"needs whole PM samples, got {self.pm_period_s}")
         for key, p in [("hmma_precision", self.hmma_precision), *self.hmma_precision_per_gpu.items()]:
             if p not in HMMA_PRECISIONS:
                 raise SettingsError(f"{key}: precision {p!r} is not one of {HMMA_PRECISIONS}")

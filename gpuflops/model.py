@@ -19,6 +19,12 @@ from enum import Enum
 UNATTRIBUTED = "unattributed"
 
 
+# Where an interval's clock (and, on Hopper, its tensor work) came from: NVML's reported SM
+# clock, or the SMs' own cycle counters read by CUPTI PM sampling (docs/accuracy.md).
+COUNTER_SOURCE_NVML = "nvml"
+COUNTER_SOURCE_PM = "cupti_pm"
+
+
 class Pipe(str, Enum):
     """GPU execution pipes whose activity the counters report."""
 
@@ -108,10 +114,24 @@ class GpuSample:
     process_util: tuple[ProcessUtilSample, ...] = ()
     gpu_util: float | None = None  # nvidia-smi "utilization.gpu" as a ratio, for comparison only
     error: str | None = None  # why this interval is a gap, or a partial problem
+    # Hardware cycle counts over (about) the same interval, when a counter source has them
+    # (CUPTI PM sampling, sampler/pm.py): the SM cycles that elapsed, which make the real
+    # clock, and the tensor pipes' busy cycles summed over SM sub-partitions. None: not had.
+    counter_source: str = COUNTER_SOURCE_NVML
+    counter_span_s: float | None = None
+    sm_cycles: float | None = None
+    tensor_cycles: float | None = None
 
     @property
     def duration_s(self) -> float:
         return self.t1_s - self.t0_s
+
+    @property
+    def real_clock_hz(self) -> float | None:
+        """The SMs' clock from their elapsed cycles; None without a cycle counter."""
+        if self.sm_cycles is None or not self.counter_span_s:
+            return None
+        return self.sm_cycles / self.counter_span_s
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,10 @@ class Family:
     architecture: str
     cores_per_sm: int  # CUDA cores per SM, to derive the SM count from nvmlDeviceGetNumGpuCores
     rates: Mapping[str, Rate]  # key: "<pipe>:<precision>"
+    # One busy cycle of ``sm__pipe_tensor_cycles_active.sum`` (summed over SM sub-partitions)
+    # is worth rate / this many FLOPs on the family's full-rate tensor path; None where that
+    # has not been measured, and then tensor cycles are not used for FLOPs.
+    tensor_cycle_divisor: int | None = None
 
 
 def _r(value: int, source: str) -> Rate:
@@ -122,6 +126,10 @@ FAMILIES: Mapping[str, Family] = {
             "fp64:fp64": _r(128, _H100_DS + ": 34 TFLOP/s FP64 non-tensor"),
             "fp16:fp16": _r(512, "NVIDIA H100 whitepaper: 134 TFLOP/s FP16 non-tensor"),
         },
+        # H200, run 21: Nsight Compute's executed tensor ops per tensor-pipe cycle were 1024
+        # for bf16 wgmma (4096 / 4), 2048 for fp8 and 512 for tf32, on every Hopper-path kernel
+        # (benchmarks/results/h200-run21-ncu-kernels.json).
+        tensor_cycle_divisor=4,
     ),
     "blackwell": Family(
         "blackwell",

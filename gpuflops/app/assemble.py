@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from prometheus_client.registry import CollectorRegistry
 
@@ -44,6 +44,9 @@ from gpuflops.pipeline.pipeline import Pipeline, StepHook
 from gpuflops.sampler.base import Sampler, SamplerError
 from gpuflops.sampler.trace import TraceWriter, recording_meta
 
+if TYPE_CHECKING:
+    from gpuflops.sampler.nvml import NvmlSampler
+
 log = logging.getLogger(__name__)
 
 
@@ -67,6 +70,7 @@ def build_sampler(settings: Settings) -> tuple[Sampler, threading.Event]:
 
     sm_counts: dict[tuple[int, int | None], int | None] = {}
     tokens: dict[Sampler, threading.Event] = {}  # every sampler built -> its stop token
+    nvml_built: list[NvmlSampler] = []
 
     def nvml() -> Sampler:
         from gpuflops.sampler.nvml import NvmlSampler
@@ -80,6 +84,7 @@ def build_sampler(settings: Settings) -> tuple[Sampler, threading.Event]:
             devices=list(settings.devices) if settings.devices is not None else None,
         )
         tokens[sampler] = stop
+        nvml_built.append(sampler)
         for g in sampler.gpus():  # DCGM has no SM-count field: NVML's is reused there
             sm_counts[(g.index, g.gpu_instance_id)] = g.sm_count
         return sampler
@@ -103,6 +108,9 @@ def build_sampler(settings: Settings) -> tuple[Sampler, threading.Event]:
 
     try:
         chosen = select_backend(settings, nvml=nvml, dcgm=dcgm)
+        stop = tokens[chosen]
+        if nvml_built and chosen is nvml_built[0]:
+            chosen = with_pm_counters(settings, nvml_built[0])
     except SamplerError as e:
         if settings.backend == "auto":
             raise NoDriverError(
@@ -112,7 +120,30 @@ def build_sampler(settings: Settings) -> tuple[Sampler, threading.Event]:
                 "on an NVIDIA H100."
             ) from None
         raise
-    return chosen, tokens[chosen]
+    return chosen, stop
+
+
+def with_pm_counters(settings: Settings, sampler: NvmlSampler) -> Sampler:
+    """The NVML sampler with CUPTI PM cycle counts where settings and the node allow them."""
+    if settings.counters == "nvml":
+        return sampler
+    from gpuflops.sampler.pm import PmCountedSampler, PmError, PmSampling, ProfilerWatch
+
+    try:
+        from gpuflops.sampler.cupti import CuptiOpener
+
+        opener = CuptiOpener()
+    except PmError as e:
+        if settings.counters == "cupti":
+            sampler.close()
+            raise SamplerError(f"--counters cupti: {e}") from None
+        log.warning("CUPTI PM sampling unavailable (%s): FLOPs use NVML's SM clock, which runs "
+                    "ahead of the SMs' real clock under load (docs/accuracy.md)", e)
+        return sampler
+    pm = PmSampling(sampler.pci_bus_ids(), opener, period_s=settings.pm_period_s)
+    pm.start()
+    return PmCountedSampler(sampler, pm,
+                            watch=ProfilerWatch() if settings.yield_to_profilers else None)
 
 
 def build(

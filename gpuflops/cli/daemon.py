@@ -29,6 +29,9 @@ from gpuflops.config import (
 @click.option("--no-loop", is_flag=True, help="Stop when the replayed trace ends.")
 @click.option("--listen", default=None, help=f"HOST:PORT for /metrics and /healthz [{DEFAULT_LISTEN}].")
 @click.option("--interval", "interval_s", type=float, default=None, help="GPM interval in seconds [0.5].")
+@click.option("--counters", type=click.Choice(["auto", "cupti", "nvml"]), default=None,
+              help="SM and tensor cycle counters: CUPTI PM sampling (cupti), NVML's clock only "
+                   "(nvml), or PM sampling where cupti-python is installed (auto) [auto].")
 @click.option("--precision", "hmma_precision", default=None,
               help="Assumed tensor-core (HMMA) precision: fp8, bf16, fp16, tf32 [bf16].")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None)
@@ -58,6 +61,7 @@ def daemon_command(
     no_loop: bool,
     listen: str | None,
     interval_s: float | None,
+    counters: str | None,
     hmma_precision: str | None,
     config_path: str | None,
     record_path: str | None,
@@ -89,6 +93,7 @@ def daemon_command(
             backend=backend,
             listen=listen,
             interval_s=interval_s,
+            counters=counters,
             hmma_precision=hmma_precision,
             replay_path=replay_path,
             replay_speed=speed,

@@ -65,7 +65,19 @@ class FlopsCollector(Collector):
             labels=["gpu", "uuid", "metric"],
         )
         clock = GaugeMetricFamily(
-            "gpuflops_gpu_sm_clock_hz", "Mean SM clock over the last interval", labels=["gpu", "uuid"]
+            "gpuflops_gpu_sm_clock_hz", "Mean SM clock NVML reported over the last interval",
+            labels=["gpu", "uuid"]
+        )
+        real_clock = GaugeMetricFamily(
+            "gpuflops_gpu_sm_clock_real_hz",
+            "The SMs' clock from their own elapsed cycles (CUPTI PM) over the last interval",
+            labels=["gpu", "uuid"],
+        )
+        source = GaugeMetricFamily(
+            "gpuflops_gpu_counter_source",
+            "1 for the source of the last interval's cycles: cupti_pm (hardware cycle counters) "
+            "or nvml (NVML's reported clock)",
+            labels=["gpu", "uuid", "source"],
         )
         rate = GaugeMetricFamily(
             "gpuflops_gpu_flops_per_second",
@@ -84,12 +96,17 @@ class FlopsCollector(Collector):
                     activity.add_metric([*labels, metric.value], value)
             if live.clock_hz is not None:
                 clock.add_metric(labels, live.clock_hz)
+            if live.real_clock_hz is not None:
+                real_clock.add_metric(labels, live.real_clock_hz)
+            source.add_metric([*labels, live.counter_source], 1)
             if live.flops_per_s is not None:
                 rate.add_metric(labels, live.flops_per_s)
             if live.gpu_util is not None:
                 util.add_metric(labels, live.gpu_util)
         yield activity
         yield clock
+        yield real_clock
+        yield source
         yield rate
         yield util
 
@@ -110,6 +127,14 @@ class FlopsCollector(Collector):
         for key, n in sorted(snap.intervals.items()):
             intervals.add_metric([key], n)
         yield intervals
+        by_source = CounterMetricFamily(
+            "gpuflops_gpu_counter_intervals",
+            "Intervals integrated with each cycle source (cupti_pm or nvml)",
+            labels=["gpu", "source"],
+        )
+        for (key, src), n in sorted(snap.source_intervals.items()):
+            by_source.add_metric([key, src], n)
+        yield by_source
 
         gaps = CounterMetricFamily(
             "gpuflops_sampler_gaps",

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from gpuflops.ledger.records import LedgerTotals
-from gpuflops.model import FlopsRow, GpuInfo, GpuSample, IntervalFlops, Metric
+from gpuflops.model import (
+    COUNTER_SOURCE_NVML,
+    FlopsRow,
+    GpuInfo,
+    GpuSample,
+    IntervalFlops,
+    Metric,
+)
 
 GpuFlopsKey = tuple[str, str, str]  # gpu key, pipe, precision
 ProcKey = tuple[str, int, str]  # gpu key, pid, comm
@@ -42,6 +49,8 @@ class GpuLive:
     flops_per_s: float | None
     t1_s: float
     gpu_util: float | None
+    counter_source: str = COUNTER_SOURCE_NVML
+    real_clock_hz: float | None = None  # the SMs' own cycles over the interval, when counted
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,7 @@ class Snapshot:
     job_analytic: Mapping[JobSeriesKey, JobAnalytic]
     live: Mapping[str, GpuLive]
     intervals: Mapping[str, int]
+    source_intervals: Mapping[tuple[str, str], int]  # (gpu key, counter source) -> intervals
     gaps: Mapping[tuple[str, str], int]
     gap_seconds: Mapping[tuple[str, str], float]
     errors: Mapping[tuple[str, str], int]
@@ -84,6 +94,7 @@ class Totals:
         self._job_analytic: dict[JobSeriesKey, JobAnalytic] = {}
         self._live: dict[str, GpuLive] = {}
         self._intervals: dict[str, int] = {g.key: 0 for g in gpus}
+        self._source_intervals: dict[tuple[str, str], int] = {}
         self._gaps: dict[tuple[str, str], int] = {}
         self._gap_s: dict[tuple[str, str], float] = {}
         self._errors: dict[tuple[str, str], int] = {}
@@ -102,6 +113,8 @@ class Totals:
         with self._lock:
             key = sample.key
             self._intervals[key] = self._intervals.get(key, 0) + 1
+            sk = (key, sample.counter_source)
+            self._source_intervals[sk] = self._source_intervals.get(sk, 0) + 1
             self._last[key] = sample.t1_s
             if flops.gap_reason is not None:
                 gk = (key, flops.gap_reason)
@@ -114,6 +127,8 @@ class Totals:
                 flops_per_s=(flops.total / dt) if flops.gap_reason is None and dt > 0 else None,
                 t1_s=sample.t1_s,
                 gpu_util=sample.gpu_util,
+                counter_source=sample.counter_source,
+                real_clock_hz=sample.real_clock_hz,
             )
 
     def add_rows(self, rows: Iterable[FlopsRow], held: int) -> None:
@@ -173,6 +188,7 @@ class Totals:
                 job_analytic=MappingProxyType(dict(self._job_analytic)),
                 live=MappingProxyType(dict(self._live)),
                 intervals=MappingProxyType(dict(self._intervals)),
+                source_intervals=MappingProxyType(dict(self._source_intervals)),
                 gaps=MappingProxyType(dict(self._gaps)),
                 gap_seconds=MappingProxyType(dict(self._gap_s)),
                 errors=MappingProxyType(dict(self._errors)),

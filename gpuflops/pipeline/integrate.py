@@ -1,10 +1,19 @@
 """Turns activity samples into FLOPs per pipe.
 
-FLOPs over an interval = activity x SMs x FLOPs/clock/SM(family, precision) x mean SM clock x dt.
-The mean clock is taken over the same interval the activity covers (the sampler reads the clock
-several times within each interval): the clock swings 1.0-1.98 GHz within a second under the
-power cap and throttling comes with high activity, so averaging the two over long windows
-separately biases the product (shared/gpu-facts.md).
+FLOPs over an interval = activity x SMs x FLOPs/clock/SM(family, precision) x SM cycles.
+
+The SM cycles are the hardware's own count when a counter source has it (CUPTI PM sampling's
+``sm__cycles_elapsed``): NVML's reported clock runs 4-14% ahead of the SMs' real one under load
+on an H200 (docs/accuracy.md). Without it they are NVML's mean clock over the same interval the
+activity covers (the sampler reads the clock several times within each interval): the clock
+swings 1.0-1.98 GHz within a second under the power cap and throttling comes with high
+activity, so averaging the two over long windows separately biases the product.
+
+Tensor pipes, where the family's tensor-cycle rate is measured (Hopper): FLOPs = the tensor
+pipes' busy cycles x rate / ``tensor_cycle_divisor``, split among HMMA, IMMA and DFMA in the
+proportion of their GPM activity. That product needs no clock at all, and counts every busy
+cycle at the full-rate path's worth; kernels on the half-rate ``mma.sync`` path read 2x (a
+job's kernel census corrects that, in compliance/reconcile.py).
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ from gpuflops.rates import (
     pipe_precision,
     rate_for,
 )
+
+TENSOR_PIPES = (Pipe.HMMA, Pipe.IMMA, Pipe.DFMA)
 
 PrecisionFor = Callable[[str], str]
 
@@ -54,10 +65,12 @@ class Integrator:
         dt = sample.duration_s
         if dt <= 0:
             return self._gap(sample, "empty_interval")
-        cycles = sample.clock_hz * dt
+        real = sample.real_clock_hz
+        cycles = (real if real is not None else sample.clock_hz) * dt
         hmma_precision = hmma_precision or self._precision_for(info.key)
         flops: dict[tuple[Pipe, str], float] = {}
         unmeasured: list[Pipe] = []
+        tensor_share = self._tensor_shares(family, sample)
         for pipe, metric in PIPE_METRIC.items():
             activity = sample.activity.get(metric)
             precision = pipe_precision(pipe, hmma_precision)
@@ -67,12 +80,30 @@ class Integrator:
                 if activity is None or activity > 0:
                     unmeasured.append(pipe)
                 continue
+            if tensor_share is not None and pipe in tensor_share:
+                assert family.tensor_cycle_divisor is not None
+                flops[(pipe, precision)] = (tensor_share[pipe] * rate.flops_per_clock_per_sm
+                                            / family.tensor_cycle_divisor)
+                continue
             flops[(pipe, precision)] = (
                 activity * info.sm_count * rate.flops_per_clock_per_sm * cycles
             )
         return IntervalFlops(
             sample.key, sample.t0_s, sample.t1_s, flops, None, tuple(unmeasured)
         )
+
+    @staticmethod
+    def _tensor_shares(family: Family, sample: GpuSample) -> dict[Pipe, float] | None:
+        """The interval's tensor-pipe busy cycles per tensor pipe, or None to use activity."""
+        if family.tensor_cycle_divisor is None or sample.tensor_cycles is None:
+            return None
+        assert sample.activity is not None
+        weights = {p: sample.activity.get(PIPE_METRIC[p]) or 0.0 for p in TENSOR_PIPES}
+        total = sum(weights.values())
+        if total <= 0:
+            # Busy cycles too few for GPM's percent resolution: HMMA is by far the likeliest.
+            weights, total = {Pipe.HMMA: 1.0}, 1.0
+        return {p: sample.tensor_cycles * w / total for p, w in weights.items()}
 
     @staticmethod
     def _gap(sample: GpuSample, reason: str) -> IntervalFlops:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -153,6 +154,7 @@ class NvmlSampler:
         self._stop = stop or threading.Event()
         self._errors = ErrorCounts(log)
         self._comms: dict[int, str] = {}
+        self._own_pid = os.getpid()
         try:
             self._q("nvmlInit")
         except NvmlCallError as e:
@@ -288,6 +290,19 @@ class NvmlSampler:
             unit.metric_order = order
         return unit
 
+    def pci_bus_ids(self) -> dict[str, str]:
+        """PCI bus id of each whole GPU (not MIG instances), by unit key; for CUPTI."""
+        out = {}
+        for u in self._units:
+            if u.info.gpu_instance_id is None:
+                try:
+                    bus = self._q("nvmlDeviceGetPciInfo", u.handle).busId
+                except NvmlCallError as e:
+                    self._count(u, f"pci_{e.kind}", f"PCI bus id unavailable: {e}")
+                    continue
+                out[u.info.key] = bus.decode() if isinstance(bus, bytes) else str(bus)
+        return out
+
     def gpus(self) -> list[GpuInfo]:
         return [u.info for u in self._units]
 
@@ -394,6 +409,8 @@ class NvmlSampler:
                 for p in running:
                     mem = getattr(p, "usedGpuMemory", None)
                     pid = int(p.pid)
+                    if pid == self._own_pid:
+                        continue  # the daemon's own CUDA context (PM sampling) is no job
                     procs.append(ProcessInfo(pid, self._comm(pid), mem if mem else None))
                 u.processes = tuple(sorted(procs, key=lambda p: p.pid))
             except NvmlCallError as e:

@@ -29,7 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from gpuflops.model import GpuInfo, GpuSample, Metric, ProcessInfo, ProcessUtilSample
+from gpuflops.model import (
+    COUNTER_SOURCE_NVML,
+    COUNTER_SOURCE_PM,
+    GpuInfo,
+    GpuSample,
+    Metric,
+    ProcessInfo,
+    ProcessUtilSample,
+)
 from gpuflops.sampler.base import Sampler
 
 TRACE_FORMAT = "gpuflops-trace"
@@ -103,6 +111,9 @@ def sample_to_json(s: GpuSample) -> dict[str, Any]:
         d["gpu_util"] = s.gpu_util
     if s.error is not None:
         d["error"] = s.error
+    if s.counter_source != COUNTER_SOURCE_NVML:
+        d["counters"] = {"source": s.counter_source, "span_s": s.counter_span_s,
+                         "sm_cycles": s.sm_cycles, "tensor_cycles": s.tensor_cycles}
     return d
 
 
@@ -271,6 +282,13 @@ def _sample_from_json(lc: _Line, d: Any, keys: set[str]) -> GpuSample:
             raise lc.fail(f"bad process_util timestamp {ts!r}")
         utils.append(ProcessUtilSample(u[0], float(ts), lc.ratio(u[2], "process sm_util")))
     gpu_util = d.get("gpu_util")
+    counters = d.get("counters") or {}
+    if not isinstance(counters, dict) or (counters and counters.get("source") != COUNTER_SOURCE_PM):
+        raise lc.fail(f"'counters' must be an object with source {COUNTER_SOURCE_PM!r}")
+    cycles = {k: lc.num(counters, k, optional=True) for k in ("span_s", "sm_cycles",
+                                                               "tensor_cycles")}
+    if any(v is not None and v < 0 for v in cycles.values()):
+        raise lc.fail(f"negative cycle counts in {counters!r}")
     return GpuSample(
         key=key,
         t0_s=t0,
@@ -282,6 +300,10 @@ def _sample_from_json(lc: _Line, d: Any, keys: set[str]) -> GpuSample:
         process_util=tuple(utils),
         gpu_util=None if gpu_util is None else lc.ratio(gpu_util, "gpu_util"),
         error=error,
+        counter_source=COUNTER_SOURCE_PM if counters else COUNTER_SOURCE_NVML,
+        counter_span_s=cycles["span_s"],
+        sm_cycles=cycles["sm_cycles"],
+        tensor_cycles=cycles["tensor_cycles"],
     )
 
 

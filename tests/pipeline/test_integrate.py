@@ -170,3 +170,51 @@ def test_empty_interval_is_a_gap() -> None:
     info, s = _busy_sample()
     f = Integrator().integrate(info, replace(s, t1_s=s.t0_s))
     assert f.gap_reason == "empty_interval"
+
+
+def _counted(s: GpuSample, sm_cycles: float, tensor_cycles: float, span_s: float) -> GpuSample:
+    return replace(s, counter_source="cupti_pm", counter_span_s=span_s, sm_cycles=sm_cycles,
+                   tensor_cycles=tensor_cycles)
+
+
+def test_pm_tensor_cycles_give_tensor_flops_without_any_clock() -> None:
+    info, s = _busy_sample()
+    assert s.activity is not None and s.clock_hz is not None
+    dt = s.t1_s - s.t0_s
+    # Run 21 (H200, bf16 wgmma): 1342 MHz real against NVML's 1524; tensor cycles per exact
+    # FLOP 1/1033. The product is cycles x 4096 / 4, whatever either clock says.
+    counted = _counted(s, sm_cycles=1.342e9 * dt, tensor_cycles=2.0e11, span_s=dt)
+    f = Integrator().integrate(info, counted)
+    assert f.flops[(Pipe.HMMA, "bf16")] == pytest.approx(2.0e11 * 1024, rel=1e-12)
+    fp8 = Integrator().integrate(info, counted, "fp8")
+    assert fp8.flops[(Pipe.HMMA, "fp8")] == pytest.approx(2.0e11 * 2048, rel=1e-12)
+    # Non-tensor pipes use the SMs' real clock, not NVML's.
+    fp32 = s.activity[Metric.FP32]
+    assert f.flops[(Pipe.FP32, "fp32")] == pytest.approx(fp32 * 132 * 256 * 1.342e9 * dt,
+                                                         rel=1e-12)
+
+
+def test_pm_tensor_cycles_split_among_tensor_pipes_by_activity() -> None:
+    info, s = _busy_sample()
+    assert s.activity is not None
+    act = {**s.activity, Metric.HMMA: 0.6, Metric.DFMA: 0.2, Metric.IMMA: 0.0}
+    counted = _counted(replace(s, activity=act), 1e9, 8.0e10, s.t1_s - s.t0_s)
+    f = Integrator().integrate(info, counted)
+    assert f.flops[(Pipe.HMMA, "bf16")] == pytest.approx(6.0e10 * 4096 / 4, rel=1e-12)
+    assert f.flops[(Pipe.DFMA, "fp64")] == pytest.approx(2.0e10 * 256 / 4, rel=1e-12)
+    assert f.flops[(Pipe.IMMA, "int8")] == 0.0
+    # Busy cycles with no tensor activity GPM could resolve: counted as HMMA, not dropped.
+    quiet = {**s.activity, Metric.HMMA: 0.0, Metric.DFMA: 0.0, Metric.IMMA: 0.0}
+    g = Integrator().integrate(info, _counted(replace(s, activity=quiet), 1e9, 1e6, 0.5))
+    assert g.flops[(Pipe.HMMA, "bf16")] == pytest.approx(1e6 * 1024)
+
+
+def test_families_without_a_measured_tensor_cycle_rate_use_only_the_real_clock() -> None:
+    info, s = _busy_sample()
+    assert s.activity is not None
+    ampere = replace(info, architecture="ampere", name="NVIDIA A100-SXM4-80GB", sm_count=108)
+    dt = s.t1_s - s.t0_s
+    f = Integrator().integrate(ampere, _counted(s, 1.2e9 * dt, 5e10, dt))
+    hmma = s.activity[Metric.HMMA]
+    assert f.flops[(Pipe.HMMA, "bf16")] == pytest.approx(hmma * 108 * 2048 * 1.2e9 * dt,
+                                                         rel=1e-12)

@@ -195,6 +195,10 @@ class FakeNvml:
     def nvmlDeviceGetName(self, h: int) -> str:
         return self.gpus[h].info.name
 
+    def nvmlDeviceGetPciInfo(self, h: int) -> Any:
+        self._hit("nvmlDeviceGetPciInfo", h)
+        return type("PciInfo", (), {"busId": f"00000000:{0x18 + h:02X}:00.0".encode()})()
+
     def nvmlDeviceGetArchitecture(self, h: int) -> int:
         return _ARCH_CODE.get(self.gpus[h].info.architecture, 0xFFFFFFFF)
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import gzip
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gpuflops.model import COUNTER_SOURCE_PM
 from gpuflops.sampler.trace import (
     TraceError,
     TraceEvent,
@@ -235,3 +237,22 @@ def test_missing_and_empty_files(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00garbage\n")
     with pytest.raises(TraceError, match=r"bin\.jsonl:1: "):
         load_trace(binary)
+
+
+
+def test_pm_cycle_counts_round_trip(tmp_path: Path) -> None:
+    header, intervals, _events = load_trace(SCENARIOS)
+    first = intervals[0].samples[0]
+    counted = replace(first, counter_source=COUNTER_SOURCE_PM, counter_span_s=0.09,
+                      sm_cycles=1.2e8, tensor_cycles=3.4e10)
+    out = tmp_path / "pm.jsonl"
+    w = TraceWriter(out, list(header.gpus), header.interval_s, header.meta)
+    w.interval([counted, *intervals[0].samples[1:]])
+    w.close()
+    _h, back, _e = load_trace(out)
+    assert back[0].samples[0] == counted
+    assert back[0].samples[0].real_clock_hz == pytest.approx(1.2e8 / 0.09)
+    text = out.read_text().replace('"cupti_pm"', '"made_up"')
+    out.write_text(text)
+    with pytest.raises(TraceError, match="counters"):
+        load_trace(out)

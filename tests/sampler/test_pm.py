@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuflops.sampler.cupti import MIN_COVERAGE, PmError, PmSampling, ProfilerWatch
+from gpuflops.sampler.pm import MIN_COVERAGE, PmError, PmSampling, ProfilerWatch
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "h200-pm-samples.json.gz"
 LAG_NS = 3_000_000  # run 21: the newest sample was ~3 ms old at the quickest decode
@@ -201,3 +201,105 @@ def test_profiler_watch_finds_ncu_targets_from_their_environment(tmp_path: Path)
         (tmp_path / "200" / name).unlink()
     (tmp_path / "200").rmdir()
     assert watch.scan() == {}
+
+
+# ---------------------------------------------------------------- PmCountedSampler
+
+
+class _Inner:
+    """A sampler ending intervals on the recorded timeline (the fake clock); GPU 1 is MIG."""
+
+    name = "nvml"
+    interval_s = 0.5
+    def __init__(self, clock: Clock, start: float) -> None:
+        from gpuflops.model import GpuInfo, Metric
+
+        self.errors: dict[tuple[str, str], int] = {}
+        self._clock, self._t = clock, start
+        self._act = {Metric.HMMA: 0.5}
+        self._infos = [GpuInfo("0", 0, "GPU-a", "NVIDIA H200", "hopper", 132),
+                       GpuInfo("1/gi1", 1, "MIG-b", "NVIDIA H200", "hopper", 16,
+                               gpu_instance_id=1)]
+        self.closed = False
+
+    def gpus(self):  # type: ignore[no-untyped-def]
+        return self._infos
+
+    def sample(self):  # type: ignore[no-untyped-def]
+        from gpuflops.model import GpuSample
+
+        t0, self._t = self._t, self._t + 0.5
+        self._clock.t = self._t
+        return [GpuSample(g.key, t0, self._t, self._act, 1.98e9, 5) for g in self._infos]
+
+    def describe(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_counted_sampler_adds_pm_cycles_to_whole_gpus_only(recorded: dict,
+                                                           tmp_path: Path) -> None:
+    from gpuflops.sampler.pm import PmCountedSampler
+
+    samples = recorded["samples"]
+    clock = Clock(samples[0][0] / 1e9 + 0.6)
+    inner = _Inner(clock, clock.t)
+    dev = Replayed(samples, clock)
+    pm = PmSampling({"0": "bus0"}, lambda b, p: dev, clock=clock)
+    pm.start()
+    (tmp_path / "proc").mkdir()
+    watch = ProfilerWatch(tmp_path / "proc", own_pid=1)
+    s = PmCountedSampler(inner, pm, watch=watch, watch_period_s=0.0, clock=clock)
+    first = s.sample()
+    assert first[0].counter_source == "cupti_pm" and first[0].tensor_cycles is not None
+    assert first[0].real_clock_hz is not None and 1.0e9 < first[0].real_clock_hz < 2.0e9
+    assert first[1].counter_source == "nvml" and first[1].sm_cycles is None  # MIG: device-wide
+    # A profiler target appears: every whole GPU falls back to NVML's clock, sampling goes on.
+    _proc(tmp_path / "proc", 77, "python3", {"NV_NSIGHT_INJECTION_TRANSPORT_TYPE": "uds"})
+    held = s.sample()
+    assert [x.counter_source for x in held] == ["nvml", "nvml"]
+    assert all(x.activity is not None for x in held)
+    assert s.status()["0"].startswith("held_by_pid 77")
+    assert dev.closed
+    for name in os.listdir(tmp_path / "proc" / "77"):
+        (tmp_path / "proc" / "77" / name).unlink()
+    (tmp_path / "proc" / "77").rmdir()
+    back = s.sample()  # released: the session reopens for this very window
+    assert back[0].counter_source == "cupti_pm"
+    assert s.sample()[0].tensor_cycles is not None
+    s.close()
+    assert inner.closed
+
+
+def test_daemon_falls_back_to_nvml_clock_without_cupti(monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    import sys
+    import threading
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import fake_nvml
+
+    from gpuflops.app.assemble import build_sampler
+    from gpuflops.config import Settings
+    from gpuflops.sampler.base import SamplerError
+    from gpuflops.sampler.nvml import NvmlSampler
+    from tests.support import DEMO_TRACE, FakeClock, demo_trace
+
+    _h, intervals, _e = demo_trace()
+    clock = FakeClock(intervals[0].t0_s)
+    fake, _gpus = fake_nvml.from_trace(DEMO_TRACE, clock, clock.t)
+
+    def nvml(**kw: object) -> NvmlSampler:
+        return NvmlSampler(nvml=fake, clock=clock, sleep=clock.sleep, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("gpuflops.sampler.nvml.NvmlSampler", nvml)
+    # This machine has no cupti-python: the opener refuses, and auto falls back with a warning.
+    chosen, stop = build_sampler(Settings(backend="nvml"))
+    assert isinstance(chosen, NvmlSampler) and isinstance(stop, threading.Event)
+    assert "CUPTI PM sampling unavailable" in caplog.text
+    assert chosen.pci_bus_ids() == {"0": "00000000:18:00.0"}
+    chosen.close()
+    with pytest.raises(SamplerError, match="--counters cupti"):
+        build_sampler(Settings(backend="nvml", counters="cupti"))
