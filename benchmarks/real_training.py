@@ -364,20 +364,32 @@ def _ncu_rows(text: str) -> list[dict[str, Any]]:
     return out
 
 
-def phase_executed(out: Path, names: list[str]) -> None:
+def phase_executed(out: Path, names: list[str], budget_s: float) -> None:
     metrics = ",".join([*NCU_OPS, *NCU_FP, NCU_CYCLES])
+    deadline = time.time() + budget_s
     for batch in _batches(names):
+        if time.time() > deadline - 60:
+            log(f"executed: out of time, skipped {[n for n, _g in batch]}")
+            continue
         procs = []
         for name, gpus in batch:
             log(f"executed: {name} under ncu on GPU {gpus}")
+            # NCCL kernels are left unprofiled: replaying one rank's collective while the other
+            # rank does not would deadlock, and their few FLOPs are reductions, not training.
             cmd = ["ncu", "--clock-control", "none", "--profile-from-start", "off",
                    "--target-processes", "all", "--csv", "--page", "raw", "--metrics", metrics,
+                   "--kernel-name", "regex:^(?!nccl)",
                    *_job_cmd(name, "executed", out, None)]
             procs.append((name, subprocess.Popen(cmd, env=_env(gpus), cwd=ROOT,
                                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                                  text=True)))
         for name, p in procs:
-            so, se = p.communicate()
+            try:
+                so, se = p.communicate(timeout=max(10.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                so, se = p.communicate()
+                se += "\n[killed: out of time]"
             rows = _ncu_rows(so)
             tensor = sum(r[c] for r in rows for c in NCU_OPS)
             fp = sum(r[c] * w for r in rows for c, w in NCU_FP.items())
@@ -460,6 +472,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--phase", choices=["metered", "executed", "all"], default="all")
     ap.add_argument("--jobs", default=",".join(JOBS))
+    ap.add_argument("--budget-s", type=float, default=520.0, help="executed phase time limit")
     ap.add_argument("--run-job")
     ap.add_argument("--mode", choices=["metered", "executed"])
     ap.add_argument("--socket")
@@ -483,7 +496,7 @@ def main() -> int:
     if a.phase in ("metered", "all"):
         phase_metered(a.out, names)
     if a.phase in ("executed", "all"):
-        phase_executed(a.out, names)
+        phase_executed(a.out, names, a.budget_s)
     return 0
 
 
