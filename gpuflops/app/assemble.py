@@ -212,7 +212,8 @@ def _assemble(
     # Closers run last-added first: the socket stops before the ledger takes its last commit.
     closers.append(pipeline.close)
     sink.start_session(
-        {"version": __version__, "backend": sampler.name, "host": socket.gethostname()},
+        {"version": __version__, "backend": sampler.name, "host": socket.gethostname(),
+         "counters": sampler.describe().get("counter_source", "nvml")},
         [(g.key, g.uuid) for g in gpus],
     )
     programs_cfg = load_programs_config(Path(s.program_config) if s.program_config else None)

@@ -21,6 +21,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+
 # Kernel names whose tensor work is done at half the ops per busy tensor cycle of the arch's
 # fast path, each with the measurement that put it here.
 HALF_RATE_KERNELS: tuple[tuple[re.Pattern[str], str], ...] = (

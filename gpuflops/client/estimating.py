@@ -21,6 +21,9 @@ class Reporter(Protocol):
 
     def add(self, flops: float, tokens: float = 0.0, recompute_flops: float = 0.0) -> None: ...
 
+    def claim(self, kind: str, value: float, *, sampled_steps: int,
+              evidence: str | None = None) -> None: ...
+
     def close(self) -> object: ...
 
 

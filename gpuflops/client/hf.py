@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from gpuflops.client.census import Census, StepProfiler
 from gpuflops.client.estimating import (  # noqa: F401 (re-exported for callers)
     EstimatingCallback,
     Reporter,
@@ -20,18 +21,27 @@ from gpuflops.client.estimating import (  # noqa: F401 (re-exported for callers)
 )
 from gpuflops.estimate.spec import SpecError
 from gpuflops.estimate.torchmodel import batch_fields, batch_tokens
+from gpuflops.jobs.protocol import CLAIM_HALF_RATE
 
 
 class GpuflopsCallback(EstimatingCallback, TrainerCallback):
     """Estimates every optimizer step and reports it (flops incl. recompute, tokens, recompute).
 
-    ``reporter``: any object with ``add``/``close`` (and optionally ``start``); when None a
-    ``JobReporter`` is built at train begin from ``job``, ``program``, ``socket_path`` and the
-    model's metadata. The callback closes the reporter when training ends.
+    ``reporter``: any object with ``add``/``claim``/``close`` (and optionally ``start``); when
+    None a ``JobReporter`` is built at train begin from ``job``, ``program``, ``socket_path`` and
+    the model's metadata. The callback closes the reporter when training ends.
+
+    ``census_step``: the optimizer step profiled once for the kernel census (client/census.py),
+    whose half-rate share goes to the daemon as a claim; None: no census. Step 2 by default:
+    steps 0 and 1 still pick kernels (cuBLAS heuristics, lazy initialisation).
     """
 
-    def __init__(self, reporter: Reporter | None = None, **config: Any) -> None:
+    def __init__(self, reporter: Reporter | None = None, *, census_step: int | None = 2,
+                 **config: Any) -> None:
         super().__init__(reporter, **config)
+        self.census_step = census_step
+        self.census: Census | None = None
+        self._profiler: StepProfiler | None = None
         # The latest published steps, for inspection and tests; bounded for long runs.
         self.steps: deque[StepTally] = deque(maxlen=1024)
         self._tally = StepTally()
@@ -82,9 +92,34 @@ class GpuflopsCallback(EstimatingCallback, TrainerCallback):
         self.reporter.add(tally.flops, tally.tokens, tally.recompute)
         self.steps.append(tally)
 
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState,
+                      control: TrainerControl, **kwargs: Any) -> None:
+        if self.facts is not None and state.global_step == self.census_step:
+            self._profiler = StepProfiler()
+            self._profiler.start()
+
     def on_step_end(self, args: TrainingArguments, state: TrainerState,
                     control: TrainerControl, **kwargs: Any) -> None:
         self._publish()
+        if self._profiler is not None:
+            census, self._profiler = self._profiler.stop(), None
+            self._claim(census)
+
+    def _claim(self, census: Census | None) -> None:
+        """Send the census's half-rate share of the profiled step's work (incl. recompute)."""
+        if census is None or self.reporter is None or not self.steps:
+            return
+        self.census = census
+        step = self.steps[-1]
+        work = step.flops + step.recompute
+        if not census.usable or work <= 0:
+            self._log.warning("gpuflops: kernel census unusable (profiler linked no kernels "
+                              "to operators); no claim sent")
+            return
+        kernels = ", ".join(f"{k} x{n}" for k, n in sorted(census.kernels.items()))
+        self.reporter.claim(CLAIM_HALF_RATE, min(1.0, census.half_rate_flops / work),
+                            sampled_steps=1,
+                            evidence=f"torch.profiler, 1 step: {kernels or 'no half-rate kernel'}")
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState,
                      control: TrainerControl, **kwargs: Any) -> None:

@@ -11,6 +11,14 @@ from gpuflops.jobs import protocol
 from gpuflops.jobs.protocol import ProtocolError
 
 
+def env_int(environ: Mapping[str, str], name: str) -> int | None:
+    """An integer from the environment (RANK, WORLD_SIZE, ...), None when absent or not one."""
+    try:
+        return int(environ[name])
+    except (KeyError, ValueError):
+        return None
+
+
 def validated_metadata(
     given: Mapping[str, Any], extra: Mapping[str, Any], log: logging.Logger
 ) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from gpuflops.client.metadata import validated_metadata
+from gpuflops.client.metadata import env_int, validated_metadata
 from gpuflops.config import DEFAULT_SOCKET_PATH
 from gpuflops.jobs import protocol
 from gpuflops.jobs.protocol import ErrorCode, Increment, ProtocolError
@@ -55,13 +55,6 @@ class ReporterStats:
     connected: bool
     connects: int
     last_error: str | None
-
-
-def _env_int(environ: Mapping[str, str], name: str) -> int | None:
-    try:
-        return int(environ[name])
-    except (KeyError, ValueError):
-        return None
 
 
 class JobReporter:
@@ -121,9 +114,9 @@ class JobReporter:
             "model": model,
             "params_total": params,
             "precision": precision,
-            "rank": rank if rank is not None else _env_int(env, "RANK"),
-            "world_size": world_size if world_size is not None else _env_int(env, "WORLD_SIZE"),
-            "local_rank": local_rank if local_rank is not None else _env_int(env, "LOCAL_RANK"),
+            "rank": rank if rank is not None else env_int(env, "RANK"),
+            "world_size": world_size if world_size is not None else env_int(env, "WORLD_SIZE"),
+            "local_rank": local_rank if local_rank is not None else env_int(env, "LOCAL_RANK"),
             "node": socket.gethostname(),
         }
         extra: dict[str, Any] = dict(more_metadata.pop("extra", None) or {})
@@ -142,6 +135,7 @@ class JobReporter:
         self._warned_invalid = False
         # Everything below is owned by the sender thread; stats() reads it under _lock.
         self._pending: deque[Increment] = deque()
+        self._claims: dict[str, dict[str, Any]] = {}  # kind -> newest unsent claim message
         self._inflight: tuple[tuple[Increment, ...], int] | None = None
         self._seq = 0
         self._delivered = [0.0, 0.0, 0.0, 0]
@@ -224,6 +218,17 @@ class JobReporter:
                 connects=self._connects,
                 last_error=self._last_error,
             )
+
+    def claim(self, kind: str, value: float, *, sampled_steps: int,
+              evidence: str | None = None) -> None:
+        """Tell the daemon something about this job's own work (a kernel census: protocol
+        ``claim``). Sent before the next estimates; the latest claim of a kind counts."""
+        msg = {"v": 1, "op": "claim", "job": self.job, "kind": kind, "value": float(value),
+               "sampled_steps": int(sampled_steps), **({"evidence": evidence[:256]} if evidence
+                                                      else {})}
+        with self._lock:
+            self._claims[kind] = msg
+        self._wake.set()
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait up to ``timeout_s`` until everything added so far is delivered; True if it was."""
@@ -358,6 +363,18 @@ class JobReporter:
         return True
 
     def _deliver(self, deadline: float) -> None:
+        with self._lock:
+            claims = list(self._claims.values())
+        for msg in claims:
+            reply = self._request(msg)
+            if reply is None:
+                return  # connection lost: sent again after reconnecting
+            with self._lock:  # a newer claim of the kind may have come meanwhile: keep that
+                if self._claims.get(msg["kind"]) is msg:
+                    del self._claims[msg["kind"]]
+            if not reply.get("ok"):
+                self._log.warning("gpuflops: claim %s refused: %s: %s", msg["kind"],
+                                  reply.get("error"), reply.get("detail"))
         while self._sock is not None and time.monotonic() < deadline:
             with self._lock:
                 if self._inflight is None:

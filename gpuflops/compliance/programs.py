@@ -77,7 +77,8 @@ def job_inputs(ledger: Ledger, totals: LedgerTotals, events: Sequence[JobEventRe
             job=key.job, program=key.program, measured_flops=t.measured_flops,
             analytic_flops=t.analytic_flops, recompute_flops=t.recompute_flops,
             tokens=t.tokens, matched_measured_flops=matched,
-            metadata=meta.get((key.job, key.program), {})))
+            metadata=meta.get((key.job, key.program), {}), hmma_flops=t.hmma_flops,
+            half_rate_fraction=t.half_rate_fraction))
     return out
 
 

@@ -20,14 +20,18 @@ from gpuflops.compliance.prometheus import PrometheusSource
 from gpuflops.compliance.thresholds import ProgramsConfig, ProgramStatus
 from gpuflops.ledger.store import Ledger
 
-REPORT_SCHEMA_VERSION = 2
+REPORT_SCHEMA_VERSION = 3
 SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
 ACCURACY_DOC = "docs/accuracy.md"
 
 ASSUMPTIONS = (
-    "Measured FLOPs are tensor- and FP-pipe activity (NVML GPM) x SM clock x SM count x the "
-    "peak FLOPs/clock/SM of the assumed precision; the counters cannot tell tensor "
-    "precisions apart.",
+    "Measured FLOPs: with CUPTI PM counters (counter source cupti_pm), tensor FLOPs are the "
+    "tensor pipes' busy cycles x the full-rate path's FLOPs per cycle, and FP-pipe FLOPs are "
+    "their activity (NVML GPM) x SM count x peak FLOPs/clock/SM x the SMs' own elapsed cycles; "
+    "with the nvml source, every pipe is activity x SM count x peak rate x NVML's reported SM "
+    "clock, which reads high under load. The counters cannot tell tensor precisions apart.",
+    "The hardware figure is the measured one less what a job's kernel census says half-rate "
+    "tensor kernels added, bounded at half the tensor counts.",
     "Measured FLOPs include everything the GPUs executed for the job: activation "
     "recomputation, evaluation and any other work; analytic FLOPs are what the job's "
     "estimate reported (including its recomputation term when it reported one).",
@@ -110,6 +114,8 @@ def build_report(program: str, *, ledger: Ledger | None, config: ProgramsConfig,
             "measured_flops": status.flops_by_basis["measured"],
             "analytic_flops": status.flops_by_basis["analytic"],
             "compliance_flops": status.flops_by_basis["compliance"],
+            "hardware_flops": sum(j.hardware_flops for j in status.jobs),
+            "compliance_band": status.band,
             "recompute_flops": sum(j.recompute_flops for j in status.jobs),
             "tokens": sum(i.tokens for i in inputs),
         },
@@ -130,6 +136,10 @@ def build_report(program: str, *, ledger: Ledger | None, config: ProgramsConfig,
             "inferred_precision": j.inferred_precision,
             "correction_factor": j.correction_factor,
             "compliance_flops": j.compliance_flops,
+            "hardware_flops": j.hardware_flops,
+            "half_rate_fraction": j.half_rate_fraction,
+            "basis_used": j.basis_used,
+            "band": j.band,
             "findings": [asdict(f) for f in j.findings],
             "metadata": _jsonable(meta.get((j.job, program), {})),
         } for j in status.jobs],
@@ -144,6 +154,8 @@ def build_report(program: str, *, ledger: Ledger | None, config: ProgramsConfig,
             "tolerance": cfg.tolerance,
             "policy": asdict(cfg.policy),
             "policy_description": cfg.policy.describe(),
+            "counter_sources": sorted({str(p.get("counters", "nvml")) for _t, p in
+                                       (ledger.session_starts() if ledger is not None else [])}),
             "assumptions": list(ASSUMPTIONS),
             "uncertainties": uncertainties,
         },

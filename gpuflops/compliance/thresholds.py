@@ -199,6 +199,17 @@ class ProgramStatus:
     jobs: tuple[ReconcileResult, ...]
     policy: CompliancePolicy
 
+    @property
+    def band(self) -> float | None:
+        """The compliance figure's relative uncertainty: its jobs' bands, weighted by FLOPs;
+        None when a job's is unknown (an estimate nothing measured)."""
+        total = sum(j.compliance_flops for j in self.jobs)
+        if any(j.band is None for j in self.jobs if j.compliance_flops > 0):
+            return None
+        if total <= 0:
+            return 0.0
+        return sum((j.band or 0.0) * j.compliance_flops for j in self.jobs) / total
+
     def metric_values(self) -> dict[str, list[tuple[dict[str, str], float]]]:
         """Samples for gpuflops_program_{flops_total,threshold_flops,threshold_ratio}."""
         return {
@@ -208,6 +219,8 @@ class ProgramStatus:
             "gpuflops_program_threshold_flops": [
                 ({"program": self.program, "rule": self.threshold.rule}, self.threshold.flops)],
             "gpuflops_program_threshold_ratio": [({"program": self.program}, self.ratio)],
+            "gpuflops_program_compliance_band_ratio": [] if self.band is None else [
+                ({"program": self.program}, self.band)],
         }
 
 

@@ -17,6 +17,7 @@ _PROGRAM_LABELS = {
     "gpuflops_program_flops_total": ("program", "basis"),
     "gpuflops_program_threshold_flops": ("program", "rule"),
     "gpuflops_program_threshold_ratio": ("program",),
+    "gpuflops_program_compliance_band_ratio": ("program",),
 }
 
 
@@ -94,12 +95,31 @@ class JobsCollector(Collector):
                 "This node's compliance FLOPs / threshold (cluster-wide: recording rules)",
                 labels=["program"],
             ),
+            "gpuflops_program_compliance_band_ratio": GaugeMetricFamily(
+                "gpuflops_program_compliance_band_ratio",
+                "Relative uncertainty of the program's compliance figure (absent: unknown)",
+                labels=["program"],
+            ),
         }
+        hardware = GaugeMetricFamily(
+            "gpuflops_job_hardware_flops",
+            "A job's measured FLOPs less what its kernel census says half-rate tensor kernels "
+            "added (bounded); the compliance basis reads this",
+            labels=["job", "program"],
+        )
+        half = GaugeMetricFamily(
+            "gpuflops_job_half_rate_fraction",
+            "Share of a job's tensor FLOPs its kernel census put on half-rate kernels",
+            labels=["job", "program"],
+        )
         for status in view.statuses.values():
             for r in status.jobs:
                 if r.ratio is not None:
                     ratio.add_metric([r.job, r.program], r.ratio)
                 divergent.add_metric([r.job, r.program], 1.0 if r.divergent else 0.0)
+                hardware.add_metric([r.job, r.program], r.hardware_flops)
+                if r.half_rate_fraction is not None:
+                    half.add_metric([r.job, r.program], r.half_rate_fraction)
             for name, samples in status.metric_values().items():
                 fam = prog_families.get(name)
                 if fam is None:
@@ -108,6 +128,8 @@ class JobsCollector(Collector):
                     fam.add_metric([lab[k] for k in _PROGRAM_LABELS[name]], value)
         yield ratio
         yield divergent
+        yield hardware
+        yield half
         yield from prog_families.values()
         errors = GaugeMetricFamily(
             "gpuflops_program_config_error",

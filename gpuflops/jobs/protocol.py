@@ -29,7 +29,12 @@ MAX_FLOAT = 1e40  # ~1e16 times all compute ever spent on one model; anything ab
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
 EXTRA_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 
-OPS = ("register", "attach", "add", "end", "ping", "query")
+OPS = ("register", "attach", "add", "claim", "end", "ping", "query")
+# Claims a job may make about its own work, which the daemon records and bounds (docs/protocol.md).
+# half_rate_tensor_fraction: the share of the job's tensor FLOPs that ran on kernels doing half
+# the work per busy tensor cycle (mma.sync m16n8k8 on Hopper), from the client's kernel census.
+CLAIM_HALF_RATE = "half_rate_tensor_fraction"
+CLAIM_KINDS = (CLAIM_HALF_RATE,)
 
 
 class ErrorCode:
@@ -126,6 +131,16 @@ class Add(NamedTuple):
     seq: int | None = None
 
 
+class Claim(NamedTuple):
+    """A job's claim about its own work (a kernel census); the latest of each kind counts."""
+
+    job: str
+    kind: str
+    value: float  # a ratio in [0, 1]
+    sampled_steps: int
+    evidence: str | None = None
+
+
 class End(NamedTuple):
     """A participant (rank) is done; ``final`` ends the whole job (``gpuflops run`` sends it)."""
 
@@ -148,7 +163,7 @@ class Query(NamedTuple):
     job: str
 
 
-Request = Register | Attach | Add | End | Ping | Query
+Request = Register | Attach | Add | Claim | End | Ping | Query
 
 
 def _bad(name: str, why: str) -> ProtocolError:
@@ -266,6 +281,7 @@ _ADD_KEYS = _COMMON | {
     "job", "flops", "tokens", "recompute_flops", "adds", "items", "client", "seq"
 }
 _ITEM_KEYS = frozenset({"flops", "tokens", "recompute_flops", "adds"})
+_CLAIM_KEYS = _COMMON | {"job", "kind", "value", "sampled_steps", "evidence"}
 _END_KEYS = _COMMON | {"job", "final", "rank", "exit_code", "status"}
 _PING_KEYS = _COMMON
 _QUERY_KEYS = _COMMON | {"job"}
@@ -358,6 +374,20 @@ def _parse_end(msg: Mapping[str, Any]) -> End:
     )
 
 
+def _parse_claim(msg: Mapping[str, Any]) -> Claim:
+    _check_keys(msg, _CLAIM_KEYS)
+    kind = msg.get("kind")
+    if kind not in CLAIM_KINDS:
+        raise _bad("kind", f"must be one of {', '.join(CLAIM_KINDS)}")
+    value = check_num("value", msg.get("value"))
+    if value > 1.0:
+        raise _bad("value", "a fraction must be in [0, 1]")
+    evidence = msg.get("evidence")
+    return Claim(job=check_id("job", msg.get("job")), kind=kind, value=value,
+                 sampled_steps=check_int("sampled_steps", msg.get("sampled_steps"), 1),
+                 evidence=None if evidence is None else check_str("evidence", evidence))
+
+
 def _parse_attach(msg: Mapping[str, Any]) -> Attach:
     _check_keys(msg, _ATTACH_KEYS)
     return Attach(job=check_id("job", msg.get("job")), pid=check_int("pid", msg.get("pid"), 1))
@@ -375,6 +405,7 @@ def _parse_query(msg: Mapping[str, Any]) -> Query:
 
 _PARSERS: dict[str, Callable[[Mapping[str, Any]], Request]] = {
     "add": _parse_add,
+    "claim": _parse_claim,
     "register": _parse_register,
     "attach": _parse_attach,
     "end": _parse_end,

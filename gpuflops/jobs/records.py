@@ -55,7 +55,7 @@ class PsutilProcessLookup:
 class RegistryEvent:
     """A change to the registry, for the ledger: what happened, to which job, sent by whom."""
 
-    kind: str  # "register", "attach", "add", "end"
+    kind: str  # "register", "attach", "add", "claim", "end"
     job_id: str
     program_id: str
     time_s: float  # wall clock when the daemon applied it

@@ -339,6 +339,14 @@ class JobRegistry:
                 self._emit(RegistryEvent("add", job_id, program_id, time_s, peer, data))
         return True
 
+    def claim(self, job_id: str, peer: Peer, data: dict[str, Any]) -> None:
+        """Record an open job's claim about its own work (protocol.Claim's fields)."""
+        with self._emit_lock:
+            with self._lock:
+                job = self._open(job_id, peer)
+                time_s, program_id = self._clock(), job.program_id
+            self._emit(RegistryEvent("claim", job_id, program_id, time_s, peer, data))
+
     def end(
         self,
         job_id: str,

@@ -425,6 +425,11 @@ class JobSocketServer:
                 "conflicts": list(result.conflicts),
                 "pid": peer.pid,
             }
+        if isinstance(req, protocol.Claim):
+            registry.claim(req.job, peer, {"kind": req.kind, "value": req.value,
+                                           "sampled_steps": req.sampled_steps,
+                                           "evidence": req.evidence})
+            return {"ok": True}
         if isinstance(req, protocol.Attach):
             registry.attach(req.job, req.pid, peer)
             return {"ok": True, "attached": req.pid}

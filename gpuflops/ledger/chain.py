@@ -131,7 +131,8 @@ def _compare_derived(con: sqlite3.Connection, scratch: sqlite3.Connection) -> st
         "gpu_totals": "SELECT gpu, uuid, pipe, precision, flops FROM gpu_totals"
                       " ORDER BY gpu, uuid, pipe, precision",
         "job_totals": "SELECT job, program, measured_flops, analytic_flops, tokens,"
-                      " recompute_flops FROM job_totals ORDER BY job, program",
+                      " recompute_flops, hmma_flops, half_rate_fraction FROM job_totals"
+                      " ORDER BY job, program",
         "job_intervals": "SELECT seq, job, program, flops FROM job_intervals"
                          " ORDER BY seq, job, program",
         "job_events": "SELECT seq, kind, job, program FROM job_events ORDER BY seq",
@@ -143,6 +144,9 @@ def _compare_derived(con: sqlite3.Connection, scratch: sqlite3.Connection) -> st
             if scratch.execute(f"SELECT count(*) FROM {table}").fetchone()[0]:
                 return f"derived table {table} is missing, the chain has records for it"
             continue
+        if table == "job_totals" and "hmma_flops" not in {
+                r[1] for r in con.execute("PRAGMA table_info(job_totals)")}:
+            sql = sql.replace(", hmma_flops, half_rate_fraction", "")  # a pre-v4 file
         stored = con.execute(sql).fetchall()
         replayed = scratch.execute(sql).fetchall()
         if len(stored) != len(replayed):

@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 LEDGER_FILENAME = "ledger.sqlite3"
 
-JobEventKind = Literal["register", "estimate", "end"]
-JOB_EVENT_KINDS: frozenset[str] = frozenset({"register", "estimate", "end"})
+JobEventKind = Literal["register", "estimate", "claim", "end"]
+JOB_EVENT_KINDS: frozenset[str] = frozenset({"register", "estimate", "claim", "end"})
 Synchronous = Literal["FULL", "NORMAL"]
 SESSION_EVENTS: frozenset[str] = frozenset({"start", "stop", "alive"})
 NODE = "*"  # the ``gpu`` of a gap that covers every GPU of the node (the daemon was not running)
@@ -65,6 +65,8 @@ class JobTotals:
     estimate_t1_s: float | None = None
     first_t_s: float | None = None
     last_t_s: float | None = None
+    hmma_flops: float = 0.0  # the tensor-core (HMMA) part of measured_flops
+    half_rate_fraction: float | None = None  # the job's latest kernel-census claim
 
 
 @dataclass(frozen=True)

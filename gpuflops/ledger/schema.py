@@ -10,7 +10,7 @@ import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA_V1 = """
 CREATE TABLE records (
@@ -78,33 +78,65 @@ CREATE TABLE gaps (
 CREATE INDEX gaps_t1 ON gaps (t1_s);
 """
 
+# v4: each job's tensor-core (HMMA) measured FLOPs, and its latest half-rate claim: what the
+# kernel-census correction needs and bounds (compliance/reconcile.py). Backfilled from the chain.
+_SCHEMA_V4 = """
+ALTER TABLE job_totals ADD COLUMN hmma_flops REAL NOT NULL DEFAULT 0;
+ALTER TABLE job_totals ADD COLUMN half_rate_fraction REAL
+"""
+
+
+def _migrate_v4(con: sqlite3.Connection) -> None:
+    import json
+
+    have = {r[1] for r in con.execute("PRAGMA table_info(job_totals)")}
+    for statement in _SCHEMA_V4.split(";"):
+        column = statement.split("ADD COLUMN")[1].split()[0]
+        if column not in have:  # a file that was only relabelled to an older version has them
+            con.execute(statement)
+    per_job: dict[tuple[str, str], float] = {}
+    for (content,) in con.execute("SELECT content FROM records WHERE kind = 'interval'"):
+        for _g, _u, pipe, _pr, job, program, _pid, flops in json.loads(content)["rows"]:
+            if pipe == HMMA_PIPE:
+                per_job[(job, program)] = per_job.get((job, program), 0.0) + float(flops)
+    for (job, program), flops in per_job.items():
+        con.execute("UPDATE job_totals SET hmma_flops = ? WHERE job = ? AND program = ?",
+                    (flops, job, program))
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     lambda con: _run_script(con, _SCHEMA_V1),
     lambda con: _run_script(con, _SCHEMA_V2),
     lambda con: _run_script(con, _SCHEMA_V3),
+    _migrate_v4,
 )
+HMMA_PIPE = "hmma"
 
 
 
 def apply_interval(con: sqlite3.Connection, seq: int, t0: float, t1: float,
                     rows: Sequence[tuple[str, str, str, str, str, str, float]]) -> None:
     per_job: dict[tuple[str, str], float] = {}
+    hmma: dict[tuple[str, str], float] = {}
     for gpu, uuid, pipe, precision, job, program, flops in rows:
         con.execute(
             "INSERT INTO gpu_totals VALUES (?, ?, ?, ?, ?) ON CONFLICT (gpu, uuid, pipe, precision)"
             " DO UPDATE SET flops = flops + excluded.flops",
             (gpu, uuid, pipe, precision, flops))
         per_job[(job, program)] = per_job.get((job, program), 0.0) + flops
+        if pipe == HMMA_PIPE:
+            hmma[(job, program)] = hmma.get((job, program), 0.0) + flops
     for (job, program), flops in per_job.items():
         con.execute("INSERT INTO job_intervals VALUES (?, ?, ?, ?, ?, ?)",
                     (seq, job, program, t0, t1, flops))
         con.execute(
-            "INSERT INTO job_totals (job, program, measured_flops, first_t_s, last_t_s)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (job, program) DO UPDATE SET"
+            "INSERT INTO job_totals (job, program, measured_flops, hmma_flops, first_t_s,"
+            " last_t_s) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job, program) DO UPDATE SET"
             " measured_flops = measured_flops + excluded.measured_flops,"
+            " hmma_flops = hmma_flops + excluded.hmma_flops,"
             " first_t_s = min(coalesce(first_t_s, excluded.first_t_s), excluded.first_t_s),"
             " last_t_s = max(coalesce(last_t_s, excluded.last_t_s), excluded.last_t_s)",
-            (job, program, flops, t0, t1))
+            (job, program, flops, hmma.get((job, program), 0.0), t0, t1))
 
 
 def apply_gap(con: sqlite3.Connection, seq: int, t0: float, t1: float, reason: str,
@@ -116,6 +148,12 @@ def apply_gap(con: sqlite3.Connection, seq: int, t0: float, t1: float, reason: s
 def apply_event(con: sqlite3.Connection, seq: int, kind: str, job: str, program: str,
                  t: float, data: Mapping[str, Any]) -> None:
     con.execute("INSERT INTO job_events VALUES (?, ?, ?, ?, ?)", (seq, kind, job, program, t))
+    if kind == "claim":  # the latest claim of the kind stands (chain order)
+        con.execute("INSERT INTO job_totals (job, program, half_rate_fraction) VALUES (?, ?, ?)"
+                    " ON CONFLICT (job, program) DO UPDATE SET"
+                    " half_rate_fraction = excluded.half_rate_fraction",
+                    (job, program, float(data["value"])))
+        return
     analytic = tokens = recompute = 0.0
     w0: float | None = None
     w1: float | None = None

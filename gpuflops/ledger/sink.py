@@ -157,7 +157,7 @@ class LedgerSink:
                 est.t0 = min(est.t0, event.time_s)
                 est.t1 = max(est.t1, event.time_s)
                 return
-            if kind not in ("register", "end"):
+            if kind not in ("register", "claim", "end"):
                 return
             data = dict(event.data)
             # Registration metadata goes to the top level of the ledger payload, where the

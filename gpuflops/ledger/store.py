@@ -195,6 +195,10 @@ class Ledger:
             w1 = float(data.get("window_t1_s", t))
             if not (math.isfinite(w0) and math.isfinite(w1) and w1 >= w0):
                 raise ValueError(f"bad estimate window [{w0!r}, {w1!r}]")
+        if kind == "claim":
+            value = data.get("value")
+            if not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"a claim's value must be a fraction in [0, 1], got {value!r}")
         with self._lock:
             return self._write(kind, lambda seq: {"seq": seq, "kind": kind, "job": job,
                                             "program": program, "t_s": t, "payload": data},
@@ -316,6 +320,14 @@ class Ledger:
             return None
         return LastActivity(float(t), kind, kind == "session" and obj.get("event") == "stop")
 
+    def session_starts(self) -> list[tuple[float, dict[str, Any]]]:
+        """(t_s, payload) of every daemon start recorded: version, backend, counter source."""
+        with self._lock:
+            rows = self._con.execute(
+                "SELECT content FROM records WHERE kind = 'session' ORDER BY seq").fetchall()
+        starts = [json.loads(c) for (c,) in rows]
+        return [(float(o["t_s"]), dict(o["payload"])) for o in starts if o.get("event") == "start"]
+
     def verify(self) -> VerifyResult:
         """Check the whole chain on a separate read-only connection (appends keep going)."""
         return verify_path(self.path)
@@ -331,9 +343,11 @@ def _read_totals(con: sqlite3.Connection, head_seq: int, head_hash: str) -> Ledg
     gpu = {GpuKey(g, u, p, pr): f
            for g, u, p, pr, f in con.execute("SELECT * FROM gpu_totals")}
     jobs = {}
+    cols = {r[1] for r in con.execute("PRAGMA table_info(job_totals)")}
+    v4 = ", hmma_flops, half_rate_fraction" if "hmma_flops" in cols else ""  # else older, read-only
     for row in con.execute(
             "SELECT job, program, measured_flops, analytic_flops, tokens, recompute_flops,"
-            " estimate_t0_s, estimate_t1_s, first_t_s, last_t_s FROM job_totals"):
+            f" estimate_t0_s, estimate_t1_s, first_t_s, last_t_s{v4} FROM job_totals"):
         jobs[JobKey(row[0], row[1])] = JobTotals(*row[2:])
     records = con.execute("SELECT count(*) FROM records").fetchone()[0]
     return LedgerTotals(gpu=gpu, jobs=jobs, records=records, head_seq=head_seq,

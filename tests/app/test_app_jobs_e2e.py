@@ -7,6 +7,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -82,5 +83,51 @@ def test_registered_job_reaches_ledger_thresholds_and_metrics() -> None:
         assert not errors
         assert statuses["prog-a"].threshold.flops == 1.2e24 / 3
         assert led.verify().ok
+    finally:
+        led.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_kernel_census_claim_reaches_the_ledger_and_is_bounded(tmp_path: Path) -> None:
+    from gpuflops.compliance.reconcile import reconcile_job
+    from gpuflops.compliance.programs import job_inputs
+    from gpuflops.model import FlopsRow
+
+    tmp = Path(tempfile.mkdtemp(dir="/tmp", prefix="gfc-"))
+    settings = Settings(
+        backend="replay", replay_speed=10.0, listen="127.0.0.1:0", job_socket=True,
+        socket_path=str(tmp / "s.sock"), state_dir=str(tmp / "state"), program_refresh_s=0.3,
+    ).validate()
+    d = build(settings)
+    loop = threading.Thread(target=d.run, daemon=True)
+    loop.start()
+    try:
+        with JobReporter("ft-2", "prog-c", socket_path=str(tmp / "s.sock")) as r:
+            r.add(flops=1e15, tokens=1000)
+            r.claim("half_rate_tensor_fraction", 0.4, sampled_steps=1, evidence="census")
+            r.claim("half_rate_tensor_fraction", 0.2, sampled_steps=1, evidence="census 2")
+            assert r.flush(5.0)
+    finally:
+        d.request_stop()
+        loop.join(timeout=10)
+    path = tmp / "state" / LEDGER_FILENAME
+    led = Ledger.open(path, clock=time.time, synchronous="NORMAL")
+    try:
+        claims = [e for e in led.job_events("prog-c") if e.kind == "claim"]
+        # The reporter sends the newest claim of a kind; the ledger keeps every one it got.
+        assert claims and claims[-1].payload["value"] == 0.2
+        assert claims[-1].payload["peer"]["pid"] > 0
+        # This job's GPU work, as the sampler would have recorded it: 8e14 HMMA + 2e14 FP32.
+        led.append_interval(time.time(), time.time() + 1, [
+            FlopsRow("0", "GPU-x", "hmma", "bf16", "ft-2", "prog-c", 1, 8e14),
+            FlopsRow("0", "GPU-x", "fp32", "fp32", "ft-2", "prog-c", 1, 2e14)])
+        assert led.verify().ok
+        [inp] = job_inputs(led, led.totals(), led.job_events("prog-c"), "prog-c")
+        assert (inp.hmma_flops, inp.half_rate_fraction) == (8e14, 0.2)
+        r2 = reconcile_job(inp)
+        assert r2.hardware_flops == pytest.approx(8e14 / 1.2 + 2e14)
+        # No claim can take the HMMA figure below half its counts (512 ops/cycle, the slowest).
+        worst = reconcile_job(replace(inp, half_rate_fraction=1.0))
+        assert worst.hardware_flops == pytest.approx(8e14 / 2 + 2e14)
     finally:
         led.close()

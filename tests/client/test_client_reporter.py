@@ -143,3 +143,26 @@ def test_invalid_job_id_disables_without_raising() -> None:
     assert r.disabled_reason is not None
     stats = r.close()
     assert stats.adds == 1 and stats.dropped_flops == 1.0
+
+
+def test_census_charges_operators_whose_kernels_are_half_rate() -> None:
+    from types import SimpleNamespace as NS
+
+    from gpuflops.client.census import census_of, is_half_rate
+
+    # Kernel names as the H200 ran them (run 21): cuBLAS's sm75 fallback for an odd leading
+    # dimension, and Hopper's own GEMM and attention kernels.
+    slow = "void cutlass::Kernel2<cutlass_75_tensorop_bf16_s1688gemm_bf16_256x128_32x2_nt_align2>"
+    fast = "nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_NNT"
+    attn = "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64"
+    assert is_half_rate(slow) and not is_half_rate(fast) and not is_half_rate(attn)
+    assert not is_half_rate("sm90_xmma_gemm_f32f32_tf32f32_f32_nn_n_tilesize128x256x32")
+    events = [NS(name="aten::mm", flops=6e11, kernels=[NS(name=slow)]),
+              NS(name="aten::mm", flops=2e12, kernels=[NS(name=fast)]),
+              NS(name="aten::addmm", flops=1e12, kernels=[NS(name=fast)]),
+              NS(name="aten::add", flops=0, kernels=[NS(name="elementwise")]),
+              NS(name="aten::bmm", flops=4e11, kernels=[])]  # linked to nothing: not half-rate
+    c = census_of(events)
+    assert (c.half_rate_flops, c.matmul_flops, c.linked_ops) == (6e11, 4e12, 3)
+    assert c.kernels == {slow: 1} and c.usable
+    assert not census_of([NS(name="aten::mm", flops=1e12, kernels=[])]).usable

@@ -23,6 +23,7 @@ class RecordingReporter:
 
     def __init__(self) -> None:
         self.adds: list[tuple[float, float, float]] = []
+        self.claims: list[tuple[str, float]] = []
         self.started = 0
         self.closed = 0
 
@@ -31,6 +32,10 @@ class RecordingReporter:
 
     def add(self, flops: float, tokens: float = 0.0, recompute_flops: float = 0.0) -> None:
         self.adds.append((flops, tokens, recompute_flops))
+
+    def claim(self, kind: str, value: float, *, sampled_steps: int,
+              evidence: str | None = None) -> None:
+        self.claims.append((kind, value))
 
     def close(self) -> None:
         self.closed += 1

@@ -72,8 +72,14 @@ def test_declared_precision_contradicted_by_ratio_is_flagged() -> None:
 
 def test_policies() -> None:
     inp = job(9e20, 8e20, 2e20, activation_checkpointing=True)
-    assert reconcile_job(inp).compliance_flops == pytest.approx(9e20)
-    assert reconcile_job(inp, policy=CompliancePolicy(basis="analytic")).compliance_flops == \
+    # The default: counters confirm the analytic figure (9/8 within ±15%); without recompute.
+    default = reconcile_job(inp)
+    assert default.compliance_flops == pytest.approx(6e20)
+    assert default.basis_used == "analytic_confirmed" and default.band == 0.15
+    assert reconcile_job(inp, policy=CompliancePolicy(basis="measured", exclude_recompute=False)
+                         ).compliance_flops == pytest.approx(9e20)
+    assert reconcile_job(inp, policy=CompliancePolicy(basis="analytic", exclude_recompute=False)
+                         ).compliance_flops == \
         pytest.approx(8e20)
     assert reconcile_job(inp, policy=CompliancePolicy(basis="max", exclude_recompute=True)
                          ).compliance_flops == pytest.approx(7e20)

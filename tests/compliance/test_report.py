@@ -97,7 +97,12 @@ def test_json_report_from_ledger_validates_and_is_right(state_dir: Path, tmp_pat
     assert doc["totals"]["measured_flops"] == pytest.approx(200 * 1.2e17)
     assert doc["threshold"]["rule"] == "one_third_of_base"
     assert doc["threshold"]["flops"] == pytest.approx(8e19)
-    assert doc["threshold"]["ratio"] == pytest.approx(2.4e19 / 8e19)
+    # Reconciled (the default): the counters confirm the estimates (1/0.95), so the analytic
+    # figure counts, without its recomputation term.
+    analytic = 200 * 1.2e17 * 0.95
+    assert doc["threshold"]["ratio"] == pytest.approx(analytic * 0.75 / 8e19)
+    assert doc["totals"]["compliance_band"] == pytest.approx(0.15)
+    assert doc["method"]["counter_sources"] == []  # no daemon session in this fixture
     assert doc["decision"]["outcome"] == "downstream_modifier"
     cov = doc["coverage"]
     assert [(g["gpu"], g["seconds"], g["reason"]) for g in cov["gaps"]] == [
@@ -107,6 +112,8 @@ def test_json_report_from_ledger_validates_and_is_right(state_dir: Path, tmp_pat
     [job] = doc["jobs"]
     assert job["ratio"] == pytest.approx(1 / 0.95)
     assert not job["divergent"] and job["findings"] == []
+    assert job["basis_used"] == "analytic_confirmed"
+    assert job["hardware_flops"] == pytest.approx(2.4e19) and job["half_rate_fraction"] is None
     assert [(a["attempt"], a["nodes"], a["ranks"]) for a in doc["attempts"]] == \
         [(1, ["node-a"], 2), (2, ["node-b"], 2)]
     assert doc["attempts"][1]["resumed_from"] == "ft-1/1"
@@ -199,7 +206,9 @@ def test_prometheus_totals_across_nodes(state_dir: Path, prom: tuple[str, _Prom]
     jobs = {j["job"]: j for j in doc["jobs"]}
     assert jobs["ft-1"]["ratio"] == pytest.approx(4.4 / 4.3)
     assert jobs["ft-1"]["metadata"]["model"] == "llama-3-8b"  # metadata still from the ledger
-    assert doc["threshold"]["ratio"] == pytest.approx(5.4e19 / 8e19)
+    tot = doc["totals"]
+    assert doc["threshold"]["ratio"] == pytest.approx(
+        (tot["analytic_flops"] - tot["recompute_flops"]) / 8e19)
     assert doc["threshold"]["level_reached"] == 0.5
     assert any(q.startswith("sum by (job,program)(gpuflops_job_measured_flops_total")
                for q in fake.seen)

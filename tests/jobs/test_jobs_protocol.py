@@ -117,3 +117,16 @@ def test_bad_json_and_ops() -> None:
 
 def test_deep_nesting_within_size_limit_is_bad_json() -> None:
     assert error_of(b"[" * 60_000 + b"]" * 2) == ErrorCode.BAD_JSON
+
+
+def test_claim_parses_and_bounds_its_value() -> None:
+    ok = protocol.parse({"v": 1, "op": "claim", "job": "j", "kind": "half_rate_tensor_fraction",
+                         "value": 0.25, "sampled_steps": 1, "evidence": "torch.profiler"})
+    assert ok == protocol.Claim("j", "half_rate_tensor_fraction", 0.25, 1, "torch.profiler")
+    for bad in ({"value": 1.5}, {"value": -0.1}, {"kind": "discount"}, {"sampled_steps": 0},
+                {"value": float("nan")}, {"extra": 1}):
+        msg = {"v": 1, "op": "claim", "job": "j", "kind": "half_rate_tensor_fraction",
+               "value": 0.25, "sampled_steps": 1, **bad}
+        with pytest.raises(ProtocolError) as e:
+            protocol.parse(msg)
+        assert e.value.code == ErrorCode.BAD_FIELD

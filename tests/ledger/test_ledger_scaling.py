@@ -71,9 +71,12 @@ def test_a_version_1_ledger_is_migrated_in_the_chain(tmp_path: Path) -> None:
     led = Ledger.open(path, clock=time.time, synchronous="NORMAL")
     led.append_interval(1.0, 2.0, [_row("j", 5e12)])
     led.close()
-    # Make it look like a ledger written by schema 1 (no v2 indexes, no v3 gaps, user_version 1).
+    # Make it look like a ledger written by schema 1 (no v2 indexes, no v3 gaps, no v4 columns,
+    # user_version 1).
     con = sqlite3.connect(path)
     con.execute("DROP TABLE gaps")
+    con.execute("ALTER TABLE job_totals DROP COLUMN hmma_flops")
+    con.execute("ALTER TABLE job_totals DROP COLUMN half_rate_fraction")
     con.execute("DROP INDEX job_intervals_job_t0")
     con.execute("DROP INDEX job_events_kind")
     con.execute("PRAGMA user_version=1")
@@ -82,13 +85,15 @@ def test_a_version_1_ledger_is_migrated_in_the_chain(tmp_path: Path) -> None:
     led = Ledger.open(path, clock=time.time, synchronous="NORMAL")
     try:
         assert led.verify().ok
-        assert led.totals().jobs  # data intact
+        jobs = led.totals().jobs
+        assert jobs  # data intact, and v4's HMMA column backfilled from the chain
+        assert [(t.measured_flops, t.hmma_flops) for t in jobs.values()] == [(5e12, 5e12)]
         kinds = [k for (k,) in led._con.execute("SELECT kind FROM records ORDER BY seq")]
         assert kinds[-1] == "migration"
     finally:
         led.close()
     con = sqlite3.connect(path)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     names = {n for (n,) in con.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"job_intervals_job_t0", "job_events_kind", "gaps_t1"} <= names
     con.close()
