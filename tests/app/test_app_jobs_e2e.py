@@ -89,8 +89,8 @@ def test_registered_job_reaches_ledger_thresholds_and_metrics() -> None:
 
 @pytest.mark.timeout(60)
 def test_a_kernel_census_claim_reaches_the_ledger_and_is_bounded(tmp_path: Path) -> None:
-    from gpuflops.compliance.reconcile import reconcile_job
     from gpuflops.compliance.programs import job_inputs
+    from gpuflops.compliance.reconcile import reconcile_job
     from gpuflops.model import FlopsRow
 
     tmp = Path(tempfile.mkdtemp(dir="/tmp", prefix="gfc-"))
