@@ -176,7 +176,7 @@ def profiler(out: Path, res: dict[str, Any]) -> None:
                             "--metrics", "sm__pipe_tensor_cycles_active.sum", PY, WORKER,
                             str(Path(tempfile.mkdtemp()) / "w.json"), "bf16", "--iters", "2"],
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while ncu.poll() is None or time.time() - t_start < 45:
+    while ncu.poll() is None or time.time() - t_start < 35:
         m = scrape(d.url)
         timeline.append((time.time() - t_start, sorted(
             f"{lab.get('gpu')}:{lab.get('source')}"
@@ -202,7 +202,7 @@ def profiler(out: Path, res: dict[str, Any]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--blocks", type=int, default=12)
+    ap.add_argument("--blocks", type=int, default=8)
     ap.add_argument("--block-s", type=float, default=12.0)
     ap.add_argument("--settle-s", type=float, default=5.0)
     ap.add_argument("--skip-overhead", action="store_true")

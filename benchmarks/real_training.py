@@ -58,7 +58,7 @@ class JobSpec:
     method: str  # full | lora
     ckpt: bool
     world: int = 1
-    steps: int = 400
+    steps: int = 300
     batch: int = 8
     layers: int = 12
     hidden: int = 1024
@@ -232,6 +232,10 @@ def run_job(name: str, mode: str, out: Path, socket_path: str | None) -> None:
         rec["callback_recompute"] = sum(s.recompute for s in gcb.steps)
         rec["callback_steps"] = len(gcb.steps)
         rec["declared_precision"] = gcb.metadata.get("precision")
+        if gcb.census is not None:
+            c = gcb.census
+            rec["census"] = {"half_rate_flops": c.half_rate_flops, "matmul_flops": c.matmul_flops,
+                             "linked_ops": c.linked_ops, "kernels": c.kernels}
     (out / f"{name}.{mode}.rank{rank}.json").write_text(json.dumps(rec))
 
 
@@ -292,22 +296,40 @@ def phase_metered(out: Path, names: list[str]) -> None:
     sock = str(state / "jobs.sock")
     port = 9461
     daemon_log = (out / "daemon.log").open("w")
-    daemon = subprocess.Popen(
-        [PY, "-m", "gpuflops", "daemon", "--listen", f"127.0.0.1:{port}", "--socket", sock,
-         "--state-dir", str(state)], stdout=daemon_log, stderr=subprocess.STDOUT,
-        env=_env(os.environ.get("CUDA_VISIBLE_DEVICES", "0,1")), cwd=ROOT)
+    denv = _env(os.environ.get("CUDA_VISIBLE_DEVICES", "0,1"))
+    if os.environ.get("SUITE_DAEMON_LD_LIBRARY_PATH"):  # the CUPTI build cupti-python wants
+        denv["LD_LIBRARY_PATH"] = os.environ["SUITE_DAEMON_LD_LIBRARY_PATH"]
     url = f"http://127.0.0.1:{port}/metrics"
-    for _ in range(120):
-        try:
-            _metrics(url)
-            if Path(sock).exists():
+
+    def start(*extra: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [PY, "-m", "gpuflops", "daemon", "--listen", f"127.0.0.1:{port}", "--socket", sock,
+             "--state-dir", str(state), *os.environ.get("SUITE_DAEMON_ARGS", "").split(),
+             *extra], stdout=daemon_log, stderr=subprocess.STDOUT, env=denv, cwd=ROOT)
+        for _ in range(120):
+            if proc.poll() is not None:
                 break
-        except OSError:
-            pass
-        time.sleep(0.5)
+            try:
+                _metrics(url)
+                if Path(sock).exists():
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        return proc
+
+    daemon = start()
+    if daemon.poll() is not None:  # record what NVML's clock alone gives rather than nothing
+        log(f"daemon exited ({daemon.returncode}); restarting it with --counters nvml")
+        daemon = start("--counters", "nvml")
     log(f"daemon up (pid {daemon.pid})")
+    pipes: dict[str, dict[str, float]] = {}
     try:
         for batch in _batches(names):
+            if daemon.poll() is not None:
+                log(f"daemon died ({daemon.returncode}); restarting it with --counters nvml")
+                daemon = start("--counters", "nvml")
+            before = _metrics(url).get("gpuflops_gpu_flops_total", {})
             procs = []
             for name, gpus in batch:
                 log(f"metered: {name} on GPU {gpus}")
@@ -317,7 +339,17 @@ def phase_metered(out: Path, names: list[str]) -> None:
             for name, p in procs:
                 rc = p.wait()
                 log(f"metered: {name} exit {rc}")
-        time.sleep(15)  # attribution hold, ledger commit, program refresh (10 s)
+            time.sleep(5)  # the attribution hold (3 s) and the ledger commit
+            after = _metrics(url).get("gpuflops_gpu_flops_total", {})
+            for name, gpus in batch:  # one job per GPU at a time: the GPU's delta is the job's
+                d: dict[str, float] = {}
+                for labels, v in after.items():
+                    lab = dict(labels)
+                    if lab["gpu"] in gpus.split(","):
+                        k = f"{lab['pipe']}:{lab['precision']}"
+                        d[k] = d.get(k, 0.0) + v - before.get(labels, 0.0)
+                pipes[name] = d
+        time.sleep(12)  # attribution hold, ledger commit, program refresh (10 s)
         m = _metrics(url)
         (out / "metrics-final.json").write_text(json.dumps(
             {k: [[list(map(list, lab)), v] for lab, v in d.items()] for k, d in m.items()
@@ -331,6 +363,10 @@ def phase_metered(out: Path, names: list[str]) -> None:
                 "recompute": _pick(m, "gpuflops_job_recompute_flops_total", job=name),
                 "compliance": _pick(m, "gpuflops_program_flops_total", program=name,
                                     basis="compliance"),
+                "hardware": _pick(m, "gpuflops_job_hardware_flops", job=name),
+                "half_rate_fraction": _pick(m, "gpuflops_job_half_rate_fraction", job=name),
+                "band": _pick(m, "gpuflops_program_compliance_band_ratio", program=name),
+                "gpu_pipes": pipes.get(name, {}),
             }
         (out / "metered.json").write_text(json.dumps(figures, indent=1))
     finally:
@@ -364,12 +400,19 @@ def _ncu_rows(text: str) -> list[dict[str, Any]]:
     return out
 
 
+# Kernels that use the tensor pipes: cuBLAS (nvjet, xmma, cutlass), cuDNN and flash attention.
+TENSOR_KERNELS = "regex:^(?!nccl).*(nvjet|gemm|xmma|cutlass|sdpa|flash|fmha|attention|wgmma)"
+
+
 def phase_executed(out: Path, names: list[str], budget_s: float) -> None:
-    metrics = ",".join([*NCU_OPS, *NCU_FP, NCU_CYCLES])
+    # Hardware counters only (the SASS-level FP instruction counts cost ~0.25 s a kernel under
+    # replay, run 21, too slow for a thousand kernels a step); tensor kernels only.
+    metrics = ",".join([*NCU_OPS, NCU_CYCLES])
     deadline = time.time() + budget_s
-    batches = list(_batches(names))
-    # The DDP job first: it is the one most likely to misbehave under a profiler.
-    for batch in sorted(batches, key=lambda b: -len(b[0][1])):
+    # Not the DDP job: under ncu its ranks hung for 9 minutes (run 22, NCCL kernels left out).
+    # Each of its ranks runs the single-GPU job's step on its own GPU, plus the all-reduce.
+    batches = [b for b in _batches(names) if JOBS[b[0][0]].world == 1]
+    for batch in batches:
         if time.time() > deadline - 60:
             log(f"executed: out of time, skipped {[n for n, _g in batch]}")
             continue
@@ -381,16 +424,16 @@ def phase_executed(out: Path, names: list[str], budget_s: float) -> None:
             # rank does not would deadlock, and their few FLOPs are reductions, not training.
             cmd = ["ncu", "--clock-control", "none", "--profile-from-start", "off",
                    "--target-processes", "all", "--csv", "--page", "raw", "--metrics", metrics,
-                   "--kernel-name", "regex:^(?!nccl)",
+                   "--kernel-name", TENSOR_KERNELS,
                    *_job_cmd(name, "executed", out, None)]
             procs.append((name, subprocess.Popen(cmd, env=_env(gpus), cwd=ROOT,
                                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                 text=True)))
+                                                 text=True, start_new_session=True)))
         for name, p in procs:
             try:
                 so, se = p.communicate(timeout=max(10.0, min(batch_end, deadline) - time.time()))
             except subprocess.TimeoutExpired:
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL)  # ncu and every process it started
                 so, se = p.communicate()
                 se += "\n[killed: out of time]"
             rows = _ncu_rows(so)
@@ -411,6 +454,24 @@ def phase_executed(out: Path, names: list[str], budget_s: float) -> None:
                 f"tensor {tensor:.4g} fp {fp:.4g} per step")
 
 
+def _executed_step(files: dict[str, Path], name: str) -> tuple[float | None, str | None]:
+    """Executed tensor ops of one optimizer step, and where the figure comes from."""
+    ex = files.get(f"{name}.executed.json")
+    if ex is not None:
+        rec = json.loads(ex.read_text())
+        if rec["kernels_profiled"]:
+            return rec["tensor_ops_step"], "ncu"
+    spec = JOBS[name]
+    if spec.world > 1:  # each DDP rank runs the single-GPU job's step (same per-GPU batch)
+        single = next((n for n, s in JOBS.items() if s.world == 1
+                       and asdict(s) == {**asdict(spec), "world": 1}), None)
+        if single is not None:
+            one, _src = _executed_step(files, single)
+            if one is not None:
+                return one * spec.world, f"ncu on {single}, x{spec.world} ranks"
+    return None, None
+
+
 def combine(dirs: list[Path], gpu: str, run: str, dest: Path) -> dict[str, Any]:
     files: dict[str, Path] = {}
     for d in dirs:
@@ -421,31 +482,41 @@ def combine(dirs: list[Path], gpu: str, run: str, dest: Path) -> dict[str, Any]:
     for name, spec in JOBS.items():
         ranks = [json.loads(files[f].read_text()) for f in sorted(files)
                  if f.startswith(f"{name}.metered.rank")]
-        ex = json.loads(files[f"{name}.executed.json"].read_text()) \
-            if f"{name}.executed.json" in files else None
         if not ranks:
             continue
         steps = ranks[0]["steps"]
         micro_batches = steps * spec.world
         nom = nominal(spec)
         fig = metered.get(name, {})
+        pipes = fig.get("gpu_pipes", {})
+        tensor_raw = sum(v for k, v in pipes.items() if k.startswith("hmma:"))
+        f = fig.get("half_rate_fraction") or 0.0
+        ex_step, ex_src = _executed_step(files, name)
         job: dict[str, Any] = {
             "name": name, "spec": asdict(spec), "steps": steps, "micro_batches": micro_batches,
             "seconds": max(r["t1"] for r in ranks) - min(r["t0"] for r in ranks),
             "truth_nominal": nom["per_micro_batch"] * micro_batches,
             "truth_nominal_recompute": nom["recompute_per_micro_batch"] * micro_batches,
-            "truth_executed": (ex["tensor_ops_step"] + ex["fp_flops_step"]) * steps
-            if ex and ex["kernels_profiled"] else None,
-            "truth_executed_tensor": ex["tensor_ops_step"] * steps if ex else None,
-            "measured": fig.get("measured"), "analytic": fig.get("analytic"),
-            "analytic_recompute": fig.get("recompute"), "compliance": fig.get("compliance"),
+            # Tensor ops only: the FP32/FP16 pipes' SASS counts were too slow to replay.
+            "truth_executed": ex_step * steps if ex_step else None,
+            "truth_executed_source": ex_src,
+            "measured": fig.get("measured"), "hardware": fig.get("hardware"),
+            "analytic": fig.get("analytic"), "analytic_recompute": fig.get("recompute"),
+            "compliance": fig.get("compliance"), "compliance_band": fig.get("band"),
+            "half_rate_fraction": fig.get("half_rate_fraction"),
+            "hardware_tensor_raw": tensor_raw, "hardware_tensor": tensor_raw / (1 + f),
+            "hardware_non_tensor": sum(v for k, v in pipes.items() if not k.startswith("hmma:")),
+            "gpu_pipes": pipes,
             "declared_precision": ranks[0].get("declared_precision"),
+            "census": ranks[0].get("census"),
             "callback_flops": sum(r.get("callback_flops", 0.0) for r in ranks),
         }
-        if ex:
+        ex = files.get(f"{name}.executed.json")
+        if ex is not None:
+            by_kernel = json.loads(ex.read_text())["by_kernel"]
             job["executed_kernels"] = sorted(
                 ({"kernel": k, **v, "ops_per_tensor_cycle": v["ops"] / v["cycles"]
-                  if v["cycles"] else None} for k, v in ex["by_kernel"].items()),
+                  if v["cycles"] else None} for k, v in by_kernel.items()),
                 key=lambda k: -k["ops"])[:25]
         jobs.append(job)
     doc = {"gpu": gpu, "run": run, "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ",
@@ -461,13 +532,16 @@ def _r(a: float | None, b: float | None) -> str:
 
 
 def print_table(doc: dict[str, Any]) -> None:
-    print(f"\n{'job':32s} {'nominal':>9s} {'executed':>9s} {'meas/exec':>9s} "
-          f"{'anal/nom':>8s} {'compl/nom':>9s}")
+    print(f"\n{'job':30s} {'nominal':>8s} {'hwT/exT':>7s} {'rawT/exT':>8s} {'hw/an':>6s} "
+          f"{'an/nom':>6s} {'comp/nom':>8s} {'half':>5s}")
     for j in doc["jobs"]:
-        print(f"{j['name']:32s} {j['truth_nominal']:9.3g} {j['truth_executed'] or 0:9.3g} "
-              f"{_r(j['measured'], j['truth_executed']):>9s} "
-              f"{_r((j['analytic'] or 0) - (j['analytic_recompute'] or 0), j['truth_nominal']):>8s} "
-              f"{_r(j['compliance'], j['truth_nominal']):>9s}")
+        an_ex = (j["analytic"] or 0) - (j["analytic_recompute"] or 0)
+        print(f"{j['name']:30s} {j['truth_nominal']:8.3g} "
+              f"{_r(j['hardware_tensor'], j['truth_executed']):>7s} "
+              f"{_r(j['hardware_tensor_raw'], j['truth_executed']):>8s} "
+              f"{_r(j['hardware'], j['analytic']):>6s} {_r(an_ex, j['truth_nominal']):>6s} "
+              f"{_r(j['compliance'], j['truth_nominal']):>8s} "
+              f"{(j['half_rate_fraction'] or 0):5.3f}")
 
 
 def main() -> int:

@@ -70,8 +70,12 @@ class CuptiOpener:
 
     def __call__(self, bus_id: str, period_s: float) -> PmDevice:
         cu = self._cu
-        err, dev = cu.cuDeviceGetByPCIBusId(bus_id.encode())
-        if int(err) != 0:
+        # NVML spells the domain with 8 hex digits, CUDA's own form has 4: try both.
+        for form in (bus_id, bus_id[4:] if len(bus_id.split(":")[0]) == 8 else bus_id):
+            err, dev = cu.cuDeviceGetByPCIBusId(form.encode())
+            if int(err) == 0:
+                break
+        else:
             raise PmError("no_device", f"no CUDA device at {bus_id}: {err}")
         err, ctx = cu.cuDevicePrimaryCtxRetain(dev)
         if int(err) != 0:
