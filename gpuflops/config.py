@@ -46,6 +46,8 @@ class Settings:
     clock_period_s: float = 0.1
     process_period_s: float = 1.0  # process list and per-process utilisation refresh
     process_ttl_s: float = 300.0  # exited processes' series age out after this
+    # A job's series leave /metrics this long after its last FLOP or estimate (docs/metrics.md).
+    series_ttl_s: float = 3600.0
     attribution_hold_s: float = 3.0  # how long a shared interval waits for per-process samples
     # Split a shared GPU by the analytic FLOPs its processes report, when all of them do and
     # the sum is within this tolerance of the measured FLOPs (docs/attribution.md).

@@ -166,7 +166,7 @@ def _assemble(
     jobs = JobRegistry(process_lookup=PsutilProcessLookup(), clock=clock)
     labeler = _labeler(s, jobs, clock)
     ledger = _open_ledger(s, clock) if s.ledger else None
-    totals = Totals(gpus, process_ttl_s=s.process_ttl_s, clock=clock,
+    totals = Totals(gpus, process_ttl_s=s.process_ttl_s, series_ttl_s=s.series_ttl_s, clock=clock,
                     seed=ledger.totals() if ledger is not None else None)
     sink = LedgerSink(ledger, clock=clock, commit_every_s=s.ledger_commit_s)
     jobs.on_event(sink.on_job_event)

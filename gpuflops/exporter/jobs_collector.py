@@ -39,12 +39,15 @@ class JobsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self._totals()
-        labels = ["job", "program"]
+        # `job_id`, never `job`: that is Prometheus' scrape-job label (docs/metrics.md).
+        labels = ["job_id", "program"]
+        active = snap.active_jobs()
         measured = CounterMetricFamily(
             "gpuflops_job_measured_flops", "FLOPs measured for a job's processes", labels=labels
         )
         for (job, program), v in sorted(snap.job_flops.items()):
-            measured.add_metric([job, program], v)
+            if (job, program) in active:
+                measured.add_metric([job, program], v)
         yield measured
         analytic = CounterMetricFamily(
             "gpuflops_job_analytic_flops",
@@ -60,6 +63,8 @@ class JobsCollector(Collector):
             labels=labels,
         )
         for (job, program), a in sorted(snap.job_analytic.items()):
+            if (job, program) not in active:
+                continue
             analytic.add_metric([job, program], a.flops)
             tokens.add_metric([job, program], a.tokens)
             recompute.add_metric([job, program], a.recompute_flops)
@@ -97,6 +102,8 @@ class JobsCollector(Collector):
         }
         for status in view.statuses.values():
             for r in status.jobs:
+                if (r.job, r.program) not in active:
+                    continue
                 if r.ratio is not None:
                     ratio.add_metric([r.job, r.program], r.ratio)
                 divergent.add_metric([r.job, r.program], 1.0 if r.divergent else 0.0)

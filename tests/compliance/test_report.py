@@ -153,7 +153,7 @@ class _Prom:
                 for job, v in rows:
                     sums[job] = sums.get(job, 0.0) + v
                 return {"status": "success", "data": {"resultType": "vector", "result": [
-                    {"metric": {"job": j, "program": "llama-ft"}, "value": [T0, str(v)]}
+                    {"metric": {"job_id": j, "program": "llama-ft"}, "value": [T0, str(v)]}
                     for j, v in sums.items()]}}
         return {"status": "error", "error": "unknown metric"}
 
@@ -201,7 +201,7 @@ def test_prometheus_totals_across_nodes(state_dir: Path, prom: tuple[str, _Prom]
     assert jobs["ft-1"]["metadata"]["model"] == "llama-3-8b"  # metadata still from the ledger
     assert doc["threshold"]["ratio"] == pytest.approx(5.4e19 / 8e19)
     assert doc["threshold"]["level_reached"] == 0.5
-    assert any(q.startswith("sum by (job,program)(gpuflops_job_measured_flops_total")
+    assert any(q.startswith("sum by (job_id,program)(gpuflops_job_measured_flops_total")
                for q in fake.seen)
     assert doc["series"][-1]["cumulative_flops"] == pytest.approx(5.4e19)
 

@@ -163,7 +163,8 @@ def test_web_config_switches_probes_and_scrape_to_https() -> None:
     assert container["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
     (endpoint,) = found["ServiceMonitor"]["spec"]["endpoints"]
     assert endpoint["scheme"] == "https"
-    assert endpoint["honorLabels"] is True
+    # The exporter never emits `job` or `instance`, so nothing needs honor_labels.
+    assert "honorLabels" not in endpoint
     assert endpoint["basicAuth"]["password"] == {"name": "gpuflops-scrape", "key": "password"}
     assert {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"} in (
         endpoint["relabelings"]
@@ -213,6 +214,14 @@ def test_prometheus_rule_substitutes_every_tunable(tmp_path: Path) -> None:
     path = write_yaml(tmp_path / "rendered.rules.yml", {"groups": rule["spec"]["groups"]})
     result = promtool("check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_prometheus_rule_points_runbooks_at_the_configured_base() -> None:
+    base = "https://wiki.example.com/gpuflops/alerts.md"
+    rule = objects({"prometheusRule": {"enabled": True, "runbookBaseUrl": base}})["PrometheusRule"]
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert alerts and all(
+        r["annotations"]["runbook_url"] == f"{base}#{r['alert'].lower()}" for r in alerts)
 
 
 def test_dashboard_configmap_carries_both_dashboards() -> None:

@@ -122,7 +122,7 @@ def test_three_jobs_two_nodes_one_resume_report_through_prometheus(tmp_short: Pa
         node_a = stack.enter_context(daemon(tmp_short / "a", trace=trace_a, extra_args=extra))
         node_b = stack.enter_context(daemon(tmp_short / "b", trace=trace_b, extra_args=extra))
         started = time.time()
-        scrape = {"job_name": "gpuflops", "honor_labels": True, "static_configs": [
+        scrape = {"job_name": "gpuflops", "static_configs": [
             {"targets": [node_a.target], "labels": {"node": "a"}},
             {"targets": [node_b.target], "labels": {"node": "b"}},
         ]}

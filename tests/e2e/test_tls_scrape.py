@@ -114,7 +114,7 @@ def test_prometheus_scrapes_over_tls_with_basic_auth(tmp_short: Path) -> None:
             urllib.request.urlopen(f"http://{d.target}/healthz", timeout=5).close()
 
         def scrape_job(name: str, password: str) -> dict[str, object]:
-            return {"job_name": name, "honor_labels": True, "scheme": "https",
+            return {"job_name": name, "scheme": "https",
                     "tls_config": {"ca_file": str(ca)},
                     "basic_auth": {"username": USER, "password": password},
                     "static_configs": [{"targets": [d.target]}]}
