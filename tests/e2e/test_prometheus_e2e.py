@@ -186,6 +186,10 @@ def test_promql_totals_equal_ledger_and_every_panel_has_data(tmp_short: Path) ->
                 except AssertionError:
                     pytest.fail("PromQL != ledger:\n" + "\n".join(last))
                 figures = _promql_figures(prom)
+                # Training jobs never flood Prometheus' own `job` label: only the scrape job.
+                scrape_jobs = prom.values('count by (job) ({__name__=~"gpuflops_.+"})', "job")
+                exported = prom.values('count by (exported_job) ({__name__=~"gpuflops_.+"})',
+                                       "exported_job")
                 panels = _panel_results(prom)
                 rules = [(r["name"], r["health"], r.get("lastError", ""))
                          for g in prom.api("/api/v1/rules")["groups"] for r in g["rules"]]
@@ -209,6 +213,8 @@ def test_promql_totals_equal_ledger_and_every_panel_has_data(tmp_short: Path) ->
     assert [(g.reason, round(g.duration_s, 3)) for g in gaps if g.gpu != "*"] == [
         ("gpm_read", GAP_S[1] - GAP_S[0])]
     assert _mismatches(figures, final) == []
+    assert set(scrape_jobs) == {("gpuflops",)}, scrape_jobs
+    assert set(exported) == {("",)}, exported  # nothing was renamed to exported_job
     key = (JOB, PROGRAM)
     assert figures["analytic"][key] == ESTIMATE.total[0]  # exact: binary-exact increments
     assert figures["tokens"][key] == ESTIMATE.total[1]
