@@ -184,14 +184,19 @@ def _assemble(
         {"version": __version__, "backend": sampler.name, "host": socket.gethostname()},
         [(g.key, g.uuid) for g in gpus],
     )
-    programs_cfg = load_programs_config(Path(s.program_config) if s.program_config else None)
+    programs_cfg = [load_programs_config(Path(s.program_config) if s.program_config else None)]
     view = [ProgramView()]
 
     def refresh_programs() -> None:
         if ledger is None:
             return
-        statuses, errors = evaluate_ledger(ledger, programs_cfg)
+        statuses, errors = evaluate_ledger(ledger, programs_cfg[0])
         view[0] = ProgramView(MappingProxyType(statuses), MappingProxyType(errors), clock())
+
+    def reload_programs(new: Settings) -> None:
+        """SIGHUP: the program configuration as its file says now (a bad file raises)."""
+        programs_cfg[0] = load_programs_config(Path(new.program_config) if new.program_config else None)
+        refresh_programs()
 
     server = None
     if s.job_socket:
@@ -213,6 +218,7 @@ def _assemble(
         s, sampler, pipeline, totals, registry,
         stop=threading.Event(), sampler_stop=sampler_stop, clock=clock,
         periodic=[(s.program_refresh_s, refresh_programs)], closers=closers,
+        reloaders=[reload_programs],
     )
 
 

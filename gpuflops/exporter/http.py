@@ -21,18 +21,19 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
+
+from gpuflops.config import DEFAULT_TELEMETRY_PATH
 
 log = logging.getLogger(__name__)
 
 HealthCheck = Callable[[], tuple[bool, str]]
 AuthCheck = Callable[[str | None], bool]
 StartResponse = Callable[..., Any]
-DEFAULT_TELEMETRY_PATH = "/metrics"
 _TEXT = "text/plain; charset=utf-8"
 _HANDSHAKE_LOG_EVERY_S = 10.0  # one warning per this many seconds; the rest go to debug
 
@@ -108,7 +109,8 @@ class MetricsServer:
         host, port = parse_listen(listen)
         server_class = type("Server", (_Server,), {
             "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET, "owner": self})
-        self._httpd = make_server(host, port, self._app, server_class, handler_class=_Handler)
+        self._httpd = cast(_Server, make_server(host, port, self._app, server_class,
+                                                handler_class=_Handler))
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="http", daemon=True)
 
     @property

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import http.client
 import time
-import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,8 +155,9 @@ def test_gzip_and_openmetrics_are_negotiated(daemon: tuple[Daemon, FakeClock, Me
         assert "# TYPE gpuflops_gpu_flops counter" in body  # OpenMetrics names the family
     finally:
         c.close()
-    status, headers, text = _get(server.port, "/metrics")
-    assert headers["content-type"].startswith("text/plain") and "content-encoding" not in headers
+    status, headers, _text = _get(server.port, "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    assert "content-encoding" not in headers
 
 
 def test_telemetry_path_is_configurable() -> None:
