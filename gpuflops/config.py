@@ -10,17 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
+import tomllib  # Python >= 3.11 (pyproject's requires-python)
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - CI runs 3.11; pyproject's requires-python says >=3.11
-    import tomli as tomllib
 
 from gpuflops.rates import DEFAULT_HMMA_PRECISION, HMMA_PRECISIONS
 

@@ -46,7 +46,7 @@ def render_chart(series: Sequence[tuple[float, float]], threshold: float,
                      f'text-anchor="end">{v:.2e}</text>')
     for i, tt in enumerate((t0, (t0 + t1) / 2, t1)):
         anchor = ("start", "middle", "end")[i]
-        label = dt.datetime.fromtimestamp(tt, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        label = dt.datetime.fromtimestamp(tt, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
         parts.append(f'<text x="{x(tt):.1f}" y="{height - 28}" font-size="11" '
                      f'text-anchor="{anchor}">{label} UTC</text>')
     for lv in levels:

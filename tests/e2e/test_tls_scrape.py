@@ -42,7 +42,7 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _pki(d: Path) -> tuple[Path, Path, Path]:
     """(CA certificate, server certificate for 127.0.0.1, server key) as PEM files."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gpuflops e2e CA")])
     ca = (
