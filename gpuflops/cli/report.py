@@ -20,9 +20,17 @@ from gpuflops.ledger.records import LEDGER_FILENAME, LedgerError
 from gpuflops.ledger.store import Ledger
 
 
+REPORT_MODE = 0o640  # owner writes, the group (auditors) reads, nobody else: before umask
+
+
 def _write_atomic(path: Path, text: str) -> None:
+    """Temp file, fsync, rename; the file is REPORT_MODE less the umask (0640 under 022, 0600
+    under 077), never world-readable: a report names programs, jobs and models."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, REPORT_MODE & ~umask & ~0o007)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -92,6 +92,9 @@ def test_json_report_from_ledger_validates_and_is_right(state_dir: Path, tmp_pat
     proc = _cli("--program", "llama-ft", "--state-dir", str(state_dir), "--out", str(out),
                 "--config", str(cfg), "--accuracy", str(acc))
     assert proc.returncode == 0, proc.stderr
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o640 & ~umask  # never world-readable
     doc = json.loads(out.read_text())
     jsonschema.validate(doc, _schema(), format_checker=jsonschema.FormatChecker())
     assert doc["totals"]["measured_flops"] == pytest.approx(200 * 1.2e17)
