@@ -19,7 +19,6 @@ from gpuflops.config import DEFAULT_ACCURACY_PATH
 from gpuflops.ledger.records import LEDGER_FILENAME, LedgerError
 from gpuflops.ledger.store import Ledger
 
-
 REPORT_MODE = 0o640  # owner writes, the group (auditors) reads, nobody else: before umask
 
 
