@@ -8,6 +8,7 @@ listed command that no document uses any more fails the test, so the list cannot
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -103,10 +104,8 @@ def test_documented_commands_run_as_written(where: str, commands: list[str],
     try:
         out, _ = proc.communicate(timeout=240)
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)  # a daemon the block left running
-        except ProcessLookupError:
-            pass
     assert proc.returncode == 0, f"{where} failed:\n{script}\n{out[-4000:]}"
     if where.startswith("README.md") and any(c.startswith("gpuflops run") for c in commands):
         # The acceptance of the quick start: a job registered and a report out.
