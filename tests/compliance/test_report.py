@@ -258,3 +258,38 @@ def test_html_report_renders_in_headless_chromium(state_dir: Path, tmp_path: Pat
     empty.write_text(render_html(doc))
     png2 = decode_png(_screenshot(chromium, empty, tmp_path / "shot2.png", tmp_path / "prof2"))
     assert count_colour(png2, BLUE, chart_area) < 50
+
+
+def _polyline_ys(svg: str) -> list[float]:
+    import re
+
+    points = re.search(r'<polyline points="([^"]+)"', svg)
+    assert points is not None
+    return [float(p.split(",")[1]) for p in points.group(1).split()]
+
+
+def test_chart_is_logarithmic_and_has_no_1970_when_empty() -> None:
+    from gpuflops.compliance.html import render_chart
+
+    threshold = 3.3e22
+    # A program at a millionth of its threshold, growing tenfold: a rising line, not a floor.
+    tiny = [(1.7e9 + i * 60, threshold * 1e-7 * (1 + 9 * i / 10)) for i in range(11)]
+    ys = _polyline_ys(render_chart(tiny, threshold, [0.5, 0.8, 0.95]))
+    assert ys[0] - ys[-1] > 20  # a decade is well over 20 px high
+    assert all(a >= b for a, b in zip(ys, ys[1:], strict=False))
+    empty = render_chart([], threshold, [0.5, 0.8, 0.95])
+    assert "1970" not in empty and "UTC" not in empty and "no FLOPs recorded" in empty
+    assert "<polyline" not in empty
+
+
+def test_html_measured_over_analytic_column_matches_the_totals(state_dir: Path) -> None:
+    import re
+
+    doc = json.loads(_cli("--program", "llama-ft", "--state-dir", str(state_dir)).stdout)
+    page = render_html(doc)
+    jobs = page.split("<h2>Jobs</h2>")[1].split("<h2>")[0]
+    for row in re.findall(r"<tr><td>(.*?)</td></tr>", jobs.split("<tbody>")[1]):
+        cells = row.split("</td><td>")
+        measured, analytic, shown = float(cells[1]), float(cells[2]), cells[4]
+        # The cells show 4 significant digits; the ratio agrees with them to that precision.
+        assert float(shown) == pytest.approx(measured / analytic, rel=2e-3), cells
