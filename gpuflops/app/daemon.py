@@ -82,7 +82,8 @@ class Daemon:
         self.server = MetricsServer(self.registry, self.settings.listen, self.health,
                                     telemetry_path=self.settings.telemetry_path, **http_kwargs)
         self.server.start()
-        log.info("serving /metrics on %s (port %d)", self.settings.listen, self.server.port)
+        log.info("serving %s on %s (port %d)", self.settings.telemetry_path, self.settings.listen,
+                 self.server.port)
 
     def run(
         self,

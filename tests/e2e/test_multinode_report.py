@@ -151,8 +151,8 @@ def test_three_jobs_two_nodes_one_resume_report_through_prometheus(tmp_short: Pa
         wait_for("both ledgers to settle", settled, 40, 0.1)
         prom.last_scrape_after("gpuflops", time.time())
         per_node = prom.values(
-            f'sum by (node, job) (gpuflops_job_analytic_flops_total{{program="{PROGRAM}"}})',
-            "node", "job")
+            f'sum by (node, job_id) (gpuflops_job_analytic_flops_total{{program="{PROGRAM}"}})',
+            "node", "job_id")
         doc = _report(prom.url, node_a.state_dir, programs)
         assert node_a.stop() == 0, node_a.log()
         assert node_b.stop() == 0, node_b.log()
