@@ -1,20 +1,36 @@
-"""Daemon settings: defaults, overridden by a TOML file, overridden by command-line flags."""
+"""Settings and every default.
+
+Precedence, highest first: command-line flags > ``GPUFLOPS_<NAME>`` environment variables >
+the ``[daemon]`` table of the TOML file (``--config`` or ``GPUFLOPS_CONFIG``) > defaults. Every
+command resolves them the same way (:func:`resolve_settings`), so ``gpuflops run``, ``verify``,
+``report`` and ``status`` find the socket, state directory and endpoint the daemon uses.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import tomllib  # Python >= 3.11 (pyproject's requires-python)
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from gpuflops.rates import DEFAULT_HMMA_PRECISION, HMMA_PRECISIONS
 
 DEFAULT_LISTEN = "0.0.0.0:9450"
 DEFAULT_SOCKET_PATH = "/run/gpuflops/gpuflops.sock"  # the job socket, daemon and clients alike
 DEFAULT_STATE_DIR = "/var/lib/gpuflops"
-DEFAULT_STATUS_URL = "http://127.0.0.1:9450/metrics"  # what `gpuflops status` reads
+ENV_PREFIX = "GPUFLOPS_"  # GPUFLOPS_<SETTING NAME IN UPPER CASE>, e.g. GPUFLOPS_STATE_DIR
+# Established names that predate the generic ones: clients read GPUFLOPS_SOCKET already.
+ENV_ALIASES: Mapping[str, str] = {"socket_path": "GPUFLOPS_SOCKET"}
+CONFIG_ENV = "GPUFLOPS_CONFIG"  # the TOML file, when no --config is given
+DEFAULT_TELEMETRY_PATH = "/metrics"
+# --log.level names (exporter-toolkit's) and the logging levels they stand for.
+LOG_LEVELS: Mapping[str, int] = {"debug": logging.DEBUG, "info": logging.INFO,
+                                 "warn": logging.WARNING, "error": logging.ERROR}
+LOG_FORMATS = ("logfmt", "json")
 DEMO_TRACE = "h100-demo.jsonl.gz"  # shipped in gpuflops/data; `--demo` and the replay default
 # The H100 accuracy figures measured in docs/accuracy.md, the audit report's default.
 DEFAULT_ACCURACY_PATH = Path(str(resources.files("gpuflops") / "data" / "accuracy-h100.json"))
@@ -52,6 +68,8 @@ class Settings:
     yield_to_profilers: bool = True  # hand GPU counters to Nsight tools while they run
     process_period_s: float = 1.0  # process list and per-process utilisation refresh
     process_ttl_s: float = 300.0  # exited processes' series age out after this
+    # A job's series leave /metrics this long after its last FLOP or estimate (docs/metrics.md).
+    series_ttl_s: float = 3600.0
     attribution_hold_s: float = 3.0  # how long a shared interval waits for per-process samples
     # Split a shared GPU by the analytic FLOPs its processes report, when all of them do and
     # the sum is within this tolerance of the measured FLOPs (docs/attribution.md).
@@ -74,6 +92,9 @@ class Settings:
     ledger_commit_s: float = 0.0
     job_socket: bool = True
     web_config: str | None = None
+    telemetry_path: str = DEFAULT_TELEMETRY_PATH
+    log_level: str = "info"
+    log_format: str = "logfmt"
     job_sources: tuple[str, ...] = ("socket", "env", "kubernetes", "slurm", "torchrun", "systemd")
     program_config: str | None = None
     program_refresh_s: float = 10.0  # reconciliation and thresholds are recomputed this often
@@ -104,10 +125,113 @@ class Settings:
             raise SettingsError("ledger_sync must be NORMAL or FULL")
         if self.replay_speed <= 0:
             raise SettingsError("replay_speed must be positive")
+        if self.series_ttl_s <= 0 or self.process_ttl_s <= 0:
+            raise SettingsError("series_ttl_s and process_ttl_s must be positive")
+        if not self.telemetry_path.startswith("/") or self.telemetry_path in ("/", "/healthz"):
+            raise SettingsError(f"telemetry_path must start with / and not be / or /healthz, "
+                                f"got {self.telemetry_path!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise SettingsError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise SettingsError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
         return self
+
+    def status_url(self) -> str:
+        """The metrics URL a local client reads: the listen address (a wildcard becomes
+        loopback), https when the web config turns TLS on."""
+        host, _, port = self.listen.rpartition(":")
+        host = host.strip("[]")
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{'https' if _web_config_has_tls(self.web_config) else 'http'}://{host}:{port}" \
+            f"{self.telemetry_path}"
 
     def with_overrides(self, **kw: Any) -> Settings:
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+def _web_config_has_tls(path: str | None) -> bool:
+    """Whether a web-config file has a tls_server_config section (a line scan: no YAML here)."""
+    if not path:
+        return False
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return any(line.startswith("tls_server_config:") for line in text.splitlines())
+
+
+def env_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """Settings named by ``GPUFLOPS_<NAME>`` variables, parsed to their types.
+
+    Lists are comma-separated (``GPUFLOPS_DEVICES=0,2``), tables ``k=v`` pairs
+    (``GPUFLOPS_HMMA_PRECISION_PER_GPU=1=tf32``), booleans true/false/1/0/yes/no, integers
+    may be octal (``0o660``); an empty value means "not set" for optional settings.
+    """
+    out: dict[str, Any] = {}
+    for f in fields(Settings):
+        names = [ENV_PREFIX + f.name.upper()]
+        if f.name in ENV_ALIASES:
+            names.append(ENV_ALIASES[f.name])
+        name = next((n for n in names if n in environ), None)
+        if name is None:
+            continue
+        kind = str(f.type)
+        optional = kind.endswith(" | None")
+        raw = environ[name].strip()
+        if optional and raw == "":
+            out[f.name] = None
+            continue
+        try:
+            out[f.name] = _from_text(raw, kind.removesuffix(" | None"))
+        except ValueError:
+            raise SettingsError(
+                f"${name}: {raw!r} is not {_WANT[kind.removesuffix(' | None')]}") from None
+    return out
+
+
+def _from_text(raw: str, kind: str) -> Any:
+    if kind == "float":
+        return float(raw)
+    if kind == "int":
+        return int(raw, 0)
+    if kind == "bool":
+        low = raw.lower()
+        if low not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(raw)
+        return low in ("true", "1", "yes")
+    if kind == "str":
+        return raw
+    items = [x.strip() for x in raw.split(",") if x.strip()]
+    if kind == "tuple[str, ...]":
+        return tuple(items)
+    if kind == "tuple[int, ...]":
+        return tuple(int(x, 0) for x in items)
+    if kind == "dict[str, str]":
+        pairs = [x.partition("=") for x in items]
+        if any(not sep for _k, sep, _v in pairs):
+            raise ValueError(raw)
+        return {k.strip(): v.strip() for k, _sep, v in pairs}
+    raise ValueError(kind)
+
+
+def config_path(flag: str | os.PathLike[str] | None,
+                environ: Mapping[str, str] = os.environ) -> Path | None:
+    """The TOML file: ``--config``, else ``$GPUFLOPS_CONFIG``, else none."""
+    if flag:
+        return Path(flag)
+    value = environ.get(CONFIG_ENV, "").strip()
+    return Path(value) if value else None
+
+
+def resolve_settings(config: str | os.PathLike[str] | None = None,
+                     environ: Mapping[str, str] = os.environ, **flags: Any) -> Settings:
+    """Flags (None = not given) > environment > TOML file > defaults; not validated."""
+    path = config_path(config, environ)
+    if path is not None and not path.is_file():
+        raise SettingsError(f"{path}: configuration file not found")
+    return load_settings(path).with_overrides(**env_settings(environ)).with_overrides(**flags)
 
 
 def load_settings(path: Path | None) -> Settings:

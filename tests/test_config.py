@@ -107,9 +107,8 @@ def test_validation_errors(change: dict[str, object], message: str) -> None:
 
 def test_every_setting_can_be_set_from_toml_with_its_default(tmp_path: Path) -> None:
     """Each field's type is checked on load; writing every default back must round-trip."""
-    from dataclasses import asdict
-
     import tomllib
+    from dataclasses import asdict
 
     lines = ["[daemon]"]
     for key, value in asdict(Settings()).items():
@@ -145,3 +144,47 @@ def test_shipped_example_config_names_every_setting_and_loads_uncommented(tmp_pa
     settings = load_settings(path).validate()
     assert settings.hmma_precision_per_gpu == {"0": "fp8"}
     assert settings.devices == (0, 1)
+
+
+def test_environment_overrides_the_file_and_flags_override_both(tmp_path: Path) -> None:
+    from gpuflops.config import env_settings, resolve_settings
+
+    p = _toml(tmp_path, '[daemon]\nstate_dir = "/from/file"\nlisten = "a:1"\ninterval_s = 0.2\n')
+    env = {"GPUFLOPS_CONFIG": str(p), "GPUFLOPS_STATE_DIR": "/from/env", "GPUFLOPS_SOCKET": "/s",
+           "GPUFLOPS_DEVICES": "0, 2", "GPUFLOPS_LEDGER": "no", "GPUFLOPS_SOCKET_MODE": "0o600",
+           "GPUFLOPS_HMMA_PRECISION_PER_GPU": "1=tf32", "GPUFLOPS_WEB_CONFIG": "",
+           "GPUFLOPS_JOB": "not a setting: the job identity of a training process"}
+    s = resolve_settings(None, environ=env, listen="b:2", state_dir=None).validate()
+    assert s.state_dir == "/from/env"  # env over file
+    assert s.listen == "b:2"  # flag over file
+    assert s.interval_s == 0.2  # file over default
+    assert s.socket_path == "/s" and s.devices == (0, 2) and s.ledger is False
+    assert s.socket_mode == 0o600 and s.hmma_precision_per_gpu == {"1": "tf32"}
+    assert s.web_config is None
+    assert resolve_settings(None, environ=env, state_dir="/flag").state_dir == "/flag"
+    assert env_settings({"GPUFLOPS_SOCKET_PATH": "/generic"})["socket_path"] == "/generic"
+    with pytest.raises(SettingsError, match=r"\$GPUFLOPS_INTERVAL_S: 'fast' is not a number"):
+        env_settings({"GPUFLOPS_INTERVAL_S": "fast"})
+    with pytest.raises(SettingsError, match="configuration file not found"):
+        resolve_settings(None, environ={"GPUFLOPS_CONFIG": str(tmp_path / "missing.toml")})
+
+
+@pytest.mark.parametrize(("listen", "web", "url"), [
+    ("0.0.0.0:9450", "", "http://127.0.0.1:9450/metrics"),
+    ("[::]:9450", "", "http://[::1]:9450/metrics"),
+    ("10.0.0.5:1234", "tls_server_config:\n  cert_file: a\n", "https://10.0.0.5:1234/metrics"),
+])
+def test_status_url_follows_the_listen_address_and_tls(tmp_path: Path, listen: str, web: str,
+                                                       url: str) -> None:
+    path = tmp_path / "web.yml"
+    path.write_text(web)
+    assert Settings(listen=listen, web_config=str(path)).status_url() == url
+
+
+def test_requires_python_matches_what_is_tested() -> None:
+    """tomllib is stdlib from 3.11; CI tests 3.11, so that is what pyproject promises."""
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.11"
+    assert "Programming Language :: Python :: 3.11" in project["classifiers"]

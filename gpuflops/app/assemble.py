@@ -197,7 +197,7 @@ def _assemble(
     jobs = JobRegistry(process_lookup=PsutilProcessLookup(), clock=clock)
     labeler = _labeler(s, jobs, clock)
     ledger = _open_ledger(s, clock) if s.ledger else None
-    totals = Totals(gpus, process_ttl_s=s.process_ttl_s, clock=clock,
+    totals = Totals(gpus, process_ttl_s=s.process_ttl_s, series_ttl_s=s.series_ttl_s, clock=clock,
                     seed=ledger.totals() if ledger is not None else None)
     sink = LedgerSink(ledger, clock=clock, commit_every_s=s.ledger_commit_s)
     jobs.on_event(sink.on_job_event)
@@ -216,14 +216,19 @@ def _assemble(
          "counters": sampler.describe().get("counter_source", "nvml")},
         [(g.key, g.uuid) for g in gpus],
     )
-    programs_cfg = load_programs_config(Path(s.program_config) if s.program_config else None)
+    programs_cfg = [load_programs_config(Path(s.program_config) if s.program_config else None)]
     view = [ProgramView()]
 
     def refresh_programs() -> None:
         if ledger is None:
             return
-        statuses, errors = evaluate_ledger(ledger, programs_cfg)
+        statuses, errors = evaluate_ledger(ledger, programs_cfg[0])
         view[0] = ProgramView(MappingProxyType(statuses), MappingProxyType(errors), clock())
+
+    def reload_programs(new: Settings) -> None:
+        """SIGHUP: the program configuration as its file says now (a bad file raises)."""
+        programs_cfg[0] = load_programs_config(Path(new.program_config) if new.program_config else None)
+        refresh_programs()
 
     server = None
     if s.job_socket:
@@ -245,6 +250,7 @@ def _assemble(
         s, sampler, pipeline, totals, registry,
         stop=threading.Event(), sampler_stop=sampler_stop, clock=clock,
         periodic=[(s.program_refresh_s, refresh_programs)], closers=closers,
+        reloaders=[reload_programs],
     )
 
 

@@ -19,6 +19,7 @@ from gpuflops.sampler.base import Sampler
 log = logging.getLogger(__name__)
 
 Periodic = tuple[float, Callable[[], None]]  # (period_s, task) run on the sampling thread
+Reloader = Callable[[Settings], object]  # applies what a SIGHUP's new settings change live
 
 
 class Daemon:
@@ -42,6 +43,7 @@ class Daemon:
         clock: Callable[[], float] = time.time,
         periodic: Sequence[Periodic] = (),
         closers: Sequence[Callable[[], None]] = (),
+        reloaders: Sequence[Reloader] = (),
     ) -> None:
         self.settings = settings
         self.sampler = sampler
@@ -54,6 +56,7 @@ class Daemon:
         self._periodic = list(periodic)
         self._next_periodic = [0.0] * len(self._periodic)
         self._closers = list(closers)
+        self.reloaders = list(reloaders)
         self._last_loop_s: float | None = None
         self._started_s = clock()
         self.server: MetricsServer | None = None
@@ -76,9 +79,11 @@ class Daemon:
         return True, "ok"
 
     def serve(self, **http_kwargs: Any) -> None:
-        self.server = MetricsServer(self.registry, self.settings.listen, self.health, **http_kwargs)
+        self.server = MetricsServer(self.registry, self.settings.listen, self.health,
+                                    telemetry_path=self.settings.telemetry_path, **http_kwargs)
         self.server.start()
-        log.info("serving /metrics on %s (port %d)", self.settings.listen, self.server.port)
+        log.info("serving %s on %s (port %d)", self.settings.telemetry_path, self.settings.listen,
+                 self.server.port)
 
     def run(
         self,

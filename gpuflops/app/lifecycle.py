@@ -1,4 +1,13 @@
-"""The daemon process in one place: startup, signals, systemd notifications and shutdown."""
+"""The daemon process in one place: startup, signals, systemd notifications, reload and shutdown.
+
+SIGTERM and SIGINT stop the daemon cleanly (the ledger gets its stop record). SIGHUP reloads:
+the settings are resolved again (flags, environment, the TOML file as it is now), the web
+config is read again (new TLS certificates and basic-auth users apply to new connections), the
+program configuration and the log level are applied; any other changed setting is named in
+the log as taking effect at the next restart. A reload that fails keeps what runs and says why.
+The ledger has no record kind for a reload (session records are start/stop/alive), so a reload
+is logged, not written to the ledger.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +17,14 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from gpuflops.app import sdnotify
 from gpuflops.app.assemble import build
-from gpuflops.config import Settings, SettingsError
+from gpuflops.app.daemon import Daemon
+from gpuflops.config import LOG_LEVELS, Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +34,7 @@ class StartupError(Exception):
     says why."""
 
 
-def http_options(web_config: str | None) -> dict[str, object]:
+def http_options(web_config: str | None) -> dict[str, Any]:
     """TLS and basic auth for /metrics from a web-config file; SettingsError when unusable."""
     if web_config is None:
         return {}
@@ -36,19 +48,59 @@ def http_options(web_config: str | None) -> dict[str, object]:
 
 
 @contextlib.contextmanager
-def handle_signals(on_signal: Callable[[], None]) -> Iterator[None]:
-    """SIGTERM and SIGINT call ``on_signal``; the loop then finishes its interval and exits."""
+def handle_signals(
+    on_signal: Callable[[], None], on_reload: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """SIGTERM and SIGINT call ``on_signal``; the loop then finishes its interval and exits.
+
+    SIGHUP calls ``on_reload``; without one it stops like SIGTERM (never the default action,
+    which would kill the process without flushing).
+    """
 
     def _handler(signum: int, _frame: object) -> None:
+        if signum == signal.SIGHUP and on_reload is not None:
+            log.info("received SIGHUP, reloading")
+            on_reload()
+            return
         log.info("received signal %d, stopping", signum)
         on_signal()
 
-    old = {s: signal.signal(s, _handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = {s: signal.signal(s, _handler) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+# Settings a reload applies without a restart.
+LIVE_SETTINGS = frozenset({"web_config", "program_config", "log_level"})
+
+
+def reload(d: Daemon, resolve: Callable[[], Settings]) -> bool:
+    """Apply a SIGHUP: True when the new settings were applied, False (and logged) if not."""
+    try:
+        new = resolve()
+        http = http_options(new.web_config)
+    except (SettingsError, OSError) as e:
+        log.error("reload failed, keeping the running configuration: %s", e)
+        return False
+    for fn in d.reloaders:
+        try:
+            fn(new)
+        except Exception as e:
+            log.error("reload failed, keeping the running configuration: %s", e)
+            return False
+    if d.server is not None:
+        d.server.reload(http.get("ssl_context"), http.get("auth"))
+    logging.getLogger().setLevel(LOG_LEVELS.get(new.log_level, logging.INFO))
+    later = [f.name for f in fields(Settings) if f.name not in LIVE_SETTINGS
+             and getattr(new, f.name) != getattr(d.settings, f.name)]
+    if later:
+        log.warning("reload: changed settings %s take effect at the next restart", ", ".join(later))
+    log.info("reloaded configuration: web config %s, programs %s, log level %s",
+             new.web_config or "none", new.program_config or "none", new.log_level)
+    return True
 
 
 class Throttle:
@@ -65,7 +117,8 @@ class Throttle:
             fn()
 
 
-def run(settings: Settings, *, record: Path | None = None) -> None:
+def run(settings: Settings, *, record: Path | None = None,
+        reload_settings: Callable[[], Settings] | None = None) -> None:
     """Build the daemon, serve, and sample until a signal or the end of a replayed trace.
 
     Raises SettingsError (web config), SamplerError (no sampler: nothing was started) or
@@ -90,7 +143,11 @@ def run(settings: Settings, *, record: Path | None = None) -> None:
         profiler = cProfile.Profile()
         profiler.enable()
     try:
-        with handle_signals(d.request_stop):
+        resolve = reload_settings or (lambda: settings)
+        def on_reload() -> None:
+            reload(d, resolve)
+
+        with handle_signals(d.request_stop, on_reload):
             d.run(
                 on_ready=lambda: sdnotify.notify("READY=1"),
                 on_tick=lambda: watchdog(lambda: sdnotify.notify("WATCHDOG=1")),

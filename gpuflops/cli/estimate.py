@@ -45,7 +45,8 @@ def _plan(spec: ModelSpec, method: Method, tokens: int, seq_len: int, adapter: i
 @click.option("--data-parallel", type=int, default=1, show_default=True)
 @click.option("--real-token-fraction", type=float, default=1.0, show_default=True,
               help="Share of sequence positions that are real tokens (padding excluded).")
-@click.option("--seq-len", type=int, required=True, help="Sequence length.")
+@click.option("--seq-len", type=int, default=None,
+              help="Sequence length [the config's max_position_embeddings].")
 @click.option("--method", "methods", multiple=True,
               type=click.Choice(["full", "lora", "qlora", "all"]), default=("all",),
               show_default=True)
@@ -65,7 +66,7 @@ def _plan(spec: ModelSpec, method: Method, tokens: int, seq_len: int, adapter: i
 def estimate_command(config_path: Path | None, params: float | None, layers: int | None,
                      attention_dim: int | None, tokens: float | None, steps: int | None,
                      micro_batch_size: int, grad_accum: int, data_parallel: int,
-                     real_token_fraction: float, seq_len: int, methods: tuple[str, ...],
+                     real_token_fraction: float, seq_len: int | None, methods: tuple[str, ...],
                      lora_rank: int, lora_targets: str, adapter_params: float | None,
                      activation_checkpointing: bool, reentrant_checkpoint: bool,
                      causal_kernel: bool, attention_kernel: str, base_compute: float | None,
@@ -79,8 +80,6 @@ def estimate_command(config_path: Path | None, params: float | None, layers: int
         raise click.BadParameter("must be in (0, 1]", param_hint="--real-token-fraction")
     if base_compute is not None and not (math.isfinite(base_compute) and base_compute > 0):
         raise click.BadParameter("must be > 0", param_hint="--base-compute")
-    if min(micro_batch_size, grad_accum, data_parallel, seq_len) < 1:
-        raise click.UsageError("batch sizes, --grad-accum, --data-parallel, --seq-len: >= 1")
     try:
         if config_path is not None:
             spec = load_hf_config(config_path)
@@ -88,6 +87,17 @@ def estimate_command(config_path: Path | None, params: float | None, layers: int
             assert params is not None
             spec = ModelSpec.from_param_count(round(params), num_layers=layers,
                                               attention_dim=attention_dim)
+        seq_source = "--seq-len"
+        if seq_len is None:
+            seq_source = "the config's max_position_embeddings"
+            if spec.max_seq_len is None:
+                raise click.UsageError("give --seq-len: the model config declares no "
+                                       "max_position_embeddings" if config_path else
+                                       "give --seq-len (or --config, whose context length is "
+                                       "the default)")
+            seq_len = spec.max_seq_len
+        if min(micro_batch_size, grad_accum, data_parallel, seq_len) < 1:
+            raise click.UsageError("batch sizes, --grad-accum, --data-parallel, --seq-len: >= 1")
         if tokens is None:
             assert steps is not None
             if steps < 0:
@@ -120,6 +130,8 @@ def estimate_command(config_path: Path | None, params: float | None, layers: int
                   "layers": spec.num_layers, "attention_dim": spec.attention_dim,
                   "experts": spec.experts, "experts_per_token": spec.experts_per_token},
         "tokens": round(tokens),
+        "seq_len": seq_len,
+        "seq_len_source": seq_source,
         "estimates": {
             name: {**e.to_dict(), "thresholds": [
                 {"rule": c.rule, "description": c.description,
@@ -134,7 +146,8 @@ def estimate_command(config_path: Path | None, params: float | None, layers: int
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(f"model {spec.name}: {spec.params_total:,} parameters, N = "
-               f"{spec.matmul_params:,} matmul parameters per token; D = {round(tokens):,} tokens")
+               f"{spec.matmul_params:,} matmul parameters per token; D = {round(tokens):,} tokens; "
+               f"sequence length {seq_len} (from {seq_source})")
     for name, e in results.items():
         click.echo(f"\n{name}: total {e.total:.3e} FLOPs "
                    f"(forward {e.forward:.3e}, activation grads {e.backward:.3e}, weight grads "

@@ -25,7 +25,7 @@ def record_command(out: str, seconds: float, interval_s: float, clock_period_s: 
     from gpuflops.sampler.nvml import NvmlSampler
     from gpuflops.sampler.trace import TraceWriter, recording_meta
 
-    setup_logging(0)
+    setup_logging()
     stop = threading.Event()
     try:
         sampler = NvmlSampler(interval_s=interval_s, clock_period_s=clock_period_s, stop=stop)

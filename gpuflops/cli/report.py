@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from gpuflops.cli.common import state_dir_option
+from gpuflops.cli.common import settings_or_exit, state_dir_option
 from gpuflops.compliance.html import render_html
 from gpuflops.compliance.prometheus import PrometheusError, PrometheusSource
 from gpuflops.compliance.report import build_report, load_accuracy
@@ -19,10 +19,17 @@ from gpuflops.config import DEFAULT_ACCURACY_PATH
 from gpuflops.ledger.records import LEDGER_FILENAME, LedgerError
 from gpuflops.ledger.store import Ledger
 
+REPORT_MODE = 0o640  # owner writes, the group (auditors) reads, nobody else: before umask
+
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Temp file, fsync, rename; the file is REPORT_MODE less the umask (0640 under 022, 0600
+    under 077), never world-readable: a report names programs, jobs and models."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, REPORT_MODE & ~umask & ~0o007)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -41,22 +48,29 @@ def _write_atomic(path: Path, text: str) -> None:
               help="Take cluster-wide totals from this Prometheus (e.g. http://prom:9090).")
 @state_dir_option
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Program configuration (TOML or JSON); see docs/ledger.md.")
+              default=None, help="Program configuration (TOML or JSON; see docs/ledger.md) "
+              "[the daemon's --programs file].")
+@click.option("--daemon-config", type=click.Path(dir_okay=False), default=None,
+              help="The daemon's TOML file, to find its state directory [$GPUFLOPS_CONFIG].")
 @click.option("--accuracy", "accuracy_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="JSON object of accuracy figures [the H100 figures measured in "
               "docs/accuracy.md, shipped as gpuflops/data/accuracy-h100.json].")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write here (atomically) instead of stdout.")
-def report_command(program: str, fmt: str, prometheus: str | None, state_dir: Path,
-                   config_path: Path | None, accuracy_path: Path | None,
-                   out: Path | None) -> None:
+def report_command(program: str, fmt: str, prometheus: str | None, state_dir: str | None,
+                   config_path: Path | None, daemon_config: str | None,
+                   accuracy_path: Path | None, out: Path | None) -> None:
     """Write the audit report of one program as JSON or self-contained HTML."""
+    settings = settings_or_exit(daemon_config, state_dir=state_dir)
+    state = Path(settings.state_dir)
+    if config_path is None and settings.program_config:
+        config_path = Path(settings.program_config)
     try:
         config = load_programs_config(config_path)
         accuracy = load_accuracy(accuracy_path or DEFAULT_ACCURACY_PATH)
     except (ProgramConfigError, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    ledger_path = state_dir / LEDGER_FILENAME
+    ledger_path = state / LEDGER_FILENAME
     ledger: Ledger | None = None
     if ledger_path.exists():
         try:
@@ -68,7 +82,7 @@ def report_command(program: str, fmt: str, prometheus: str | None, state_dir: Pa
     try:
         source = PrometheusSource(prometheus) if prometheus else None
         doc = build_report(program, ledger=ledger, config=config, now_s=time.time(),
-                           state_dir=state_dir, prometheus=source, accuracy=accuracy)
+                           state_dir=state, prometheus=source, accuracy=accuracy)
     except (PrometheusError, ProgramConfigError) as exc:
         raise click.ClickException(str(exc)) from exc
     finally:

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from gpuflops.cli.common import config_option, settings_or_exit
 from gpuflops.client.run import run_job
 from gpuflops.config import DEFAULT_SOCKET_PATH
 from gpuflops.jobs import protocol
@@ -60,8 +61,9 @@ def _check_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
     "--socket",
     "socket_path",
     default=None,
-    help=f"Daemon socket; default $GPUFLOPS_SOCKET or {DEFAULT_SOCKET_PATH}.",
+    help=f"Daemon socket [$GPUFLOPS_SOCKET, the config file's socket_path, {DEFAULT_SOCKET_PATH}].",
 )
+@config_option
 @click.option(
     "--meta",
     multiple=True,
@@ -74,11 +76,17 @@ def run_command(
     job: str,
     program: str,
     socket_path: str | None,
+    config_path: str | None,
     meta: tuple[str, ...],
     require_daemon: bool,
     command: tuple[str, ...],
 ) -> None:
-    """Run COMMAND as job JOB of PROGRAM: its whole process tree is metered for the job."""
+    """Run COMMAND as job JOB of PROGRAM: its whole process tree is metered for the job.
+
+    The socket is found as the daemon finds it: --socket, $GPUFLOPS_SOCKET, the config file
+    (--config or $GPUFLOPS_CONFIG), the default.
+    """
+    socket_path = settings_or_exit(config_path, socket_path=socket_path).socket_path
     code = run_job(
         job,
         program,

@@ -7,16 +7,18 @@ from pathlib import Path
 
 import click
 
-from gpuflops.cli.common import state_dir_option
+from gpuflops.cli.common import config_option, settings_or_exit, state_dir_option
 from gpuflops.ledger.chain import verify_path
 from gpuflops.ledger.records import LEDGER_FILENAME
 
 
 @click.command("verify")
 @state_dir_option
-def verify_command(state_dir: Path) -> None:
+@config_option
+def verify_command(state_dir: str | None, config_path: str | None) -> None:
     """Check the ledger's hash chain; exit 1 naming the first bad record, 2 if unreadable."""
-    result = verify_path(state_dir / LEDGER_FILENAME)
+    state = Path(settings_or_exit(config_path, state_dir=state_dir).state_dir)
+    result = verify_path(state / LEDGER_FILENAME)
     if result.ok:
         click.echo(f"ok: {result.records} records, head seq {result.head_seq} "
                    f"hash {result.head_hash}")

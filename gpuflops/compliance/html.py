@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import html
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,10 +20,21 @@ def _fmt(v: float | None) -> str:
 
 def render_chart(series: Sequence[tuple[float, float]], threshold: float,
                  levels: Sequence[float], width: int = 960, height: int = 380) -> str:
-    """Inline SVG: cumulative FLOPs over time against the threshold and approach levels."""
+    """Inline SVG: cumulative FLOPs over time against the threshold and approach levels.
+
+    The FLOPs axis is logarithmic (one grid line per decade), so a program at a millionth of
+    its threshold still shows as a rising line, not a flat one on the floor. Without any data
+    there is no time axis (no 1970 labels), only a note saying so.
+    """
     left, right, top, bottom = 90, 20, 20, 50
     pw, ph = width - left - right, height - top - bottom
-    ymax = max([threshold] + [v for _, v in series]) * 1.08 or 1.0
+    positive = [v for _, v in series if v > 0]
+    top_dec = math.ceil(math.log10(max([threshold, *positive]) * 1.08))
+    low = min([threshold * min(levels, default=1.0), *positive])
+    # At most 15 decades below the top: a value smaller than that sits on the floor.
+    low_dec = max(math.floor(math.log10(low)), top_dec - 15)
+    if low_dec >= top_dec:
+        low_dec = top_dec - 1
     if series:
         t0, t1 = series[0][0], series[-1][0]
     else:
@@ -33,22 +45,32 @@ def render_chart(series: Sequence[tuple[float, float]], threshold: float,
         return left + (t - t0) / span * pw
 
     def y(v: float) -> float:
-        return top + ph - v / ymax * ph
+        d = math.log10(v) if v > 0 else low_dec
+        d = min(max(d, low_dec), top_dec)
+        return top + ph - (d - low_dec) / (top_dec - low_dec) * ph
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" id="chart" width="{width}" '
              f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
-             'aria-label="cumulative FLOPs against the threshold">',
+             'aria-label="cumulative FLOPs against the threshold, logarithmic scale">',
              f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#ffffff" '
              'stroke="#888888"/>']
-    for i in range(5):
-        v = ymax * i / 4
-        parts.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" font-size="11" '
-                     f'text-anchor="end">{v:.2e}</text>')
-    for i, tt in enumerate((t0, (t0 + t1) / 2, t1)):
-        anchor = ("start", "middle", "end")[i]
-        label = dt.datetime.fromtimestamp(tt, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        parts.append(f'<text x="{x(tt):.1f}" y="{height - 28}" font-size="11" '
-                     f'text-anchor="{anchor}">{label} UTC</text>')
+    step = max(1, math.ceil((top_dec - low_dec) / 8))
+    for dec in range(low_dec, top_dec + 1, step):
+        yy = y(10.0**dec)
+        parts.append(f'<line class="decade" x1="{left}" x2="{left + pw}" y1="{yy:.1f}" '
+                     f'y2="{yy:.1f}" stroke="#eeeeee"/>')
+        parts.append(f'<text x="{left - 6}" y="{yy + 4:.1f}" font-size="11" '
+                     f'text-anchor="end">1e{dec}</text>')
+    if series:
+        stamps = (t0,) if t0 == t1 else (t0, (t0 + t1) / 2, t1)
+        for i, tt in enumerate(stamps):
+            anchor = ("start", "middle", "end")[i] if len(stamps) == 3 else "start"
+            label = dt.datetime.fromtimestamp(tt, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+            parts.append(f'<text x="{x(tt):.1f}" y="{height - 28}" font-size="11" '
+                         f'text-anchor="{anchor}">{label} UTC</text>')
+    else:
+        parts.append(f'<text x="{left + pw / 2}" y="{top + ph / 2}" font-size="14" '
+                     'text-anchor="middle">no FLOPs recorded for this program yet</text>')
     for lv in levels:
         parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{y(threshold * lv):.1f}" '
                      f'y2="{y(threshold * lv):.1f}" stroke="{LEVEL_COLOUR}" stroke-width="2" '
@@ -66,8 +88,8 @@ def render_chart(series: Sequence[tuple[float, float]], threshold: float,
         parts.append(f'<polyline points="{pts}" fill="none" stroke="{SERIES_COLOUR}" '
                      'stroke-width="4" stroke-linejoin="round"/>')
     parts.append(f'<text x="{left + pw / 2}" y="{height - 8}" font-size="12" '
-                 'text-anchor="middle">cumulative FLOPs of the program (blue), threshold '
-                 '(red), approach levels (orange)</text></svg>')
+                 'text-anchor="middle">cumulative FLOPs of the program (blue, logarithmic '
+                 'scale), threshold (red), approach levels (orange)</text></svg>')
     return "\n".join(parts)
 
 
@@ -94,8 +116,12 @@ def render_html(report: Mapping[str, Any]) -> str:
             + ("passed" if led["verified"] else "FAILED: " + e(str(led["verify_reason"])))
             + ".</p>")
     series = [(p["t_s"], p["cumulative_flops"]) for p in report["series"]]
+    # measured ÷ analytic of the two columns beside it; the reconciliation ratio compares only
+    # the measured FLOPs inside the span the estimates cover, so it has a column of its own.
     jobs_rows = [[j["job"], _fmt(j["measured_flops"]), _fmt(j["analytic_flops"]),
                   _fmt(j["recompute_flops"]),
+                  f"{j['measured_flops'] / j['analytic_flops']:.3f}" if j["analytic_flops"]
+                  else "—",
                   "—" if j["ratio"] is None else f"{j['ratio']:.3f}",
                   j["inferred_precision"] or "—", _fmt(j["compliance_flops"]),
                   "; ".join(f["message"] for f in j["findings"]) or "—"]
@@ -149,8 +175,12 @@ code {{ word-break: break-all; }}
                             ["threshold", _fmt(th['flops'])],
                             ["ratio", f"{th['ratio']:.4g}"]])}
 <h2>Jobs</h2>
-{_table(["job", "measured", "analytic", "recompute", "measured/analytic", "inferred precision",
-         "compliance", "findings"], jobs_rows)}
+{_table(["job", "measured", "analytic", "recompute", "measured ÷ analytic",
+         "reconciliation ratio (estimate span)", "inferred precision", "compliance", "findings"],
+        jobs_rows)}
+<p>Measured ÷ analytic divides the two totals beside it. The reconciliation ratio divides only
+the measured FLOPs inside the time span the job's estimates cover by the analytic FLOPs; it is
+the figure checked against the tolerance.</p>
 <h2>Attempts</h2>
 {_table(["job", "attempt", "resumed from", "first registered", "nodes", "ranks"], att_rows)}
 <h2>Unmeasured time</h2>

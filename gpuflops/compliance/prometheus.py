@@ -78,8 +78,8 @@ class PrometheusSource:
         sel = f'{{program="{_promql_escape(program)}"}}'
         cols: dict[str, dict[tuple[str, str], float]] = {}
         for name in ("measured_flops", "analytic_flops", "analytic_tokens", "recompute_flops"):
-            q = f"sum by (job,program)(gpuflops_job_{name}_total{sel})"
-            cols[name] = {(lab.get("job", ""), lab.get("program", "")): v
+            q = f"sum by (job_id,program)(gpuflops_job_{name}_total{sel})"
+            cols[name] = {(lab.get("job_id", ""), lab.get("program", "")): v
                           for lab, v in self.query(q)}
         keys = sorted(set().union(*cols.values()))
         return [JobInput(

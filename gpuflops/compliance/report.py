@@ -41,7 +41,7 @@ ASSUMPTIONS = (
 )
 
 def _iso(t_s: float) -> str:
-    return dt.datetime.fromtimestamp(t_s, dt.timezone.utc).isoformat()
+    return dt.datetime.fromtimestamp(t_s, dt.UTC).isoformat()
 
 
 def _jsonable(value: Any) -> Any:

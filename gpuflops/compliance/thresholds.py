@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from gpuflops.compliance.reconcile import (
     DEFAULT_TOLERANCE,

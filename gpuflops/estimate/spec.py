@@ -77,6 +77,9 @@ class ModelSpec:
     experts: int | None = None
     experts_per_token: int | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # The context length the config declares (max_position_embeddings and its aliases); the
+    # estimator's default sequence length. None when the config has none.
+    max_seq_len: int | None = None
 
     def __post_init__(self) -> None:
         if self.head_params < 0 or self.attention_layers < 0 or self.attention_dim < 0:
@@ -264,7 +267,9 @@ def spec_from_hf_config(cfg: Mapping[str, Any], *, name: str = "") -> ModelSpec:
                      architecture=mtype or "unknown",
                      experts=int(experts) if experts else None,
                      experts_per_token=int(top_k) if experts and top_k else None,
-                     notes=tuple(notes))
+                     notes=tuple(notes),
+                     max_seq_len=_int(cfg, "max_position_embeddings", "n_positions",
+                                      "seq_length", "max_sequence_length", default=0) or None)
 
 
 def load_hf_config(path: Path) -> ModelSpec:

@@ -40,12 +40,15 @@ class JobsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self._totals()
-        labels = ["job", "program"]
+        # `job_id`, never `job`: that is Prometheus' scrape-job label (docs/metrics.md).
+        labels = ["job_id", "program"]
+        active = snap.active_jobs()
         measured = CounterMetricFamily(
             "gpuflops_job_measured_flops", "FLOPs measured for a job's processes", labels=labels
         )
         for (job, program), v in sorted(snap.job_flops.items()):
-            measured.add_metric([job, program], v)
+            if (job, program) in active:
+                measured.add_metric([job, program], v)
         yield measured
         analytic = CounterMetricFamily(
             "gpuflops_job_analytic_flops",
@@ -61,6 +64,8 @@ class JobsCollector(Collector):
             labels=labels,
         )
         for (job, program), a in sorted(snap.job_analytic.items()):
+            if (job, program) not in active:
+                continue
             analytic.add_metric([job, program], a.flops)
             tokens.add_metric([job, program], a.tokens)
             recompute.add_metric([job, program], a.recompute_flops)
@@ -105,15 +110,17 @@ class JobsCollector(Collector):
             "gpuflops_job_hardware_flops",
             "A job's measured FLOPs less what its kernel census says half-rate tensor kernels "
             "added (bounded); the compliance basis reads this",
-            labels=["job", "program"],
+            labels=labels,
         )
         half = GaugeMetricFamily(
             "gpuflops_job_half_rate_fraction",
             "Share of a job's tensor FLOPs its kernel census put on half-rate kernels",
-            labels=["job", "program"],
+            labels=labels,
         )
         for status in view.statuses.values():
             for r in status.jobs:
+                if (r.job, r.program) not in active:
+                    continue
                 if r.ratio is not None:
                     ratio.add_metric([r.job, r.program], r.ratio)
                 divergent.add_metric([r.job, r.program], 1.0 if r.divergent else 0.0)

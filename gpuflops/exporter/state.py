@@ -8,6 +8,12 @@ back a little would look like a reset to Prometheus and be counted again in full
 
 Per-process and unattributed series are not persisted; after a restart they start at zero,
 which Prometheus handles as an ordinary reset.
+
+Series age out so that a node's series count stays bounded (docs/metrics.md, "Series budget"):
+a process's series ``process_ttl_s`` after its last FLOP (dropped here), a job's
+``series_ttl_s`` after its last measured FLOP or estimate (kept here, so that a job that comes
+back continues its counter, but no longer exported; its totals stay in the ledger and in the
+program series).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from types import MappingProxyType
 from gpuflops.ledger.records import LedgerTotals
 from gpuflops.model import (
     COUNTER_SOURCE_NVML,
+    UNATTRIBUTED,
     FlopsRow,
     GpuInfo,
     GpuSample,
@@ -71,6 +78,16 @@ class Snapshot:
     last_sample_s: Mapping[str, float]
     held_intervals: int = 0
     extra: Mapping[str, object] = field(default_factory=dict)
+    # When each job last had a measured FLOP or an estimate, and how long it stays exported.
+    job_seen: Mapping[JobSeriesKey, float] = field(default_factory=dict)
+    series_ttl_s: float = float("inf")
+
+    def active_jobs(self) -> frozenset[JobSeriesKey]:
+        """Jobs whose series are exported: seen within ``series_ttl_s``, and the unattributed
+        pseudo-job always."""
+        keys = set(self.job_flops) | set(self.job_analytic)
+        return frozenset(k for k in keys if k == (UNATTRIBUTED, UNATTRIBUTED)
+                         or self.taken_s - self.job_seen.get(k, float("-inf")) <= self.series_ttl_s)
 
 
 class Totals:
@@ -79,6 +96,7 @@ class Totals:
         gpus: list[GpuInfo],
         *,
         process_ttl_s: float = 300.0,
+        series_ttl_s: float = float("inf"),
         clock: Callable[[], float] = time.time,
         seed: LedgerTotals | None = None,
     ) -> None:
@@ -86,6 +104,8 @@ class Totals:
         self._gpus = tuple(gpus)
         self._clock = clock
         self._process_ttl_s = process_ttl_s
+        self._series_ttl_s = series_ttl_s
+        self._job_seen: dict[JobSeriesKey, float] = {}
         self._gpu_flops: dict[GpuFlopsKey, float] = {}
         self._process_flops: dict[ProcKey, float] = {}
         self._process_seen: dict[ProcKey, float] = {}
@@ -107,6 +127,9 @@ class Totals:
                 (k.job, k.program): JobAnalytic(v.analytic_flops, v.tokens, v.recompute_flops)
                 for k, v in seed.jobs.items()
             })
+            # A restart restores the jobs' last activity too, so ended jobs stay aged out.
+            self._job_seen.update({(k.job, k.program): v.last_t_s for k, v in seed.jobs.items()
+                                   if v.last_t_s is not None})
 
     def record_live(self, sample: GpuSample, flops: IntervalFlops) -> None:
         """Gauges and sampler health for one interval (immediately, not after the ledger)."""
@@ -153,6 +176,7 @@ class Totals:
                     self._process_seen[pk] = now
             for jk, v in per_job.items():
                 self._job_flops[jk] = self._job_flops.get(jk, 0.0) + v
+                self._job_seen[jk] = now
             stale = [k for k, t in self._process_seen.items() if now - t > self._process_ttl_s]
             for k in stale:
                 del self._process_seen[k]
@@ -165,6 +189,7 @@ class Totals:
             self._job_analytic[k] = JobAnalytic(
                 a.flops + flops, a.tokens + tokens, a.recompute_flops + recompute
             )
+            self._job_seen[k] = self._clock()
 
     def count_errors(self, errors: Mapping[tuple[str, str], int]) -> None:
         """Take the backend's cumulative error counters."""
@@ -195,4 +220,6 @@ class Totals:
                 last_sample_s=MappingProxyType(dict(self._last)),
                 held_intervals=self._held,
                 extra=MappingProxyType(dict(extra or {})),
+                job_seen=MappingProxyType(dict(self._job_seen)),
+                series_ttl_s=self._series_ttl_s,
             )

@@ -60,7 +60,7 @@ def test_registered_job_reaches_ledger_thresholds_and_metrics() -> None:
             threshold = [v for lab, v in m.get("gpuflops_program_threshold_flops", [])
                          if lab["program"] == "prog-a"]
             analytic = [v for lab, v in m.get("gpuflops_job_analytic_flops_total", [])
-                        if lab["job"] == "ft-1"]
+                        if lab["job_id"] == "ft-1"]
             if threshold and analytic:
                 break
             time.sleep(0.2)

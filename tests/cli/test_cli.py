@@ -208,3 +208,35 @@ def test_daemon_record_writes_a_trace_that_replays_the_same_intervals(short_dir:
         assert [s.activity for s in a.samples] == [s.activity for s in b.samples]
         assert [s.clock_hz for s in a.samples] == [s.clock_hz for s in b.samples]
         assert abs(a.t1_s - a.t0_s - (b.t1_s - b.t0_s)) < 1e-6
+
+
+def test_commands_find_the_state_dir_and_socket_as_the_daemon_does(tmp_path: Path) -> None:
+    """verify and run read GPUFLOPS_CONFIG's file and GPUFLOPS_* variables, like the daemon."""
+    cfg = tmp_path / "gpuflops.toml"
+    cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path / "from-file"}"\n')
+    env = {**_env(), "GPUFLOPS_CONFIG": str(cfg)}
+    r = subprocess.run([sys.executable, "-m", "gpuflops", "verify"], capture_output=True,
+                       text=True, env=env, timeout=30, cwd=ROOT)
+    assert r.returncode == 2 and str(tmp_path / "from-file") in r.stderr, r.stderr
+    env["GPUFLOPS_STATE_DIR"] = str(tmp_path / "from-env")
+    r = subprocess.run([sys.executable, "-m", "gpuflops", "verify"], capture_output=True,
+                       text=True, env=env, timeout=30, cwd=ROOT)
+    assert str(tmp_path / "from-env") in r.stderr, r.stderr
+    env["GPUFLOPS_SOCKET"] = str(tmp_path / "nowhere.sock")
+    r = subprocess.run([sys.executable, "-m", "gpuflops", "run", "--job", "j", "--program", "p",
+                        "--require-daemon", "--", "true"], capture_output=True, text=True,
+                       env=env, timeout=30, cwd=ROOT)
+    assert r.returncode != 0 and "nowhere.sock" in r.stderr, r.stderr
+
+
+def test_log_format_json_and_exporter_toolkit_flags(short_dir: Path) -> None:
+    import json
+
+    r = _gpuflops("daemon", "--demo", "--no-loop", "--speed", "2000", "--no-socket",
+                  "--no-ledger", "--web.listen-address", "127.0.0.1:0",
+                  "--web.telemetry-path", "/custom", "--log.format", "json",
+                  "--log.level", "info", timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(line) for line in r.stderr.splitlines() if line.strip()]
+    assert lines and all({"ts", "level", "logger", "msg"} <= set(x) for x in lines)
+    assert any(x["msg"].startswith("serving /custom on 127.0.0.1:0") for x in lines)

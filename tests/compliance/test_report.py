@@ -92,6 +92,9 @@ def test_json_report_from_ledger_validates_and_is_right(state_dir: Path, tmp_pat
     proc = _cli("--program", "llama-ft", "--state-dir", str(state_dir), "--out", str(out),
                 "--config", str(cfg), "--accuracy", str(acc))
     assert proc.returncode == 0, proc.stderr
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o640 & ~umask  # never world-readable
     doc = json.loads(out.read_text())
     jsonschema.validate(doc, _schema(), format_checker=jsonschema.FormatChecker())
     assert doc["totals"]["measured_flops"] == pytest.approx(200 * 1.2e17)
@@ -160,7 +163,7 @@ class _Prom:
                 for job, v in rows:
                     sums[job] = sums.get(job, 0.0) + v
                 return {"status": "success", "data": {"resultType": "vector", "result": [
-                    {"metric": {"job": j, "program": "llama-ft"}, "value": [T0, str(v)]}
+                    {"metric": {"job_id": j, "program": "llama-ft"}, "value": [T0, str(v)]}
                     for j, v in sums.items()]}}
         return {"status": "error", "error": "unknown metric"}
 
@@ -210,7 +213,7 @@ def test_prometheus_totals_across_nodes(state_dir: Path, prom: tuple[str, _Prom]
     assert doc["threshold"]["ratio"] == pytest.approx(
         (tot["analytic_flops"] - tot["recompute_flops"]) / 8e19)
     assert doc["threshold"]["level_reached"] == 0.5
-    assert any(q.startswith("sum by (job,program)(gpuflops_job_measured_flops_total")
+    assert any(q.startswith("sum by (job_id,program)(gpuflops_job_measured_flops_total")
                for q in fake.seen)
     assert doc["series"][-1]["cumulative_flops"] == pytest.approx(5.4e19)
 
@@ -264,3 +267,38 @@ def test_html_report_renders_in_headless_chromium(state_dir: Path, tmp_path: Pat
     empty.write_text(render_html(doc))
     png2 = decode_png(_screenshot(chromium, empty, tmp_path / "shot2.png", tmp_path / "prof2"))
     assert count_colour(png2, BLUE, chart_area) < 50
+
+
+def _polyline_ys(svg: str) -> list[float]:
+    import re
+
+    points = re.search(r'<polyline points="([^"]+)"', svg)
+    assert points is not None
+    return [float(p.split(",")[1]) for p in points.group(1).split()]
+
+
+def test_chart_is_logarithmic_and_has_no_1970_when_empty() -> None:
+    from gpuflops.compliance.html import render_chart
+
+    threshold = 3.3e22
+    # A program at a millionth of its threshold, growing tenfold: a rising line, not a floor.
+    tiny = [(1.7e9 + i * 60, threshold * 1e-7 * (1 + 9 * i / 10)) for i in range(11)]
+    ys = _polyline_ys(render_chart(tiny, threshold, [0.5, 0.8, 0.95]))
+    assert ys[0] - ys[-1] > 20  # a decade is well over 20 px high
+    assert ys == sorted(ys, reverse=True)  # never falls
+    empty = render_chart([], threshold, [0.5, 0.8, 0.95])
+    assert "1970" not in empty and "UTC" not in empty and "no FLOPs recorded" in empty
+    assert "<polyline" not in empty
+
+
+def test_html_measured_over_analytic_column_matches_the_totals(state_dir: Path) -> None:
+    import re
+
+    doc = json.loads(_cli("--program", "llama-ft", "--state-dir", str(state_dir)).stdout)
+    page = render_html(doc)
+    jobs = page.split("<h2>Jobs</h2>")[1].split("<h2>")[0]
+    for row in re.findall(r"<tr><td>(.*?)</td></tr>", jobs.split("<tbody>")[1]):
+        cells = row.split("</td><td>")
+        measured, analytic, shown = float(cells[1]), float(cells[2]), cells[4]
+        # The cells show 4 significant digits; the ratio agrees with them to that precision.
+        assert float(shown) == pytest.approx(measured / analytic, rel=2e-3), cells

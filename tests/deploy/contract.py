@@ -9,7 +9,7 @@ from tests.deploy.tooling import REPO
 
 CONTRACTS = REPO / "docs" / "CONTRACTS.md"
 _ROW = re.compile(r"^\|\s*`(gpuflops_\w+)`\s*\|\s*(\w+)\s*\|\s*(.*?)\s*\|\s*$")
-# Labels Prometheus adds from the target; honor_labels keeps the exporter's `job` where it has one.
+# Labels Prometheus adds from the target. The exporter never emits them (its training job is `job_id`).
 TARGET_LABELS = frozenset({"instance", "job", "node"})
 
 

@@ -16,7 +16,7 @@ DEFAULT_VARIABLES: Mapping[str, str] = {
     "__range": "1h",
     "node": ".*",
     "program": ".*",
-    "job": ".*",
+    "job_id": ".*",
     "scrape_job": ".*gpuflops.*",
 }
 

@@ -125,12 +125,12 @@ def _series(name: str, labels: dict[str, str], values: str) -> dict[str, str]:
 
 def _synthetic_input() -> list[dict[str, str]]:
     """Two nodes' worth of every contract metric, following the contract's labels."""
-    n1 = {"instance": "node1:9450", "job": "gpuflops"}
-    n2 = {"instance": "node2:9450", "job": "gpuflops"}
+    n1 = {"instance": "node1:9450", "job": "gpuflops", "node": "node1"}
+    n2 = {"instance": "node2:9450", "job": "gpuflops", "node": "node2"}
     g1 = {**n1, "gpu": "0", "uuid": "GPU-a"}
     g2 = {**n2, "gpu": "0", "uuid": "GPU-b"}
-    job = {"instance": "node1:9450", "job": "train-1", "program": "ft-a"}
-    prog = {"instance": "node1:9450", "job": "gpuflops", "program": "ft-a"}
+    job = {**n1, "job_id": "train-1", "program": "ft-a"}
+    prog = {**n1, "program": "ft-a"}
     ramp = "0+6e13x150"
     s = [
         _series("up", n1, "1x150"),

@@ -163,7 +163,8 @@ def test_web_config_switches_probes_and_scrape_to_https() -> None:
     assert container["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
     (endpoint,) = found["ServiceMonitor"]["spec"]["endpoints"]
     assert endpoint["scheme"] == "https"
-    assert endpoint["honorLabels"] is True
+    # The exporter never emits `job` or `instance`, so nothing needs honor_labels.
+    assert "honorLabels" not in endpoint
     assert endpoint["basicAuth"]["password"] == {"name": "gpuflops-scrape", "key": "password"}
     assert {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"} in (
         endpoint["relabelings"]
@@ -215,6 +216,14 @@ def test_prometheus_rule_substitutes_every_tunable(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_prometheus_rule_points_runbooks_at_the_configured_base() -> None:
+    base = "https://wiki.example.com/gpuflops/alerts.md"
+    rule = objects({"prometheusRule": {"enabled": True, "runbookBaseUrl": base}})["PrometheusRule"]
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert alerts and all(
+        r["annotations"]["runbook_url"] == f"{base}#{r['alert'].lower()}" for r in alerts)
+
+
 def test_dashboard_configmap_carries_both_dashboards() -> None:
     cm = objects({"grafanaDashboards": {"enabled": True}})["ConfigMap:gpu-gpuflops-dashboards"]
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -251,3 +260,50 @@ def test_chart_and_unit_pass_only_flags_the_daemon_accepts() -> None:
     used |= {tok for tok in unit.split() if tok.startswith("--")}
     assert used - flags == set()
     assert {"--kubelet-url", "--kubelet-insecure-tls", "--web-config", "--socket-group"} <= used
+
+
+def test_values_schema_refuses_misspelt_and_mistyped_values() -> None:
+    helm = require_module("helm_python", "helm-python-sdk")
+    for bad, says in (({"serviceMonitor": {"enabld": True}}, "enabld"),
+                      ({"daemon": {"port": "9450"}}, "/daemon/port"),
+                      ({"prometheusRule": {"unattributedShare": 2}}, "unattributedShare"),
+                      ({"extraEnv": {"A": "b"}}, "/extraEnv")):
+        with pytest.raises(helm.HelmError, match=says):
+            render(bad)
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(schema["properties"]) == set(defaults)  # every top-level value is described
+
+
+def test_extra_env_volumes_mounts_and_relabelings_are_rendered_and_valid() -> None:
+    kv = require_module("kubernetes_validate", "kubernetes-validate")
+    values = {
+        "extraEnv": [{"name": "GPUFLOPS_SERIES_TTL_S", "value": "7200"},
+                     {"name": "GPUFLOPS_PROGRAM_CONFIG", "value": "/etc/gpuflops/programs.toml"}],
+        "extraVolumes": [{"name": "programs", "configMap": {"name": "gpuflops-programs"}}],
+        "extraVolumeMounts": [{"name": "programs", "mountPath": "/etc/gpuflops/programs.toml",
+                               "subPath": "programs.toml", "readOnly": True}],
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"},
+                      "limits": {"memory": "1Gi"}},
+        "serviceMonitor": {"enabled": True,
+                           "relabelings": [{"targetLabel": "cluster", "replacement": "eu-1"}],
+                           "metricRelabelings": [{"sourceLabels": ["__name__"],
+                                                  "regex": "gpuflops_process_.*",
+                                                  "action": "drop"}]},
+    }
+    found = objects(values)
+    pod = found["DaemonSet"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["GPUFLOPS_SERIES_TTL_S"]["value"] == "7200" and "NODE_IP" in env
+    assert {"name": "programs", "configMap": {"name": "gpuflops-programs"}} in pod["volumes"]
+    assert any(m["name"] == "programs" for m in container["volumeMounts"])
+    assert container["resources"] == values["resources"]
+    for version in KUBE_VERSIONS:
+        kv.validate(found["DaemonSet"], version, strict=True)
+    (endpoint,) = found["ServiceMonitor"]["spec"]["endpoints"]
+    assert endpoint["relabelings"][0]["targetLabel"] == "node"  # the chart's own stays first
+    assert endpoint["relabelings"][1] == {"targetLabel": "cluster", "replacement": "eu-1"}
+    assert endpoint["metricRelabelings"] == values["serviceMonitor"]["metricRelabelings"]
+    assert "metricRelabelings" not in objects({"serviceMonitor": {"enabled": True}})[
+        "ServiceMonitor"]["spec"]["endpoints"][0]

@@ -81,3 +81,22 @@ def test_recording_rule_names_follow_level_metric_operation() -> None:
             assert level in {"program", "job", "instance", "cluster"}
             assert metric.startswith("gpuflops_")
             assert ops
+
+
+def test_every_alert_has_a_runbook_url_to_its_row_in_alerts_md() -> None:
+    alerts_md = (REPO / "docs" / "alerts.md").read_text()
+    for rule in _rules():
+        if "alert" not in rule:
+            continue
+        url = rule["annotations"]["runbook_url"]
+        base, _, anchor = url.partition("#")
+        assert base.endswith("/alerts.md") and anchor == rule["alert"].lower(), url
+        assert f'<a id="{anchor}"></a>`{rule["alert"]}`' in alerts_md, anchor
+
+
+def test_rules_never_group_by_the_scrape_job_label() -> None:
+    """The training job is `job_id`; `job` is Prometheus' scrape job, used only with `up`."""
+    for rule in _rules():
+        expr = rule["expr"]
+        assert not re.search(r"by \([^)]*\bjob\b", expr), expr
+        assert "$labels.job " not in str(rule.get("annotations", {})) + " "

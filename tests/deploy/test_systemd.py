@@ -66,6 +66,8 @@ def test_unit_runs_the_daemon_with_the_agreed_flags() -> None:
     settings = dict(
         line.split("=", 1) for line in text.splitlines() if re.match(r"^[A-Z]\w+=", line)
     )
+    # Reload is SIGHUP, which the daemon handles (it would otherwise die without a stop record).
+    assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
     # The directories the flags name must be the ones systemd creates for the service.
     assert settings["RuntimeDirectory"] == "gpuflops"
     assert settings["StateDirectory"] == "gpuflops"

@@ -122,7 +122,7 @@ def test_three_jobs_two_nodes_one_resume_report_through_prometheus(tmp_short: Pa
         node_a = stack.enter_context(daemon(tmp_short / "a", trace=trace_a, extra_args=extra))
         node_b = stack.enter_context(daemon(tmp_short / "b", trace=trace_b, extra_args=extra))
         started = time.time()
-        scrape = {"job_name": "gpuflops", "honor_labels": True, "static_configs": [
+        scrape = {"job_name": "gpuflops", "static_configs": [
             {"targets": [node_a.target], "labels": {"node": "a"}},
             {"targets": [node_b.target], "labels": {"node": "b"}},
         ]}
@@ -151,8 +151,8 @@ def test_three_jobs_two_nodes_one_resume_report_through_prometheus(tmp_short: Pa
         wait_for("both ledgers to settle", settled, 40, 0.1)
         prom.last_scrape_after("gpuflops", time.time())
         per_node = prom.values(
-            f'sum by (node, job) (gpuflops_job_analytic_flops_total{{program="{PROGRAM}"}})',
-            "node", "job")
+            f'sum by (node, job_id) (gpuflops_job_analytic_flops_total{{program="{PROGRAM}"}})',
+            "node", "job_id")
         doc = _report(prom.url, node_a.state_dir, programs)
         assert node_a.stop() == 0, node_a.log()
         assert node_b.stop() == 0, node_b.log()

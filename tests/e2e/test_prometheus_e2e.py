@@ -93,16 +93,16 @@ def _promql_figures(prom: Any) -> dict[str, Any]:
     def nonzero(d: dict[tuple[str, ...], float]) -> dict[tuple[str, ...], float]:
         return {k: v for k, v in d.items() if v}
 
-    by_job = ("job", "program")
+    by_job = ("job_id", "program")
     return {
         "measured": nonzero(prom.values(
-            "sum by (job,program)(gpuflops_job_measured_flops_total)", *by_job)),
+            "sum by (job_id,program)(gpuflops_job_measured_flops_total)", *by_job)),
         "analytic": nonzero(prom.values(
-            "sum by (job,program)(gpuflops_job_analytic_flops_total)", *by_job)),
+            "sum by (job_id,program)(gpuflops_job_analytic_flops_total)", *by_job)),
         "tokens": nonzero(prom.values(
-            "sum by (job,program)(gpuflops_job_analytic_tokens_total)", *by_job)),
+            "sum by (job_id,program)(gpuflops_job_analytic_tokens_total)", *by_job)),
         "recompute": nonzero(prom.values(
-            "sum by (job,program)(gpuflops_job_recompute_flops_total)", *by_job)),
+            "sum by (job_id,program)(gpuflops_job_recompute_flops_total)", *by_job)),
         "program": prom.values("sum by (program,basis)(gpuflops_program_flops_total)",
                                "program", "basis"),
         "program_rule": prom.values("program:gpuflops_flops:sum", "program", "basis"),
@@ -150,7 +150,7 @@ def test_promql_totals_equal_ledger_and_every_panel_has_data(tmp_short: Path) ->
         with daemon(tmp_short / "node", trace=trace, speed=SPEED,
                     extra_args=["--programs", str(programs)]) as d:
             started = time.time()
-            scrape = {"job_name": "gpuflops", "honor_labels": True,
+            scrape = {"job_name": "gpuflops",
                       "static_configs": [{"targets": [d.target], "labels": {"node": "a"}}]}
             with prometheus(tmp_short / "prom", [scrape],
                             rule_files=[rules_every_second(tmp_short)]) as prom:
@@ -186,6 +186,10 @@ def test_promql_totals_equal_ledger_and_every_panel_has_data(tmp_short: Path) ->
                 except AssertionError:
                     pytest.fail("PromQL != ledger:\n" + "\n".join(last))
                 figures = _promql_figures(prom)
+                # Training jobs never flood Prometheus' own `job` label: only the scrape job.
+                scrape_jobs = prom.values('count by (job) ({__name__=~"gpuflops_.+"})', "job")
+                exported = prom.values('count by (exported_job) ({__name__=~"gpuflops_.+"})',
+                                       "exported_job")
                 panels = _panel_results(prom)
                 rules = [(r["name"], r["health"], r.get("lastError", ""))
                          for g in prom.api("/api/v1/rules")["groups"] for r in g["rules"]]
@@ -209,6 +213,8 @@ def test_promql_totals_equal_ledger_and_every_panel_has_data(tmp_short: Path) ->
     assert [(g.reason, round(g.duration_s, 3)) for g in gaps if g.gpu != "*"] == [
         ("gpm_read", GAP_S[1] - GAP_S[0])]
     assert _mismatches(figures, final) == []
+    assert set(scrape_jobs) == {("gpuflops",)}, scrape_jobs
+    assert set(exported) == {("",)}, exported  # nothing was renamed to exported_job
     key = (JOB, PROGRAM)
     assert figures["analytic"][key] == ESTIMATE.total[0]  # exact: binary-exact increments
     assert figures["tokens"][key] == ESTIMATE.total[1]

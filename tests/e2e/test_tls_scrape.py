@@ -42,7 +42,7 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _pki(d: Path) -> tuple[Path, Path, Path]:
     """(CA certificate, server certificate for 127.0.0.1, server key) as PEM files."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gpuflops e2e CA")])
     ca = (
@@ -114,7 +114,7 @@ def test_prometheus_scrapes_over_tls_with_basic_auth(tmp_short: Path) -> None:
             urllib.request.urlopen(f"http://{d.target}/healthz", timeout=5).close()
 
         def scrape_job(name: str, password: str) -> dict[str, object]:
-            return {"job_name": name, "honor_labels": True, "scheme": "https",
+            return {"job_name": name, "scheme": "https",
                     "tls_config": {"ca_file": str(ca)},
                     "basic_auth": {"username": USER, "password": password},
                     "static_configs": [{"targets": [d.target]}]}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import http.client
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -131,3 +133,96 @@ def test_parse_listen(listen: str, want: tuple[str, int]) -> None:
 def test_parse_listen_refuses(listen: str) -> None:
     with pytest.raises(ValueError):
         parse_listen(listen)
+
+
+def test_gzip_and_openmetrics_are_negotiated(daemon: tuple[Daemon, FakeClock, MetricsServer]) -> None:
+    import gzip
+
+    _d, _clock, server = daemon
+    c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        c.request("GET", "/metrics", headers={"Accept-Encoding": "gzip"})
+        r = c.getresponse()
+        raw = r.read()
+        assert r.getheader("Content-Encoding") == "gzip"
+        assert b"gpuflops_build_info" in gzip.decompress(raw)
+        c.request("GET", "/metrics", headers={
+            "Accept": "application/openmetrics-text; version=1.0.0,text/plain;q=0.5"})
+        r = c.getresponse()
+        body = r.read().decode()
+        assert r.getheader("Content-Type").startswith("application/openmetrics-text")
+        assert body.rstrip().endswith("# EOF")
+        assert "# TYPE gpuflops_gpu_flops counter" in body  # OpenMetrics names the family
+    finally:
+        c.close()
+    status, headers, _text = _get(server.port, "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    assert "content-encoding" not in headers
+
+
+def test_telemetry_path_is_configurable() -> None:
+    server = MetricsServer(CollectorRegistry(), "127.0.0.1:0", lambda: (True, "ok"),
+                           telemetry_path="/custom/metrics")
+    server.start()
+    try:
+        assert _get(server.port, "/custom/metrics")[0] == 200
+        assert _get(server.port, "/metrics")[0] == 404
+        assert "/custom/metrics" in _get(server.port, "/")[2]
+    finally:
+        server.stop()
+    with pytest.raises(ValueError):
+        MetricsServer(CollectorRegistry(), "127.0.0.1:0", lambda: (True, "ok"),
+                      telemetry_path="/healthz")
+
+
+def test_failed_tls_handshake_is_one_log_line_and_reload_swaps_certificates(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import socket
+    import ssl
+    import urllib.request
+
+    from gpuflops.exporter.webconfig import load_web_config
+    from tests.e2e.test_tls_scrape import _pki
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    ca1, cert1, key1 = _pki(first)
+    ca2, cert2, key2 = _pki(second)
+    web = tmp_path / "web.yml"
+    web.write_text(f"tls_server_config:\n  cert_file: {cert1}\n  key_file: {key1}\n")
+    server = MetricsServer(CollectorRegistry(), "127.0.0.1:0", lambda: (True, "ok"),
+                           ssl_context=load_web_config(web).ssl_context())
+    server.start()
+    url = f"https://127.0.0.1:{server.port}/healthz"
+    try:
+        with urllib.request.urlopen(url, context=ssl.create_default_context(cafile=str(ca1)),
+                                    timeout=5) as r:
+            assert r.status == 200
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="gpuflops.exporter.http"):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # plain HTTP to TLS
+                s.recv(100)
+            deadline = time.monotonic() + 5
+            while server.failed_connections < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        lines = [r for r in caplog.records if r.name == "gpuflops.exporter.http"]
+        assert len(lines) == 1, [r.getMessage() for r in lines]
+        assert lines[0].levelname == "WARNING" and "TLS handshake from 127.0.0.1 failed" in (
+            lines[0].getMessage())
+        assert lines[0].exc_info is None and "Traceback" not in caplog.text
+
+        # Renewed certificates (here: another CA) are served to new connections after reload.
+        web.write_text(f"tls_server_config:\n  cert_file: {cert2}\n  key_file: {key2}\n")
+        server.reload(load_web_config(web).ssl_context(), None)
+        with urllib.request.urlopen(url, context=ssl.create_default_context(cafile=str(ca2)),
+                                    timeout=5) as r:
+            assert r.status == 200
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(url, context=ssl.create_default_context(cafile=str(ca1)),
+                                   timeout=5)
+    finally:
+        server.stop()

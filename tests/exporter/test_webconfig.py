@@ -65,7 +65,7 @@ def _cert(
 ) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     issuer_name, issuer_key = issuer if issuer else (name, key)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -388,3 +388,13 @@ def test_renewed_certificate_is_read_by_a_new_context(pki: Pki, tmp_path: Path) 
     key.write_bytes(pki.other_key.read_bytes())  # a botched renewal
     with pytest.raises(WebConfigError):
         config.ssl_context()
+
+
+def test_the_shipped_web_config_loads_as_plain_http() -> None:
+    """systemd/web-config.yml, which docs/operations.md installs: every field commented out."""
+    shipped = Path(__file__).parents[2] / "systemd" / "web-config.yml"
+    config = load_web_config(shipped)
+    assert config.tls is None and not config.auth_required
+    body = "\n".join(line.lstrip("# ") for line in shipped.read_text().splitlines()
+                     if line.startswith("# ") and ":" in line and not line.startswith("# TLS"))
+    assert "tls_server_config:" in body and "basic_auth_users:" in body
