@@ -91,7 +91,7 @@ def _values(scrape: dict[tuple[str, Labels], float], name: str) -> dict[Labels, 
 
 def test_contract_table_is_parsed() -> None:
     c = contract()
-    assert len(c) == 13
+    assert len(c) == 16
     assert c["gpuflops_gpu_flops_total"] == ("counter", {"gpu", "uuid", "pipe", "precision"})
     assert c["gpuflops_build_info"] == ("gauge", {"version", "backend"})
 
@@ -99,6 +99,9 @@ def test_contract_table_is_parsed() -> None:
 def test_every_contract_series_is_exported_with_its_labels(node: Node) -> None:
     samples = list(SAMPLES[:200])
     samples[100] = replace(samples[100], activity=None, error="timeout")  # one gap
+    # The last interval counted by CUPTI PM sampling (real clock, tensor cycles): run 21's H200.
+    samples[199] = replace(samples[199], counter_source="cupti_pm", counter_span_s=0.1,
+                           sm_cycles=1.342e8, tensor_cycles=2.0e10)
     node.step(samples)
     node.totals.count_errors({("0", "timeout"): 1})
     scrape = node.scrape()
@@ -113,6 +116,10 @@ def test_every_contract_series_is_exported_with_its_labels(node: Node) -> None:
     gap_s = _values(scrape, "gpuflops_sampler_gap_seconds_total")
     assert list(gap_s.values()) == [pytest.approx(samples[100].duration_s)]
     assert _values(scrape, "gpuflops_sampler_intervals_total") == {(("gpu", "0"),): 200.0}
+    assert _values(scrape, "gpuflops_gpu_counter_intervals_total") == {
+        (("gpu", "0"), ("source", "cupti_pm")): 1.0, (("gpu", "0"), ("source", "nvml")): 199.0}
+    assert _values(scrape, "gpuflops_gpu_sm_clock_real_hz") == {
+        (("gpu", "0"), ("uuid", INFO.uuid)): pytest.approx(1.342e9)}
     assert _values(scrape, "gpuflops_sampler_errors_total") == {(("gpu", "0"), ("kind", "timeout")): 1.0}
 
 
