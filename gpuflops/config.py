@@ -62,6 +62,12 @@ class Settings:
     kubelet_insecure_tls: bool = False
     dcgm_endpoint: str = "localhost:5555"  # host:port, unix:///path, or "embedded"
     dcgm_bindings: tuple[str, ...] = ()  # where DCGM's Python bindings live; () = known places
+    # Fleet tier (docs/fleet.md): ship the ledger to PostgreSQL. The URL never holds a password.
+    central_url: str | None = None
+    central_password_file: str | None = None
+    central_ship_every_s: float = 60.0  # also the span of one shipped rollup (x1.5 at most)
+    node_name: str | None = None  # None: the host name
+    cluster: str = "default"
 
     def validate(self) -> Settings:
         if self.backend not in ("auto", "nvml", "dcgm", "replay"):
@@ -77,6 +83,12 @@ class Settings:
             raise ConfigError("ledger_sync must be NORMAL or FULL")
         if self.replay_speed <= 0:
             raise ConfigError("replay_speed must be positive")
+        if self.central_url and not self.ledger:
+            raise ConfigError("--central ships the ledger: it cannot be combined with --no-ledger")
+        if self.central_ship_every_s <= 0:
+            raise ConfigError("central_ship_every_s must be positive")
+        if not self.cluster or (self.node_name is not None and not self.node_name):
+            raise ConfigError("cluster and node_name must not be empty")
         return self
 
     def with_overrides(self, **kw: Any) -> Settings:

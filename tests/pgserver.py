@@ -9,6 +9,7 @@ SIGKILL, as a crash would.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -130,10 +131,8 @@ class PgCluster:
         except psutil.NoSuchProcess:
             return
         for p in procs:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
         psutil.wait_procs(procs, timeout=10)
 
     def tail(self) -> str:

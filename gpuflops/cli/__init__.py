@@ -8,12 +8,16 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from gpuflops import __version__
 from gpuflops.config import ConfigError, Settings, load_settings
 from gpuflops.sampler.base import SamplerError
+
+if TYPE_CHECKING:  # psycopg is an optional dependency: imported only with --central
+    from gpuflops.ledger.central import CentralConfig
 
 log = logging.getLogger("gpuflops")
 
@@ -63,6 +67,12 @@ def main() -> None:
               help="Kubelet /pods URL for pod names, e.g. https://$NODE_IP:10250/pods.")
 @click.option("--kubelet-ca", "kubelet_ca_file", default=None, help="CA bundle for the kubelet's TLS.")
 @click.option("--kubelet-insecure-tls", is_flag=True, help="Do not verify the kubelet's certificate.")
+@click.option("--central", "central_url", default=None, metavar="URL",
+              help="Ship the ledger to this PostgreSQL (libpq URL, no password; docs/fleet.md).")
+@click.option("--central-password-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="File holding the central store's password (else PGPASSWORD / PGPASSFILE).")
+@click.option("--node-name", default=None, help="This node's name in the central store [host name].")
+@click.option("--cluster", default=None, help="This node's cluster in the central store [default].")
 @click.option("-v", "--verbose", count=True)
 def daemon(
     backend: str | None,
@@ -87,6 +97,10 @@ def daemon(
     kubelet_url: str | None,
     kubelet_ca_file: str | None,
     kubelet_insecure_tls: bool,
+    central_url: str | None,
+    central_password_file: str | None,
+    node_name: str | None,
+    cluster: str | None,
     verbose: int,
 ) -> None:
     """Run the metering daemon."""
@@ -120,8 +134,13 @@ def daemon(
             kubelet_ca_file=kubelet_ca_file,
             kubelet_insecure_tls=True if kubelet_insecure_tls else None,
             dcgm_bindings=dcgm_bindings or None,
+            central_url=central_url,
+            central_password_file=central_password_file,
+            node_name=node_name,
+            cluster=cluster,
         ).validate()
         http_kwargs = _web_config(settings.web_config)
+        central = _central_config(settings)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     stop = threading.Event()
@@ -134,6 +153,10 @@ def daemon(
     if record_path:
         _attach_recorder(d, Path(record_path))
     try:
+        if central is not None:
+            from gpuflops.app.central import wire_central
+
+            wire_central(d, central)  # before wire_jobs: its final round follows the last commit
         wire_jobs(d, socket=settings.job_socket)
         d.serve(**http_kwargs)
     except (OSError, ValueError, RuntimeError) as e:
@@ -169,6 +192,18 @@ class _Throttle:
         if now >= self._next and callable(fn):
             self._next = now + self._period
             fn()
+
+
+def _central_config(settings: Settings) -> CentralConfig | None:
+    if not settings.central_url:
+        return None
+    from gpuflops.ledger.central import CentralConfig, CentralError
+
+    pw = Path(settings.central_password_file) if settings.central_password_file else None
+    try:
+        return CentralConfig.from_options(settings.central_url, pw)
+    except CentralError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _web_config(path: str | None) -> dict[str, object]:
@@ -267,12 +302,26 @@ def status(url: str, once: bool, interval_s: float) -> None:
 
 def _register_commands() -> None:
     """Commands that live beside the code they drive."""
+    from gpuflops.cli.decide import decide_command
     from gpuflops.cli.estimate import estimate_command
+    from gpuflops.cli.gate import gate_command
     from gpuflops.cli.report import report_command, verify_command
     from gpuflops.client.run import run_command
 
-    for cmd in (run_command, estimate_command, verify_command, report_command):
+    for cmd in (run_command, estimate_command, verify_command, report_command, decide_command,
+                gate_command):
         main.add_command(cmd)
+    try:
+        from gpuflops.cli.central import central_group
+    except ImportError as e:  # the optional `central` extra (psycopg) is not installed
+        missing = str(e)
+
+        @main.command("central")
+        def central_unavailable() -> None:
+            """The central store needs `pip install gpuflops[central]`."""
+            raise click.ClickException(f"the central store needs gpuflops[central]: {missing}")
+    else:
+        main.add_command(central_group)
 
 
 _register_commands()

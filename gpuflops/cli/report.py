@@ -7,11 +7,13 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 import click
 
+from gpuflops.cli.central_options import central_options, pins_option
 from gpuflops.compliance.report import (
     PrometheusError,
     PrometheusSource,
@@ -33,8 +35,18 @@ DEFAULT_ACCURACY = Path(str(resources.files("gpuflops") / "data" / "accuracy-h10
 
 @click.command("verify")
 @state_dir_option
-def verify_command(state_dir: Path) -> None:
-    """Check the ledger's hash chain; exit 1 naming the first bad record, 2 if unreadable."""
+@central_options(required=False)
+@pins_option
+def verify_command(state_dir: Path, central_url: str | None, central_password_file: Path | None,
+                   pins_path: Path | None) -> None:
+    """Check the ledger's hash chain; exit 1 naming the first bad record, 2 if unreadable.
+
+    With --central: every node's shipped chain, signatures and program journal instead."""
+    if central_url:
+        from gpuflops.cli.central import verify_central
+
+        verify_central(central_url, central_password_file, pins_path)
+        return
     result = verify_path(state_dir / LEDGER_FILENAME)
     if result.ok:
         click.echo(f"ok: {result.records} records, head seq {result.head_seq} "
@@ -73,15 +85,28 @@ def _write_atomic(path: Path, text: str) -> None:
               "docs/accuracy.md, shipped as gpuflops/data/accuracy-h100.json].")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write here (atomically) instead of stdout.")
+@central_options(required=False)
+@pins_option
 def report_command(program: str, fmt: str, prometheus: str | None, state_dir: Path,
                    config_path: Path | None, accuracy_path: Path | None,
-                   out: Path | None) -> None:
-    """Write the audit report of one program as JSON or self-contained HTML."""
+                   out: Path | None, central_url: str | None, central_password_file: Path | None,
+                   pins_path: Path | None) -> None:
+    """Write the audit report of one program as JSON or self-contained HTML.
+
+    With --central: across every node and cluster that ever ran it (docs/fleet.md)."""
     try:
         config = load_programs_config(config_path)
         accuracy = load_accuracy(accuracy_path or DEFAULT_ACCURACY)
     except (ConfigError, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    if central_url:
+        from gpuflops.cli.central import central_report
+        from gpuflops.compliance.fleet import render_fleet_html
+
+        doc = central_report(program, central_url, central_password_file, config, accuracy,
+                             pins_path)
+        _emit(doc, fmt, out, lambda d: render_fleet_html(render_html(d), d))
+        return
     ledger_path = state_dir / LEDGER_FILENAME
     ledger: Ledger | None = None
     if ledger_path.exists():
@@ -100,8 +125,13 @@ def report_command(program: str, fmt: str, prometheus: str | None, state_dir: Pa
     finally:
         if ledger is not None:
             ledger.close()
+    _emit(doc, fmt, out, render_html)
+
+
+def _emit(doc: dict[str, object], fmt: str, out: Path | None,
+          html: Callable[[dict[str, object]], str]) -> None:
     text = (json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n" if fmt == "json"
-            else render_html(doc))
+            else html(doc))
     if out is None:
         click.echo(text, nl=False)
     else:

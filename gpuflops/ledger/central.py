@@ -167,12 +167,12 @@ class CentralStore:
 
     def fetch(self, sql: str, params: Params = None) -> list[tuple[Any, ...]]:
         with self.transaction() as cur:
-            cur.execute(sql, params)  # type: ignore[arg-type]
+            cur.execute(sql, params)
             return list(cur.fetchall())
 
     def execute(self, sql: str, params: Params = None) -> int:
         with self.transaction() as cur:
-            cur.execute(sql, params)  # type: ignore[arg-type]
+            cur.execute(sql, params)
             return int(cur.rowcount)
 
     def stream(self, sql: str, params: Params = None, *,
@@ -183,7 +183,7 @@ class CentralStore:
             try:
                 with conn.transaction(), conn.cursor(name="gpuflops_stream") as cur:
                     cur.itersize = batch
-                    cur.execute(sql, params)  # type: ignore[arg-type]
+                    cur.execute(sql, params)
                     yield from cur
             except psycopg.Error as exc:
                 raise _error(exc) from None
@@ -200,7 +200,7 @@ class CentralStore:
                                              f"knows {SCHEMA_VERSION}")
             return False
         with self.transaction() as cur:
-            cur.execute(_schema_sql())  # type: ignore[arg-type]
+            cur.execute(_schema_sql())
         return True
 
     def schema_version(self) -> int:

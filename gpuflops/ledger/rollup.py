@@ -89,7 +89,13 @@ class JobCum:
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> tuple[tuple[str, str], JobCum]:
-        return (str(row[0]), str(row[1])), cls(*(None if v is None else float(v) for v in row[2:10]))
+        """A ``row()`` (or a central job_totals row) back as (key, totals)."""
+
+        def opt(v: Any) -> float | None:
+            return None if v is None else float(v)
+
+        return (str(row[0]), str(row[1])), cls(float(row[2]), float(row[3]), float(row[4]),
+                                               float(row[5]), *(opt(v) for v in row[6:10]))
 
 
 def _lo(old: float | None, new: float) -> float:
@@ -302,7 +308,7 @@ class RollupChainChecker:
             return RollupFault(seq, f"raw range {raw.get('first')}..{raw.get('last')} does not "
                                     f"continue the previous one (ended at {self.raw_last})")
         for row in obj["jobs"]:
-            self.jobs[(row[0], row[1])] = list(row[2:10]) + [seq]
+            self.jobs[(row[0], row[1])] = [*list(row[2:10]), seq]
         self.events += len(obj["events"])
         self.gaps += sum(len(g[4]) for g in obj["gaps"])
         self.seq, self.hash = seq, stored_hash

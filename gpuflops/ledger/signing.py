@@ -21,7 +21,7 @@ SIGNATURE_BYTES = 64
 PUBLIC_KEY_BYTES = 32
 
 
-class KeyFileError(Exception):
+class KeyFileError(OSError):
     """A key file cannot be read, written or parsed; carries the path."""
 
     def __init__(self, path: Path, message: str) -> None:

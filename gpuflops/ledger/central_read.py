@@ -1,0 +1,159 @@
+"""Read queries over the central store, for reports, the gate, verification and ``central serve``.
+
+Every query that one program's report runs is an index lookup (``job_totals_program``,
+``events_program``, ``gaps_t1``, the ``job_points`` and ``program_hours`` keys), so its cost
+follows the program's size, not the store's; benchmarks/central_scale.py measures it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from gpuflops.ledger.central import CentralStore
+from gpuflops.ledger.store import Gap, JobEvent
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """A registered node ledger and its shipping head."""
+
+    ledger_id: str
+    node: str
+    cluster: str
+    public_key: bytes
+    registered_at_s: float
+    head_seq: int
+    head_hash: str
+    raw_seq: int
+    raw_t_s: float | None
+    ingested_at_s: float | None
+    failed: str | None
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One job's cumulative totals on one node ledger (bit-identical to that node's)."""
+
+    ledger_id: str
+    job: str
+    program: str
+    measured_flops: float
+    analytic_flops: float
+    tokens: float
+    recompute_flops: float
+    estimate_t0_s: float | None
+    estimate_t1_s: float | None
+    first_t_s: float | None
+    last_t_s: float | None
+
+
+_JOB_COLS = ("ledger_id::text, job, program, measured_flops, analytic_flops, tokens,"
+             " recompute_flops, estimate_t0_s, estimate_t1_s, first_t_s, last_t_s")
+
+
+class CentralReader:
+    """Typed reads over a :class:`CentralStore`."""
+
+    def __init__(self, store: CentralStore) -> None:
+        self.store = store
+
+    def ledgers(self) -> dict[str, LedgerRow]:
+        rows = self.store.fetch(
+            "SELECT l.ledger_id::text, l.node, l.cluster, l.public_key,"
+            " extract(epoch FROM l.registered_at)::float8, h.seq, h.hash, h.raw_seq, h.raw_t_s,"
+            " extract(epoch FROM h.ingested_at)::float8, h.failed"
+            " FROM gpuflops.ledgers l JOIN gpuflops.heads h USING (ledger_id)"
+            " ORDER BY l.cluster, l.node, l.registered_at")
+        return {r[0]: LedgerRow(r[0], r[1], r[2], bytes(r[3]), float(r[4]), int(r[5]), r[6],
+                                int(r[7]), r[8], r[9], r[10]) for r in rows}
+
+    def program_jobs(self, program: str) -> list[JobRow]:
+        return [JobRow(*r) for r in self.store.fetch(
+            f"SELECT {_JOB_COLS} FROM gpuflops.job_totals WHERE program = %s"
+            " ORDER BY ledger_id, job", (program,))]
+
+    def ledger_jobs(self, ledger_id: str) -> list[JobRow]:
+        return [JobRow(*r) for r in self.store.fetch(
+            f"SELECT {_JOB_COLS} FROM gpuflops.job_totals WHERE ledger_id = %s", (ledger_id,))]
+
+    def all_jobs(self) -> list[JobRow]:
+        return [JobRow(*r) for r in self.store.fetch(
+            f"SELECT {_JOB_COLS} FROM gpuflops.job_totals ORDER BY program, ledger_id, job")]
+
+    def events(self, program: str, kinds: tuple[str, ...] = ("register", "end")
+               ) -> list[tuple[str, JobEvent]]:
+        """(ledger id, event) of a program, in time order."""
+        rows = self.store.fetch(
+            "SELECT ledger_id::text, raw_seq, kind, job, program, t_s, payload FROM gpuflops.events"
+            " WHERE program = %s AND kind = ANY(%s) ORDER BY t_s, ledger_id, raw_seq",
+            (program, list(kinds)))
+        return [(r[0], JobEvent(seq=int(r[1]), kind=r[2], job=r[3], program=r[4], t_s=float(r[5]),
+                                payload=dict(r[6]))) for r in rows]
+
+    def events_all(self, kinds: tuple[str, ...] = ("register",)) -> list[tuple[str, JobEvent]]:
+        """(ledger id, event) of every program, in time order."""
+        rows = self.store.fetch(
+            "SELECT ledger_id::text, raw_seq, kind, job, program, t_s, payload FROM gpuflops.events"
+            " WHERE kind = ANY(%s) ORDER BY t_s, ledger_id, raw_seq", (list(kinds),))
+        return [(r[0], JobEvent(seq=int(r[1]), kind=r[2], job=r[3], program=r[4], t_s=float(r[5]),
+                                payload=dict(r[6]))) for r in rows]
+
+    def gaps(self, ledger_id: str, t0_s: float, t1_s: float) -> list[Gap]:
+        rows = self.store.fetch(
+            "SELECT raw_seq, gpu, uuid, t0_s, t1_s, reason FROM gpuflops.gaps"
+            " WHERE ledger_id = %s AND t1_s >= %s AND t0_s <= %s ORDER BY raw_seq, gpu, uuid",
+            (ledger_id, t0_s, t1_s))
+        return [Gap(int(r[0]), r[1], r[2], float(r[3]), float(r[4]), r[5]) for r in rows]
+
+    def measured_at(self, job: JobRow, t_s: float) -> float:
+        """The job's cumulative measured FLOPs on that ledger at ``t_s``, interpolated linearly
+        between shipped rollups (0 at the job's first interval)."""
+        before = self.store.fetch(
+            "SELECT t_s, measured_flops FROM gpuflops.job_points WHERE ledger_id = %s AND job = %s"
+            " AND program = %s AND t_s <= %s ORDER BY t_s DESC, seq DESC LIMIT 1",
+            (job.ledger_id, job.job, job.program, t_s))
+        after = self.store.fetch(
+            "SELECT t_s, measured_flops FROM gpuflops.job_points WHERE ledger_id = %s AND job = %s"
+            " AND program = %s AND t_s > %s ORDER BY t_s, seq LIMIT 1",
+            (job.ledger_id, job.job, job.program, t_s))
+        t0, v0 = (float(before[0][0]), float(before[0][1])) if before else (job.first_t_s, 0.0)
+        if not after:
+            return v0 if before else 0.0
+        t1, v1 = float(after[0][0]), float(after[0][1])
+        if t0 is None or t1 <= t0 or t_s <= t0:
+            return v0
+        return v0 + (v1 - v0) * (t_s - t0) / (t1 - t0)
+
+    def program_hours(self, program: str) -> list[tuple[int, float]]:
+        return [(int(h), float(v)) for h, v in self.store.fetch(
+            "SELECT hour, measured_flops FROM gpuflops.program_hours WHERE program = %s"
+            " ORDER BY hour", (program,))]
+
+    def head_record(self, ledger_id: str, seq: int) -> tuple[str, bytes] | None:
+        """(hash, signature) of one shipped record."""
+        rows = self.store.fetch("SELECT hash, sig FROM gpuflops.records WHERE ledger_id = %s"
+                                " AND seq = %s", (ledger_id, seq))
+        return (rows[0][0], bytes(rows[0][1])) if rows else None
+
+    def forks(self) -> list[tuple[str, int, str, float]]:
+        """(ledger id, raw seq, detail, detected at) of every reported fork."""
+        return [(r[0], int(r[1]), r[2], float(r[3])) for r in self.store.fetch(
+            "SELECT ledger_id::text, raw_seq, detail, extract(epoch FROM detected_at)::float8"
+            " FROM gpuflops.forks ORDER BY id")]
+
+    def records(self, ledger_id: str) -> Iterator[tuple[int, str, str, str, bytes]]:
+        """(seq, content, prev_hash, hash, sig) of a ledger's chain, in seq order (streamed)."""
+        for seq, content, prev, h, sig in self.store.stream(
+                "SELECT seq, content, prev_hash, hash, sig FROM gpuflops.records"
+                " WHERE ledger_id = %s ORDER BY seq", (ledger_id,)):
+            yield int(seq), content, prev, h, bytes(sig)
+
+    def derived_counts(self, ledger_id: str) -> dict[str, Any]:
+        """Row counts of a ledger's derived tables (verify compares them with the chain)."""
+        out = {}
+        for table in ("events", "gaps", "job_totals", "job_points"):
+            out[table] = self.store.fetch(
+                f"SELECT count(*) FROM gpuflops.{table} WHERE ledger_id = %s", (ledger_id,))[0][0]
+        return out
