@@ -53,9 +53,13 @@ class RawChainReader:
         if self._con is None:
             if not self.path.exists():
                 return None
-            self._con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
+            # mode=rw, not ro: when this is the last connection to close (the final round runs
+            # after the daemon's writer closed), SQLite then checkpoints and removes the WAL as
+            # the writer would have. query_only refuses every write through this connection.
+            self._con = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True,
                                         isolation_level=None, check_same_thread=False,
                                         timeout=10.0)
+            self._con.execute("PRAGMA query_only = ON")
         return self._con
 
     def ledger_id(self) -> str | None:
@@ -172,6 +176,14 @@ class Shipper:
     def run_once(self, budget_s: float | None = None) -> int:
         """Ship what the local chain has beyond the central head, for at most ``budget_s``
         (after the first transaction); returns the raw records shipped."""
+        try:
+            return self._round(budget_s)
+        finally:
+            # Never hold the ledger open between rounds: the daemon's writer, closing last,
+            # then checkpoints and removes the WAL, leaving one self-contained file.
+            self.reader.close()
+
+    def _round(self, budget_s: float | None) -> int:
         deadline = None if budget_s is None else self._clock() + budget_s
         self._publish(rounds=self._status.rounds + 1, local_head_seq=self.reader.head_seq())
         if self._status.fenced is not None:
