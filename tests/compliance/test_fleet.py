@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
@@ -21,45 +18,18 @@ from gpuflops.ledger.central import CentralStore
 from gpuflops.ledger.central_read import CentralReader
 from gpuflops.ledger.central_verify import verify_central
 from gpuflops.ledger.rollup import rollup_signing_message
-from gpuflops.ledger.ship import RawChainReader, Shipper
 from gpuflops.ledger.signing import SigningKey, generate_key
-from gpuflops.ledger.store import Ledger, canonical_json, record_hash
+from gpuflops.ledger.store import canonical_json, record_hash
 from tests.central_fixtures import CentralDb
-from tests.ledger.fleet_helpers import fill, local_jobs
+from tests.ledger.fleet_helpers import Fleet, local_jobs, ship_fleet
 
 SCHEMA = Path(__file__).resolve().parents[2] / "gpuflops" / "compliance" / "report_schema.json"
 T0 = 1_760_000_000.0
 
 
-@dataclass
-class Fleet:
-    central: CentralDb
-    ledgers: dict[str, Path]  # node -> ledger path
-    ids: dict[str, str]  # node -> ledger id
-    keys: dict[str, SigningKey]
-
-
 @pytest.fixture
-def fleet(central: CentralDb, tmp_path: Path) -> Iterator[Fleet]:
-    """Three node ledgers (a and b in cluster c1, c in c2) shipped to the central store."""
-    rng = random.Random(3)
-    paths, ids, keys = {}, {}, {}
-    for i, (node, cluster) in enumerate([("a", "c1"), ("b", "c1"), ("c", "c2")]):
-        path = tmp_path / node / "ledger.sqlite3"
-        led = Ledger.open(path, clock=lambda: T0)
-        led.append_job_event("register", f"train-{node}", "prog", {
-            "attempt": 1, "base_model_compute_flops": 3e20, "precision": "bf16"}, T0)
-        fill(led, rng, 400, T0 + i)
-        led.close()
-        key = generate_key(tmp_path / node / "node.key")
-        shipper = Shipper(central.store("gf_ship"), RawChainReader(path), key, node=node,
-                          cluster=cluster, period_s=10.0)
-        assert shipper.run_once() > 400
-        ids[node] = str(shipper.status().ledger_id)
-        shipper.store.close()
-        shipper.reader.close()
-        paths[node], keys[node] = path, key
-    yield Fleet(central, paths, ids, keys)
+def fleet(central: CentralDb, tmp_path: Path) -> Fleet:
+    return ship_fleet(central, tmp_path)
 
 
 def _reader(store: CentralStore) -> CentralReader:

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gpuflops.ledger.central import CentralStore
+from gpuflops.ledger.ship import RawChainReader, Shipper
+from gpuflops.ledger.signing import SigningKey, generate_key
 from gpuflops.ledger.store import NODE, FlopsRow, Ledger
+from tests.central_fixtures import CentralDb
+
+T0 = 1_760_000_000.0
 
 JOBS = [("job-a", "prog"), ("job-b", "prog"), ("job-c", "other"), ("unattributed", "unattributed")]
 
@@ -72,4 +78,34 @@ def central_gaps(store: CentralStore, ledger_id: str) -> list[tuple[Any, ...]]:
         (ledger_id,)))
 
 
-__all__ = ["JOBS", "NODE", "central_gaps", "central_jobs", "fill", "local_gaps", "local_jobs"]
+@dataclass
+class Fleet:
+    central: CentralDb
+    ledgers: dict[str, Path]  # node -> ledger path
+    ids: dict[str, str]  # node -> ledger id
+    keys: dict[str, SigningKey]
+
+
+def ship_fleet(central: CentralDb, tmp_path: Path) -> Fleet:
+    """Three node ledgers (a and b in cluster c1, c in c2) with program ``prog``, shipped."""
+    rng = random.Random(3)
+    paths, ids, keys = {}, {}, {}
+    for i, (node, cluster) in enumerate([("a", "c1"), ("b", "c1"), ("c", "c2")]):
+        path = tmp_path / node / "ledger.sqlite3"
+        led = Ledger.open(path, clock=lambda: T0)
+        led.append_job_event("register", f"train-{node}", "prog", {
+            "attempt": 1, "base_model_compute_flops": 3e20, "precision": "bf16"}, T0)
+        fill(led, rng, 400, T0 + i)
+        led.close()
+        key = generate_key(tmp_path / node / "node.key")
+        shipper = Shipper(central.store("gf_ship"), RawChainReader(path), key, node=node,
+                          cluster=cluster, period_s=10.0)
+        assert shipper.run_once() > 400
+        ids[node] = str(shipper.status().ledger_id)
+        shipper.store.close()
+        paths[node], keys[node] = path, key
+    return Fleet(central, paths, ids, keys)
+
+
+__all__ = ["JOBS", "NODE", "Fleet", "central_gaps", "central_jobs", "fill", "local_gaps",
+           "local_jobs", "ship_fleet"]
