@@ -54,11 +54,8 @@ def pg() -> Iterator[PgCluster]:
         cluster.destroy()
 
 
-@pytest.fixture
-def central(pg: PgCluster) -> Iterator[CentralDb]:
-    if not pg.running():
-        pg.start()
-    name = f"gf_{os.getpid()}_{next(_counter)}"
+def init_central(pg: PgCluster, name: str) -> CentralDb:
+    """Create database ``name`` with the central schema, the test logins and a password file."""
     pg.psql(f"CREATE DATABASE {name}")
     with CentralStore(CentralConfig(pg.admin_dsn(name))) as admin:
         admin.init_schema()
@@ -68,9 +65,17 @@ def central(pg: PgCluster) -> Iterator[CentralDb]:
     fd, pw = tempfile.mkstemp(prefix="gfpw")
     with os.fdopen(fd, "w") as f:
         f.write(PASSWORD + "\n")
+    return CentralDb(pg, name, Path(pw))
+
+
+@pytest.fixture
+def central(pg: PgCluster) -> Iterator[CentralDb]:
+    if not pg.running():
+        pg.start()
+    db = init_central(pg, f"gf_{os.getpid()}_{next(_counter)}")
     try:
-        yield CentralDb(pg, name, Path(pw))
+        yield db
     finally:
-        Path(pw).unlink(missing_ok=True)
+        db.password_file.unlink(missing_ok=True)
         if pg.running():
-            pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            pg.psql(f"DROP DATABASE IF EXISTS {db.dbname} WITH (FORCE)")
