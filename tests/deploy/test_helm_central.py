@@ -72,7 +72,7 @@ def test_central_serve_deployment_validates_and_selects_only_itself() -> None:
 
 
 def test_central_serve_without_a_url_fails_clearly() -> None:
-    with pytest.raises(Exception, match="central.serve.enabled needs"):
+    with pytest.raises(Exception, match=r"central\.serve\.enabled needs"):
         objects({"central": {"serve": {"enabled": True}}})
 
 
