@@ -22,7 +22,7 @@ from gpuflops.compliance.programs import UNATTRIBUTED, attempts, evaluate_progra
 from gpuflops.compliance.reconcile import JobInput
 from gpuflops.compliance.report import ACCURACY_DOC, ASSUMPTIONS, REPORT_SCHEMA_VERSION
 from gpuflops.compliance.thresholds import ProgramsConfig, ProgramStatus
-from gpuflops.ledger.central_read import CentralReader, JobRow, LedgerRow
+from gpuflops.ledger.central_read import CentralReader, JobRow, LedgerRow, Point, interpolate
 from gpuflops.ledger.rollup import rollup_signing_message
 from gpuflops.ledger.signing import verify_signature
 from gpuflops.ledger.store import JobEvent
@@ -57,6 +57,10 @@ def job_inputs(reader: CentralReader, rows: Sequence[JobRow],
     With ``matched``, measured FLOPs inside each ledger's estimate window are interpolated from
     the shipped rollups (docs/fleet.md); without, reconciliation uses whole-job totals.
     """
+    points = {}
+    if matched:
+        for program in sorted({r.program for r in rows}):
+            points.update(reader.window_points(program))
     by_job: dict[tuple[str, str], list[JobRow]] = {}
     for r in rows:
         if r.program != UNATTRIBUTED:
@@ -66,9 +70,7 @@ def job_inputs(reader: CentralReader, rows: Sequence[JobRow],
         windows = [r for r in rs if r.estimate_t0_s is not None and r.estimate_t1_s is not None]
         inside = None
         if matched and windows:
-            inside = math.fsum(
-                max(0.0, min(r.measured_flops, reader.measured_at(r, float(r.estimate_t1_s or 0)))
-                    - reader.measured_at(r, float(r.estimate_t0_s or 0))) for r in windows)
+            inside = math.fsum(_inside(r, points.get((r.ledger_id, r.job))) for r in windows)
         out.append(JobInput(
             job=job, program=program, measured_flops=math.fsum(r.measured_flops for r in rs),
             analytic_flops=math.fsum(r.analytic_flops for r in rs),
@@ -76,6 +78,15 @@ def job_inputs(reader: CentralReader, rows: Sequence[JobRow],
             tokens=math.fsum(r.tokens for r in rs), matched_measured_flops=inside,
             metadata=metadata.get((job, program), {})))
     return out
+
+
+def _inside(r: JobRow, pts: tuple[Point, ...] | None) -> float:
+    """Measured FLOPs of one ledger's job inside its estimate window (interpolated)."""
+    if pts is None or r.estimate_t0_s is None or r.estimate_t1_s is None:
+        return r.measured_flops
+    at0 = interpolate(pts[0], pts[1], r.estimate_t0_s, r.first_t_s)
+    at1 = interpolate(pts[2], pts[3], r.estimate_t1_s, r.first_t_s)
+    return max(0.0, min(r.measured_flops, at1) - at0)
 
 
 def load_program(reader: CentralReader, program: str, *, fallback: ProgramsConfig,

@@ -49,6 +49,21 @@ class JobRow:
     last_t_s: float | None
 
 
+Point = tuple[float, float] | None  # (t_s, cumulative measured FLOPs) of a shipped rollup
+
+
+def interpolate(before: Point, after: Point, t_s: float, first_t_s: float | None) -> float:
+    """A job's cumulative measured FLOPs at ``t_s`` between two shipped points, linearly
+    (0 at the job's first interval when nothing was shipped before ``t_s``)."""
+    t0, v0 = before if before is not None else (first_t_s, 0.0)
+    if after is None:
+        return v0
+    t1, v1 = after
+    if t0 is None or t1 <= t0 or t_s <= t0:
+        return v0
+    return v0 + (v1 - v0) * (t_s - t0) / (t1 - t0)
+
+
 _JOB_COLS = ("ledger_id::text, job, program, measured_flops, analytic_flops, tokens,"
              " recompute_flops, estimate_t0_s, estimate_t1_s, first_t_s, last_t_s")
 
@@ -107,24 +122,31 @@ class CentralReader:
             (ledger_id, t0_s, t1_s))
         return [Gap(int(r[0]), r[1], r[2], float(r[3]), float(r[4]), r[5]) for r in rows]
 
-    def measured_at(self, job: JobRow, t_s: float) -> float:
-        """The job's cumulative measured FLOPs on that ledger at ``t_s``, interpolated linearly
-        between shipped rollups (0 at the job's first interval)."""
-        before = self.store.fetch(
-            "SELECT t_s, measured_flops FROM gpuflops.job_points WHERE ledger_id = %s AND job = %s"
-            " AND program = %s AND t_s <= %s ORDER BY t_s DESC, seq DESC LIMIT 1",
-            (job.ledger_id, job.job, job.program, t_s))
-        after = self.store.fetch(
-            "SELECT t_s, measured_flops FROM gpuflops.job_points WHERE ledger_id = %s AND job = %s"
-            " AND program = %s AND t_s > %s ORDER BY t_s, seq LIMIT 1",
-            (job.ledger_id, job.job, job.program, t_s))
-        t0, v0 = (float(before[0][0]), float(before[0][1])) if before else (job.first_t_s, 0.0)
-        if not after:
-            return v0 if before else 0.0
-        t1, v1 = float(after[0][0]), float(after[0][1])
-        if t0 is None or t1 <= t0 or t_s <= t0:
-            return v0
-        return v0 + (v1 - v0) * (t_s - t0) / (t1 - t0)
+    def window_points(self, program: str) -> dict[tuple[str, str], tuple[Point, ...]]:
+        """For each (ledger id, job) of ``program`` with an estimate window: the shipped points
+        (t_s, cumulative measured FLOPs) just before and after each end of the window, as
+        (before_t0, after_t0, before_t1, after_t1), each None where there is none. One query:
+        four index lookups per job (job_points' key), whatever the store's size."""
+
+        def side(edge: str, op: str, order: str) -> str:
+            return (f"LEFT JOIN LATERAL (SELECT p.t_s, p.measured_flops FROM gpuflops.job_points p"
+                    f" WHERE p.ledger_id = t.ledger_id AND p.job = t.job AND p.program = t.program"
+                    f" AND p.t_s {op} t.{edge} ORDER BY p.t_s {order}, p.seq {order} LIMIT 1)")
+
+        rows = self.store.fetch(
+            "SELECT t.ledger_id::text, t.job, b0.t_s, b0.measured_flops, a0.t_s, a0.measured_flops,"
+            " b1.t_s, b1.measured_flops, a1.t_s, a1.measured_flops FROM gpuflops.job_totals t "
+            + side("estimate_t0_s", "<=", "DESC") + " b0 ON true "
+            + side("estimate_t0_s", ">", "ASC") + " a0 ON true "
+            + side("estimate_t1_s", "<=", "DESC") + " b1 ON true "
+            + side("estimate_t1_s", ">", "ASC") + " a1 ON true"
+            " WHERE t.program = %s AND t.estimate_t0_s IS NOT NULL", (program,))
+
+        def pt(t: Any, v: Any) -> Point:
+            return None if t is None else (float(t), float(v))
+
+        return {(r[0], r[1]): (pt(r[2], r[3]), pt(r[4], r[5]), pt(r[6], r[7]), pt(r[8], r[9]))
+                for r in rows}
 
     def program_hours(self, program: str) -> list[tuple[int, float]]:
         return [(int(h), float(v)) for h, v in self.store.fetch(

@@ -160,3 +160,13 @@ def test_tampered_derived_totals_are_caught(fleet: Fleet) -> None:
                       " WHERE ledger_id = %s AND program = 'prog'", (fleet.ids["c"],))
         result = verify_central(_reader(admin))
     assert [f.node for f in result.faults] == ["c"] and "job_totals" in result.faults[0].reason
+
+
+def test_measured_inside_a_window_is_interpolated_between_shipped_points() -> None:
+    from gpuflops.ledger.central_read import interpolate
+
+    # Points at t=10 (100 FLOPs) and t=20 (300): halfway is 200.
+    assert interpolate((10.0, 100.0), (20.0, 300.0), 15.0, 0.0) == 200.0
+    assert interpolate(None, (20.0, 300.0), 15.0, 10.0) == 150.0  # from 0 at the first interval
+    assert interpolate((10.0, 100.0), None, 99.0, 0.0) == 100.0  # nothing shipped after
+    assert interpolate(None, None, 5.0, None) == 0.0
