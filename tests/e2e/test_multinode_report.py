@@ -40,7 +40,7 @@ from tests.e2e.promserver import (
 )
 
 PROGRAM = "mistral-ft"
-SCHEMA = REPO / "gpuflops" / "ledger" / "report_schema.json"
+SCHEMA = REPO / "gpuflops" / "compliance" / "report_schema.json"
 # Whole-job figures: measured is the compliance basis and is not rescaled by an inferred precision,
 # so the report (whole-job totals from Prometheus) and the daemons (window-matched) agree exactly.
 PROGRAMS_TOML = f"""
