@@ -1,14 +1,21 @@
-"""Composition root for the fleet tier: a daemon's shipping to the central store."""
+"""Composition root for the fleet tier: a daemon's shipping, and ``central serve``."""
 
 from __future__ import annotations
 
 import logging
 import socket
 from pathlib import Path
+from typing import Any
+
+from prometheus_client.registry import CollectorRegistry
 
 from gpuflops.app.build import Daemon
-from gpuflops.exporter.central_collector import ShipCollector
+from gpuflops.compliance.fleet_status import SnapshotRefresher, build_snapshot
+from gpuflops.compliance.thresholds import ProgramsConfig
+from gpuflops.exporter.central_collector import FleetCollector, ShipCollector
+from gpuflops.exporter.http import MetricsServer
 from gpuflops.ledger.central import CentralConfig, CentralStore
+from gpuflops.ledger.central_read import CentralReader
 from gpuflops.ledger.ship import RawChainReader, Shipper
 from gpuflops.ledger.signing import NODE_KEY_FILENAME, load_or_generate
 from gpuflops.ledger.store import LEDGER_FILENAME
@@ -39,3 +46,34 @@ def wire_central(d: Daemon, config: CentralConfig) -> Shipper:
     log.info("shipping ledger to the central store %s as node %s, cluster %s, every %.0f s",
              config.describe(), node, s.cluster, s.central_ship_every_s)
     return shipper
+
+
+class FleetServer:
+    """``gpuflops central serve``: the store read every ``refresh_s`` into a snapshot, served as
+    ``gpuflops_fleet_*`` on /metrics; /healthz answers 503 while the store cannot be read."""
+
+    def __init__(self, config: CentralConfig, listen: str, fallback: ProgramsConfig,
+                 refresh_s: float, **http_kwargs: Any) -> None:
+        self.store = CentralStore(config, application_name="gpuflops-central-serve")
+        reader = CentralReader(self.store)
+        self.refresher = SnapshotRefresher(lambda now: build_snapshot(reader, fallback, now),
+                                           refresh_s)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(FleetCollector(self.refresher.snapshot))
+        self.server = MetricsServer(registry, listen, self._health, **http_kwargs)
+        self.refresher.start()
+        self.server.start()
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def _health(self) -> tuple[bool, str]:
+        if self.refresher.snapshot().up:
+            return True, "ok"
+        return False, "the central store cannot be read"
+
+    def close(self) -> None:
+        self.server.stop()
+        self.refresher.stop()
+        self.store.close()

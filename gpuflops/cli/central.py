@@ -220,45 +220,28 @@ def program_show(central_url: str, central_password_file: Path | None, program: 
 def serve_command(central_url: str, central_password_file: Path | None, listen: str,
                   config_path: Path | None, refresh_s: float, web_config: str | None) -> None:
     """Export fleet-wide program totals, threshold ratios and shipping health."""
-    from prometheus_client.registry import CollectorRegistry
-
     from gpuflops.app.build import handle_signals
+    from gpuflops.app.central import FleetServer
     from gpuflops.cli import _setup_logging, _web_config
-    from gpuflops.compliance.fleet_status import SnapshotRefresher, build_snapshot
-    from gpuflops.exporter.central_collector import FleetCollector
-    from gpuflops.exporter.http import MetricsServer
 
     _setup_logging(0)
     try:
         fallback = load_programs_config(config_path)
         http_kwargs = _web_config(web_config)
-    except ConfigError as exc:
+        config = CentralConfig.from_options(central_url, central_password_file)
+    except (ConfigError, CentralError) as exc:
         raise click.ClickException(str(exc)) from None
-    store = open_store(central_url, central_password_file, "gpuflops-central-serve")
-    reader = CentralReader(store)
-    refresher = SnapshotRefresher(lambda now: build_snapshot(reader, fallback, now), refresh_s)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(refresher.snapshot))
-
-    def health() -> tuple[bool, str]:
-        snap = refresher.snapshot()
-        return (True, "ok") if snap.up else (False, "the central store cannot be read")
-
     try:
-        server = MetricsServer(registry, listen, health, **http_kwargs)  # type: ignore[arg-type]
+        server = FleetServer(config, listen, fallback, refresh_s, **http_kwargs)
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot listen on {listen}: {exc}") from None
-    refresher.start()
-    server.start()
     click.echo(f"serving fleet metrics on {listen} (port {server.port})", err=True)
     stop = threading.Event()
     try:
         with handle_signals(stop):
             stop.wait()
     finally:
-        server.stop()
-        refresher.stop()
-        store.close()
+        server.close()
 
 
 def verify_central(central_url: str, central_password_file: Path | None,

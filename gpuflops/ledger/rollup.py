@@ -303,14 +303,21 @@ class RollupChainChecker:
                 self.ledger_id, self.node, self.cluster):
             return RollupFault(seq, "content names another ledger, node or cluster than the "
                                     "registration")
-        raw = obj.get("raw") or {}
-        if raw.get("first") != self.raw_last + 1 or not raw.get("last", 0) >= raw["first"]:
-            return RollupFault(seq, f"raw range {raw.get('first')}..{raw.get('last')} does not "
-                                    f"continue the previous one (ended at {self.raw_last})")
-        for row in obj["jobs"]:
-            self.jobs[(row[0], row[1])] = [*list(row[2:10]), seq]
-        self.events += len(obj["events"])
-        self.gaps += sum(len(g[4]) for g in obj["gaps"])
+        try:
+            raw = obj["raw"]
+            first, last = int(raw["first"]), int(raw["last"])
+            if first != self.raw_last + 1 or last < first:
+                return RollupFault(seq, f"raw range {first}..{last} does not continue the "
+                                        f"previous one (ended at {self.raw_last})")
+            jobs = {(str(r[0]), str(r[1])): [*r[2:10], seq] for r in obj["jobs"]}
+            events = len(obj["events"])
+            gaps = sum(len(g[4]) for g in obj["gaps"])
+            raw_hash = str(raw["hash"])
+        except (KeyError, TypeError, ValueError, IndexError):
+            return RollupFault(seq, "content is not a rollup (fields missing or malformed)")
+        self.jobs.update(jobs)
+        self.events += events
+        self.gaps += gaps
         self.seq, self.hash = seq, stored_hash
-        self.raw_last, self.raw_hash = int(raw["last"]), str(raw["hash"])
+        self.raw_last, self.raw_hash = last, raw_hash
         return None

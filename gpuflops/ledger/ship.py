@@ -63,9 +63,17 @@ class RawChainReader:
         return self._con
 
     def ledger_id(self) -> str | None:
+        """The genesis record's ledger id; None while the daemon has not created it yet."""
         db = self._db()
-        row = None if db is None else db.execute(
-            "SELECT content FROM records WHERE seq = 1 AND kind = 'genesis'").fetchone()
+        if db is None:
+            return None
+        try:
+            row = db.execute("SELECT content FROM records WHERE seq = 1 AND kind = 'genesis'"
+                             ).fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return None
+            raise
         return None if row is None else str(json.loads(row[0])["ledger_id"])
 
     def head_seq(self) -> int:
@@ -223,6 +231,9 @@ class Shipper:
             self._errors["fenced"] = self._errors.get("fenced", 0) + 1
             log.error("central shipping STOPPED for this ledger: %s", exc)
             self._publish(fenced=str(exc))
+        except (KeyError, TypeError, ValueError) as exc:  # a record this code cannot roll up
+            self._state = None
+            self._error("local", f"cannot roll up a local record: {exc!r}")
         self._note_oldest_unshipped()
         return shipped
 

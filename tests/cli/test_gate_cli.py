@@ -131,3 +131,14 @@ def test_local_gate_and_decision_without_a_central_store(fleet: Fleet, tmp_path:
     assert r.returncode == 0, r.stderr
     r = gpuflops("gate", "--program", "prog", "--planned-flops", repr(0.2 * total), *local)
     assert r.returncode == 1  # beyond the threshold: stays_downstream_modifier stops at 100%
+
+
+def test_daemon_refuses_a_password_in_argv_and_central_without_ledger(tmp_path: Path) -> None:
+    base = ["daemon", "--demo", "--listen", "127.0.0.1:0", "--no-socket", "--state-dir",
+            str(tmp_path)]
+    r = gpuflops(*base, "--central", "postgresql://gf_ship:hunter2@127.0.0.1:1/db")
+    assert r.returncode != 0 and "contains a password" in r.stderr
+    assert "hunter2" not in r.stderr
+    r = gpuflops(*base, "--no-ledger", "--central", "postgresql://gf_ship@127.0.0.1:1/db")
+    assert r.returncode != 0 and "--no-ledger" in r.stderr
+    assert not (tmp_path / "node.key").exists()  # nothing started
