@@ -152,6 +152,13 @@ def test_verify_central_names_node_and_seq_of_tampering(fleet: Fleet, tmp_path: 
         assert "pinned key" in result.faults[0].reason
     elif what.startswith("rehash"):
         assert "signature" in result.faults[0].reason
+    if what == "edit":  # as an auditor runs it
+        from tests.e2e.fleet_harness import gpuflops
+
+        r = gpuflops("verify", "--central", fleet.central.url("gf_read"),
+                     "--central-password-file", str(fleet.central.password_file))
+        assert r.returncode == 1
+        assert f"FAILED: node b (cluster c1, ledger {fleet.ids['b']}) seq 5: hash" in r.stderr
 
 
 def test_tampered_derived_totals_are_caught(fleet: Fleet) -> None:
