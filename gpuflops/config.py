@@ -105,6 +105,12 @@ class Settings:
     kubelet_insecure_tls: bool = False
     dcgm_endpoint: str = DEFAULT_DCGM_ENDPOINT
     dcgm_bindings: tuple[str, ...] = ()  # where DCGM's Python bindings live; () = known places
+    # Fleet tier (docs/fleet.md): ship the ledger to PostgreSQL. The URL never holds a password.
+    central_url: str | None = None
+    central_password_file: str | None = None
+    central_ship_every_s: float = 60.0  # also the span of one shipped rollup (x1.5 at most)
+    node_name: str | None = None  # None: the host name
+    cluster: str = "default"
 
     def validate(self) -> Settings:
         if self.backend not in ("auto", "nvml", "dcgm", "replay"):
@@ -134,6 +140,12 @@ class Settings:
             raise SettingsError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if self.log_format not in LOG_FORMATS:
             raise SettingsError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
+        if self.central_url and not self.ledger:
+            raise SettingsError("--central ships the ledger: it cannot be combined with --no-ledger")
+        if self.central_ship_every_s <= 0:
+            raise SettingsError("central_ship_every_s must be positive")
+        if not self.cluster or (self.node_name is not None and not self.node_name):
+            raise SettingsError("cluster and node_name must not be empty")
         return self
 
     def status_url(self) -> str:

@@ -84,3 +84,7 @@ def connect(server: JobSocketServer) -> Iterator[Callable[[], Client]]:
     yield factory
     for c in made:
         c.close()
+
+
+# A real PostgreSQL for the central store's tests (tests/pgserver.py).
+from tests.central_fixtures import central, pg  # noqa: E402, F401

@@ -201,6 +201,13 @@ def _assemble(
                     seed=ledger.totals() if ledger is not None else None)
     sink = LedgerSink(ledger, clock=clock, commit_every_s=s.ledger_commit_s)
     jobs.on_event(sink.on_job_event)
+    shipper = None
+    if s.central_url:  # the fleet tier (docs/fleet.md); psycopg is imported only here
+        from gpuflops.app.central import start_shipper
+
+        shipper = start_shipper(s, clock)
+        # Added before the pipeline's closer, so it runs after it: the last commit ships too.
+        closers.append(shipper.stop)
 
     def analytic_report(event: RegistryEvent) -> None:
         """Analytic work reported by a process: weights for splitting a GPU it shares."""
@@ -246,6 +253,10 @@ def _assemble(
     ))
     registry.register(JobsCollector(totals.snapshot, lambda: view[0], jobs.snapshot, sink,
                                     server.stats if server else None))
+    if shipper is not None:
+        from gpuflops.exporter.central_collector import ShipCollector
+
+        registry.register(ShipCollector(shipper.status, clock))
     return Daemon(
         s, sampler, pipeline, totals, registry,
         stop=threading.Event(), sampler_stop=sampler_stop, clock=clock,

@@ -61,6 +61,12 @@ from gpuflops.config import (
               help="Kubelet /pods URL for pod names, e.g. https://$NODE_IP:10250/pods.")
 @click.option("--kubelet-ca", "kubelet_ca_file", default=None, help="CA bundle for the kubelet's TLS.")
 @click.option("--kubelet-insecure-tls", is_flag=True, help="Do not verify the kubelet's certificate.")
+@click.option("--central", "central_url", default=None, metavar="URL",
+              help="Ship the ledger to this PostgreSQL (libpq URL, no password; docs/fleet.md).")
+@click.option("--central-password-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="File holding the central store's password (else PGPASSWORD / PGPASSFILE).")
+@click.option("--node-name", default=None, help="This node's name in the central store [host name].")
+@click.option("--cluster", default=None, help="This node's cluster in the central store [default].")
 @log_level_option
 @log_format_option
 @click.option("-v", "--verbose", count=True, help="One log level more detailed per use.")

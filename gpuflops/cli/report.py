@@ -6,10 +6,12 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
+from gpuflops.cli.central_options import central_options, pins_option
 from gpuflops.cli.common import settings_or_exit, state_dir_option
 from gpuflops.compliance.html import render_html
 from gpuflops.compliance.prometheus import PrometheusError, PrometheusSource
@@ -57,10 +59,15 @@ def _write_atomic(path: Path, text: str) -> None:
               "docs/accuracy.md, shipped as gpuflops/data/accuracy-h100.json].")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write here (atomically) instead of stdout.")
+@central_options(required=False)
+@pins_option
 def report_command(program: str, fmt: str, prometheus: str | None, state_dir: str | None,
                    config_path: Path | None, daemon_config: str | None,
-                   accuracy_path: Path | None, out: Path | None) -> None:
-    """Write the audit report of one program as JSON or self-contained HTML."""
+                   accuracy_path: Path | None, out: Path | None, central_url: str | None,
+                   central_password_file: Path | None, pins_path: Path | None) -> None:
+    """Write the audit report of one program as JSON or self-contained HTML.
+
+    With --central: across every node and cluster that ever ran it (docs/fleet.md)."""
     settings = settings_or_exit(daemon_config, state_dir=state_dir)
     state = Path(settings.state_dir)
     if config_path is None and settings.program_config:
@@ -70,6 +77,14 @@ def report_command(program: str, fmt: str, prometheus: str | None, state_dir: st
         accuracy = load_accuracy(accuracy_path or DEFAULT_ACCURACY_PATH)
     except (ProgramConfigError, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    if central_url:
+        from gpuflops.cli.central import central_report
+        from gpuflops.compliance.fleet import render_fleet_html
+
+        doc = central_report(program, central_url, central_password_file, config, accuracy,
+                             pins_path)
+        _emit(doc, fmt, out, lambda d: render_fleet_html(render_html(d), d))
+        return
     ledger_path = state / LEDGER_FILENAME
     ledger: Ledger | None = None
     if ledger_path.exists():
@@ -88,8 +103,13 @@ def report_command(program: str, fmt: str, prometheus: str | None, state_dir: st
     finally:
         if ledger is not None:
             ledger.close()
+    _emit(doc, fmt, out, render_html)
+
+
+def _emit(doc: dict[str, object], fmt: str, out: Path | None,
+          html: Callable[[dict[str, object]], str]) -> None:
     text = (json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n" if fmt == "json"
-            else render_html(doc))
+            else html(doc))
     if out is None:
         click.echo(text, nl=False)
     else:

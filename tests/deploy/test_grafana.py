@@ -131,6 +131,7 @@ def _synthetic_input() -> list[dict[str, str]]:
     g2 = {**n2, "gpu": "0", "uuid": "GPU-b"}
     job = {**n1, "job_id": "train-1", "program": "ft-a"}
     prog = {**n1, "program": "ft-a"}
+    fleet = {"instance": "central:9451", "job": "gpuflops-central", "program": "ft-a"}
     ramp = "0+6e13x150"
     s = [
         _series("up", n1, "1x150"),
@@ -174,6 +175,26 @@ def _synthetic_input() -> list[dict[str, str]]:
         _series("gpuflops_jobsocket_messages_total", {**n1, "result": "ok"}, "0+1x150"),
         _series("gpuflops_ledger_records_total", n1, "0+1x150"),
         _series("gpuflops_ledger_write_errors_total", n1, "0x150"),
+        _series("gpuflops_central_ship_lag_seconds", n1, "0x150"),
+        _series("gpuflops_central_backlog_records", n1, "0x150"),
+        _series("gpuflops_central_shipped_records_total", n1, "0+120x150"),
+        _series("gpuflops_central_ship_errors_total", {**n1, "kind": "connect"}, "0x150"),
+        _series("gpuflops_central_forks_total", n1, "0x150"),
+        _series("gpuflops_central_fenced", n1, "0x150"),
+        _series("gpuflops_fleet_program_flops_total", {**fleet, "basis": "compliance"},
+                "0+1.1e15x150"),
+        _series("gpuflops_fleet_program_threshold_flops", {**fleet, "rule": "unknown_base"},
+                "3.3e22x150"),
+        _series("gpuflops_fleet_program_threshold_ratio", {**fleet, "rule": "unknown_base"},
+                "0.01x150"),
+        _series("gpuflops_fleet_program_nodes", fleet, "2x150"),
+        _series("gpuflops_fleet_program_decision", {**fleet, "outcome": "approved_to_continue"},
+                "1x150"),
+        _series("gpuflops_fleet_node_last_ingest_timestamp_seconds",
+                {"instance": "central:9451", "job": "gpuflops-central", "node": "node1",
+                 "cluster": "c1"}, "0+60x150"),
+        _series("gpuflops_fleet_up", {"instance": "central:9451", "job": "gpuflops-central"},
+                "1x150"),
     ]
     for metric in ("tensor_any", "sm_active", "hmma", "fp32"):
         s.append(_series("gpuflops_gpu_activity_ratio", {**g1, "metric": metric}, "0.5x150"))

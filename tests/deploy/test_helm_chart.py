@@ -37,12 +37,14 @@ SUBSTITUTED = {
     ") > 0.2": ") > 0.35",
     "gpuflops_sampler_last_sample_timestamp_seconds > 120":
         "gpuflops_sampler_last_sample_timestamp_seconds > 300",
+    "gpuflops_central_ship_lag_seconds > 900": "gpuflops_central_ship_lag_seconds > 1800",
 }
 CUSTOM_RULE_VALUES = {
     "scrapeJobRegex": "kube-gpu-.*",
     "predictionHorizonSeconds": 604800,
     "unattributedShare": 0.35,
     "samplerStaleSeconds": 300,
+    "centralShipLagSeconds": 1800,
 }
 
 

@@ -56,6 +56,9 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
         ("[6h], 2592000)", "[6h], 86400)"),
         ("last_over_time(gpuflops_program_flops_total[1h])", "gpuflops_program_flops_total"),
         ("> 120", "> 1200"),
+        # The central total is a floor under the nodes' sum, and the nodes' sum one under it.
+        (">= on (program, basis)", "< on (program, basis)"),
+        ("gpuflops_central_ship_lag_seconds > 900", "gpuflops_central_ship_lag_seconds > 9000"),
     ],
 )
 def test_unit_tests_catch_a_changed_rule(tmp_path: Path, original: str, broken: str) -> None:

@@ -29,7 +29,7 @@ SAMPLES = [iv.samples[0] for iv in _INTERVALS]
 # Series that other collectors own (jobs_collector.py: jobs, programs, job socket, ledger;
 # AttributionCollector: attribution, tested on a shared trace below).
 NOT_OURS = ("gpuflops_job_", "gpuflops_program_", "gpuflops_jobsocket_", "gpuflops_ledger_",
-            "gpuflops_attribution_")
+            "gpuflops_attribution_", "gpuflops_central_", "gpuflops_fleet_")
 
 
 def contract() -> dict[str, tuple[str, set[str]]]:
