@@ -50,7 +50,10 @@ class ErrorCode:
     CONFLICT = "conflict"  # job exists with another program id
     FORBIDDEN = "forbidden"  # peer uid does not own the job, or pid not in the peer's tree
     NO_SUCH_PROCESS = "no_such_process"
-    LIMIT = "limit"  # registry capacity (jobs, pids) reached
+    LIMIT = "limit"  # registry capacity (jobs, pids, connections of a uid) reached
+    BOUND = "bound"  # analytic figures beyond what the node's GPUs can physically execute
+    UNAVAILABLE = "unavailable"  # the ledger cannot write: nothing applied, retry later
+    IDLE = "idle"  # the connection sent nothing for too long and is closed
     RATE_LIMITED = "rate_limited"
     TOO_MANY_CONNECTIONS = "too_many_connections"
     INTERNAL = "internal"
@@ -95,6 +98,9 @@ METADATA_FIELDS: Mapping[str, str] = {
 }
 # Fields that differ per rank of one job; everything else in METADATA_FIELDS is per job.
 PER_RANK_FIELDS = frozenset({"rank", "local_rank", "node"})
+# Registration fields that describe the program (its base model), not the job: only those the
+# program policy lets define the program set them, once (docs/protocol.md, "Authorization").
+PROGRAM_FACTS = ("base_model_flops", "base_model_flops_source", "systemic_risk")
 
 
 class Increment(NamedTuple):

@@ -4,7 +4,7 @@ ledger, immutable snapshots for the exporter, and capacity limits."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import psutil
@@ -34,9 +34,33 @@ class ProcessLookup(Protocol):
 
     def start_time(self, pid: int) -> float | None: ...
 
+    def groups(self, pid: int) -> frozenset[int]:
+        """Every group the process is in (primary and supplementary); empty when unknown."""
+        ...
+
+
+def parse_status_groups(text: str) -> frozenset[int]:
+    """The ``Gid:`` (real, effective, ...) and ``Groups:`` gids of a /proc/<pid>/status text."""
+    out: set[int] = set()
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("Gid", "Groups"):
+            out.update(int(x) for x in rest.split() if x.isdigit())
+    return frozenset(out)
+
 
 class PsutilProcessLookup:
     """ProcessLookup backed by psutil (reads /proc on Linux)."""
+
+    def __init__(self, proc_root: str = "/proc") -> None:
+        self._proc = proc_root
+
+    def groups(self, pid: int) -> frozenset[int]:
+        try:
+            with open(f"{self._proc}/{pid}/status", encoding="ascii", errors="replace") as f:
+                return parse_status_groups(f.read())
+        except OSError:
+            return frozenset()
 
     def parent_pid(self, pid: int) -> int | None:
         try:
@@ -127,10 +151,80 @@ class RegistryLimits:
     """Capacity bounds, so a misbehaving client cannot exhaust the daemon's memory."""
 
     max_open_jobs: int = 10_000
+    max_open_jobs_per_uid: int = 256  # one user cannot fill the node's job table
     max_ended_jobs: int = 1_000  # ended jobs kept for queries/snapshots; the ledger keeps all
     max_pids_per_job: int = 4_096
     max_clients_per_job: int = 4_096
     max_participants_per_job: int = 65_536
+    # An open job with no live process and no message for this long leaves memory; the ledger
+    # keeps it (owner, totals, reporters' sequence numbers) and its owner's next message
+    # brings it back. Only with a ledger.
+    idle_job_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class AnalyticBound:
+    """The most analytic FLOPs a job on this node can report: every GPU at its physical peak
+    since the job registered, times ``slack`` (docs/protocol.md, "Bounds")."""
+
+    peak_flops_per_s: float  # the node's GPUs together, at their fastest precision and clock
+    slack: float = 4.0
+    min_elapsed_s: float = 10.0  # a report right after registering may cover work before it
+
+    def limit(self, elapsed_s: float) -> float:
+        return self.peak_flops_per_s * max(elapsed_s, self.min_elapsed_s) * self.slack
+
+
+@dataclass(frozen=True)
+class ProgramAccess:
+    """The node's program policy for one program (the programs file's ``access`` table).
+
+    ``owners`` define the program (its base-model facts) and register jobs into it; ``users``
+    and members of ``groups`` register jobs into it. With no owners listed the program's first
+    registrant owns it, unless ``first_registrant_owns`` is false (then only root may).
+    ``job_group``: members of this group may write to every job of the program (the job's
+    owner group), besides the uid that registered it.
+    """
+
+    owners: frozenset[int] = frozenset()
+    users: frozenset[int] = frozenset()
+    groups: frozenset[int] = frozenset()
+    job_group: int | None = None
+    first_registrant_owns: bool = True
+
+
+@dataclass(frozen=True)
+class KnownJob:
+    """A job registered in an earlier session, as the ledger recorded it."""
+
+    job_id: str
+    program_id: str
+    owner_uid: int
+    owner_gid: int | None
+    registered_s: float
+    ended_s: float | None
+    analytic_flops: float = 0.0
+    analytic_tokens: float = 0.0
+    recompute_flops: float = 0.0
+    clients: Mapping[str, int] = field(default_factory=dict)  # reporter -> highest seq applied
+    participants: Mapping[str, bool] = field(default_factory=dict)  # "rank:N"/"pid:N" -> ended
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # first value of each job field
+
+
+@dataclass(frozen=True)
+class ProgramOwner:
+    """A program's first registrant and the facts (base model) its definers registered."""
+
+    uid: int
+    facts: Mapping[str, Any]
+
+
+class JobHistory(Protocol):
+    """What earlier sessions recorded (the ledger): the registry's memory across restarts."""
+
+    def known_job(self, job_id: str) -> KnownJob | None: ...
+
+    def program_owner(self, program_id: str) -> ProgramOwner | None: ...
 
 
 @dataclass(frozen=True)

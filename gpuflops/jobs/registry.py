@@ -3,6 +3,10 @@
 The server thread mutates it; the attribution stage calls ``job_for_pid`` every sampling interval
 per GPU process; the exporter reads ``snapshot()``; the ledger listens through ``on_event``.
 Identity (pid, uid) always comes from the kernel (SO_PEERCRED) via ``Peer``, never from a message.
+
+Jobs and programs have owners (docs/protocol.md, "Authorization"). What earlier sessions
+recorded comes from the ledger (``history``): a job not in memory is looked up there, so after a
+restart its owner, its ended state, its totals and its reporters' sequence numbers still hold.
 """
 
 from __future__ import annotations
@@ -12,16 +16,21 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
-from gpuflops.jobs.protocol import PER_RANK_FIELDS, ErrorCode, Increment, ProtocolError
+from gpuflops.jobs.live import LiveJob
+from gpuflops.jobs.pids import PidIndex
+from gpuflops.jobs.programs import ProgramTable
+from gpuflops.jobs.protocol import ErrorCode, Increment, ProtocolError
 from gpuflops.jobs.records import (
+    AnalyticBound,
     AttachedJob,
+    JobHistory,
     JobSnapshot,
+    KnownJob,
     Peer,
     ProcessLookup,
+    ProgramAccess,
     PsutilProcessLookup,
     RegisterResult,
     RegistryEvent,
@@ -31,60 +40,6 @@ from gpuflops.jobs.records import (
 
 log = logging.getLogger(__name__)
 
-MAX_TREE_DEPTH = 128  # a process tree deeper than this is not a training job
-
-@dataclass
-class _Job:
-    job_id: str
-    program_id: str
-    owner_uid: int
-    started_s: float
-    metadata: dict[str, Any] = field(default_factory=dict)
-    ranks: dict[int, dict[str, Any]] = field(default_factory=dict)
-    participants: dict[str, bool] = field(default_factory=dict)  # key -> ended
-    pids: dict[int, float | None] = field(default_factory=dict)  # pid -> start time
-    last_seq: dict[str, int] = field(default_factory=dict)  # client -> highest applied seq
-    analytic_flops: float = 0.0
-    analytic_tokens: float = 0.0
-    recompute_flops: float = 0.0
-    adds: int = 0
-    state: str = "open"
-    ended_s: float | None = None
-    exit_code: int | None = None
-    end_status: str | None = None
-
-    def snapshot(self) -> JobSnapshot:
-        meta: dict[str, Any] = dict(self.metadata)
-        if "extra" in meta:
-            meta["extra"] = MappingProxyType(dict(meta["extra"]))
-        if self.ranks:
-            meta["ranks"] = MappingProxyType(
-                {r: MappingProxyType(dict(v)) for r, v in self.ranks.items()}
-            )
-        return JobSnapshot(
-            job_id=self.job_id,
-            program_id=self.program_id,
-            owner_uid=self.owner_uid,
-            state=self.state,
-            started_s=self.started_s,
-            ended_s=self.ended_s,
-            pids=frozenset(self.pids),
-            metadata=MappingProxyType(meta),
-            analytic_flops=self.analytic_flops,
-            analytic_tokens=self.analytic_tokens,
-            recompute_flops=self.recompute_flops,
-            adds=self.adds,
-            exit_code=self.exit_code,
-            end_status=self.end_status,
-        )
-
-
-@dataclass
-class _CacheEntry:
-    ref: AttachedJob | None
-    start_time: float | None
-    checked_s: float
-    generation: int
 
 class JobRegistry:
     """Jobs, their attached processes and their analytic figures."""
@@ -97,19 +52,25 @@ class JobRegistry:
         monotonic: Callable[[], float] = time.monotonic,
         limits: RegistryLimits | None = None,
         cache_ttl_s: float = 2.0,
+        history: JobHistory | None = None,
+        access: Callable[[str], ProgramAccess] | None = None,
+        bound: AnalyticBound | None = None,
     ) -> None:
         self._lookup: ProcessLookup = process_lookup or PsutilProcessLookup()
+        self._history = history
+        self._programs = ProgramTable(history, access)
+        self._bound = bound
+        self._open_by_uid: dict[int, int] = {}
+        self._known_cache: dict[str, tuple[float, KnownJob | None]] = {}  # attribution checks
         self._clock = clock
         self._monotonic = monotonic
         self._limits = limits or RegistryLimits()
         self._cache_ttl_s = cache_ttl_s
         self._lock = threading.Lock()  # guards state; never held while calling out
         self._emit_lock = threading.Lock()  # orders mutation + listener calls
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, LiveJob] = {}
         self._ended_order: list[str] = []
-        self._pid_index: dict[int, str] = {}  # attached pid -> open job id
-        self._generation = 0  # bumped when attachments change; invalidates the pid cache
-        self._cache: dict[int, _CacheEntry] = {}
+        self._pids = PidIndex(self._lock, self._jobs, self._lookup, monotonic, cache_ttl_s)
         self._listeners: list[Callable[[RegistryEvent], None]] = []
         self._listener_errors = 0
 
@@ -141,52 +102,55 @@ class JobRegistry:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _owned(self, job_id: str, peer: Peer) -> _Job:
+    def _find_locked(self, job_id: str) -> LiveJob | None:
+        """The job in memory, else as the ledger recorded it (an open one comes back to memory)."""
         job = self._jobs.get(job_id)
+        if job is not None or self._history is None:
+            return job
+        known = self._history.known_job(job_id)
+        if known is None:
+            return None
+        job = LiveJob.restored(known)
+        if job.state == "open":
+            self._count_open_locked(job.owner_uid, +1)
+            self._jobs[job_id] = job
+        return job
+
+    def _count_open_locked(self, uid: int, delta: int) -> None:
+        if delta > 0:
+            if sum(self._open_by_uid.values()) >= self._limits.max_open_jobs:
+                raise ProtocolError(ErrorCode.LIMIT, f"{self._limits.max_open_jobs} jobs open")
+            if uid != 0 and self._open_by_uid.get(uid, 0) >= self._limits.max_open_jobs_per_uid:
+                raise ProtocolError(
+                    ErrorCode.LIMIT, f"uid {uid} has {self._limits.max_open_jobs_per_uid} jobs "
+                    "open (the per-user limit); end some first")
+        left = self._open_by_uid.get(uid, 0) + delta
+        if left > 0:
+            self._open_by_uid[uid] = left
+        else:
+            self._open_by_uid.pop(uid, None)
+
+    def _writes(self, job: LiveJob, uid: int, groups: Callable[[], Iterable[int]]) -> bool:
+        """Whether ``uid`` may write to ``job``: root, its owner, or its owner group."""
+        return uid == 0 or uid == job.owner_uid or (
+            job.owner_gid is not None and job.owner_gid in frozenset(groups()))
+
+    def _owned(self, job_id: str, peer: Peer) -> LiveJob:
+        job = self._find_locked(job_id)
         if job is None:
             raise ProtocolError(ErrorCode.UNKNOWN_JOB, f"job {job_id!r} is not registered")
-        if peer.uid != 0 and peer.uid != job.owner_uid:
+        if not self._writes(job, peer.uid, lambda: self._lookup.groups(peer.pid)):
             raise ProtocolError(
                 ErrorCode.FORBIDDEN, f"job {job_id!r} belongs to uid {job.owner_uid}"
             )
+        job.active_s = self._monotonic()
         return job
 
-    def _open(self, job_id: str, peer: Peer) -> _Job:
+    def _open(self, job_id: str, peer: Peer) -> LiveJob:
         job = self._owned(job_id, peer)
         if job.state != "open":
             raise ProtocolError(ErrorCode.JOB_ENDED, f"job {job_id!r} has ended")
         return job
-
-    def _in_tree(self, pid: int, root: int) -> bool:
-        """True when ``pid`` is ``root`` or one of its descendants."""
-        current: int | None = pid
-        for _ in range(MAX_TREE_DEPTH):
-            if current is None or current <= 0:
-                return False
-            if current == root:
-                return True
-            current = self._lookup.parent_pid(current)
-        return False
-
-    def _attach_locked(self, job: _Job, pid: int, start_time: float | None) -> bool:
-        if pid in job.pids and job.pids[pid] == start_time:
-            return False
-        if len(job.pids) >= self._limits.max_pids_per_job:
-            raise ProtocolError(ErrorCode.LIMIT, f"job has {len(job.pids)} pids attached")
-        previous = self._pid_index.get(pid)
-        if previous is not None and previous != job.job_id:
-            # A live process belongs to one job: the newest attachment wins.
-            self._jobs[previous].pids.pop(pid, None)
-        job.pids[pid] = start_time
-        self._pid_index[pid] = job.job_id
-        self._generation += 1
-        return True
-
-    def _release_pids_locked(self, job: _Job) -> None:
-        for pid in job.pids:
-            if self._pid_index.get(pid) == job.job_id:
-                del self._pid_index[pid]
-        self._generation += 1
 
     def _evict_ended_locked(self) -> None:
         while len(self._ended_order) > self._limits.max_ended_jobs:
@@ -209,70 +173,64 @@ class JobRegistry:
         start_time = self._lookup.start_time(peer.pid)
         with self._emit_lock:
             with self._lock:
-                job = self._jobs.get(job_id)
+                job = self._find_locked(job_id)
                 created = job is None
-                if job is None:
-                    open_jobs = sum(1 for j in self._jobs.values() if j.state == "open")
-                    if open_jobs >= self._limits.max_open_jobs:
-                        raise ProtocolError(ErrorCode.LIMIT, f"{open_jobs} jobs open")
-                    job = _Job(job_id, program_id, peer.uid, self._clock())
-                else:
+                if job is not None:
                     job = self._open(job_id, peer)
                     if job.program_id != program_id:
                         raise ProtocolError(
                             ErrorCode.CONFLICT,
                             f"job {job_id!r} is registered to program {job.program_id!r}",
                         )
+                role = self._programs.role(program_id, peer.uid,
+                                           lambda: self._lookup.groups(peer.pid))
+                if role is None:
+                    owner = self._programs.owner(program_id)
+                    raise ProtocolError(
+                        ErrorCode.FORBIDDEN,
+                        f"uid {peer.uid} may not register jobs into program {program_id!r} "
+                        + (f"(owned by uid {owner}; " if owner is not None else "(")
+                        + "the node's program policy lists who may)")
+                self._programs.check_facts(program_id, role, metadata)
+                if job is None:
+                    self._count_open_locked(peer.uid, +1)
+                    job = LiveJob(job_id, program_id, peer.uid, self._clock(),
+                               owner_gid=self._programs.job_group(program_id),
+                               active_s=self._monotonic())
                 if (
                     peer.pid not in job.pids
                     and len(job.pids) >= self._limits.max_pids_per_job
                 ):
                     raise ProtocolError(ErrorCode.LIMIT, f"job has {len(job.pids)} pids attached")
-                conflicts = self._merge_metadata(job, metadata)
+                conflicts = job.merge_metadata(metadata)
                 key = f"rank:{metadata['rank']}" if "rank" in metadata else f"pid:{peer.pid}"
                 if (
                     key not in job.participants
                     and len(job.participants) >= self._limits.max_participants_per_job
                 ):
+                    if created:
+                        self._count_open_locked(peer.uid, -1)
                     raise ProtocolError(ErrorCode.LIMIT, "too many participants")
                 job.participants[key] = False
                 if created:
                     self._jobs[job_id] = job
-                self._attach_locked(job, peer.pid, start_time)
+                self._programs.record(program_id, peer.uid, metadata)
+                self._pids.attach_locked(job, peer.pid, start_time, self._limits.max_pids_per_job)
                 time_s = self._clock()
-            data = {"metadata": dict(metadata), "created": created, "conflicts": conflicts}
+            data: dict[str, Any] = {"metadata": dict(metadata), "created": created,
+                                    "conflicts": conflicts}
+            if created:  # the ledger keeps who owns the job (docs/ledger.md, schema v5)
+                data["owner"] = {"uid": job.owner_uid, "gid": job.owner_gid}
             if client is not None:
                 data["client"] = client
             self._emit(RegistryEvent("register", job_id, program_id, time_s, peer, data))
         return RegisterResult(created=created, conflicts=conflicts)
 
-    def _merge_metadata(self, job: _Job, metadata: Mapping[str, Any]) -> tuple[str, ...]:
-        conflicts: list[str] = []
-        rank = metadata.get("rank")
-        if rank is not None:
-            job.ranks[rank] = {k: metadata[k] for k in PER_RANK_FIELDS if k in metadata}
-        for name, value in metadata.items():
-            if name in PER_RANK_FIELDS:
-                continue
-            if name == "extra":
-                extra = job.metadata.setdefault("extra", {})
-                for key, item in value.items():
-                    if key not in extra:
-                        extra[key] = item
-                    elif extra[key] != item:
-                        conflicts.append(f"extra.{key}")
-            elif name not in job.metadata:
-                job.metadata[name] = value
-            elif job.metadata[name] != value:
-                # First value wins; the disagreement is returned and kept in the ledger event.
-                conflicts.append(name)
-        return tuple(conflicts)
-
     def attach(self, job_id: str, pid: int, peer: Peer) -> bool:
         """Attach ``pid`` (must be the peer or its descendant) to an open job the peer owns."""
         with self._lock:
             self._open(job_id, peer)
-        if not self._in_tree(pid, peer.pid):
+        if not self._pids.in_tree(pid, peer.pid):
             if self._lookup.start_time(pid) is None:
                 raise ProtocolError(ErrorCode.NO_SUCH_PROCESS, f"no process {pid}")
             raise ProtocolError(
@@ -284,7 +242,8 @@ class JobRegistry:
         with self._emit_lock:
             with self._lock:
                 job = self._open(job_id, peer)
-                changed = self._attach_locked(job, pid, start_time)
+                changed = self._pids.attach_locked(job, pid, start_time,
+                                                   self._limits.max_pids_per_job)
                 time_s = self._clock()
             data = {"pid": pid, "changed": changed}
             self._emit(RegistryEvent("attach", job_id, job.program_id, time_s, peer, data))
@@ -309,19 +268,36 @@ class JobRegistry:
             count = sum(i.adds for i in items)
         with self._emit_lock:
             with self._lock:
-                job = self._open(job_id, peer)
+                try:
+                    job = self._open(job_id, peer)
+                except ProtocolError as exc:
+                    refused = self._jobs.get(job_id)
+                    if exc.code == ErrorCode.FORBIDDEN and refused is not None:
+                        self._refuse(refused, peer, "forbidden", flops, tokens, exc.detail)
+                    raise
                 if client is not None and seq is not None:
                     last = job.last_seq.get(client)
                     if last is not None and seq <= last:
                         return False
                     if last is None and len(job.last_seq) >= self._limits.max_clients_per_job:
                         raise ProtocolError(ErrorCode.LIMIT, "too many clients for this job")
+                time_s = self._clock()
+                if self._bound is not None:
+                    limit = self._bound.limit(time_s - job.started_s)
+                    if max(job.analytic_flops + flops, job.recompute_flops + recompute) > limit:
+                        detail = (
+                            f"job {job_id!r} would report {job.analytic_flops + flops:.4g} "
+                            f"analytic FLOPs, more than this node's GPUs can execute since it "
+                            f"registered {time_s - job.started_s:.0f} s ago ({limit:.4g} FLOPs "
+                            f"at {self._bound.slack:g} x their peak); not applied")
+                        self._refuse(job, peer, "bound", flops, tokens, detail, limit)
+                        raise ProtocolError(ErrorCode.BOUND, detail)
+                if client is not None and seq is not None:
                     job.last_seq[client] = seq
                 job.analytic_flops += flops
                 job.analytic_tokens += tokens
                 job.recompute_flops += recompute
                 job.adds += count
-                time_s = self._clock()
                 program_id = job.program_id
             if self._listeners:
                 data: dict[str, Any] = {
@@ -338,6 +314,13 @@ class JobRegistry:
                     data["seq"] = seq
                 self._emit(RegistryEvent("add", job_id, program_id, time_s, peer, data))
         return True
+
+    def _refuse(self, job: LiveJob, peer: Peer, reason: str, flops: float, tokens: float,
+                detail: str, limit: float | None = None) -> None:
+        """Record a refused add in the ledger (emit lock held): evidence, changing no total."""
+        data = {"op": "add", "reason": reason, "flops": flops, "tokens": tokens,
+                "detail": detail, "limit": limit}
+        self._emit(RegistryEvent("refused", job.job_id, job.program_id, self._clock(), peer, data))
 
     def claim(self, job_id: str, peer: Peer, data: dict[str, Any]) -> None:
         """Record an open job's claim about its own work (protocol.Claim's fields)."""
@@ -384,7 +367,8 @@ class JobRegistry:
                 if ended:
                     job.state = "ended"
                     job.ended_s = time_s
-                    self._release_pids_locked(job)
+                    self._count_open_locked(job.owner_uid, -1)
+                    self._pids.release_locked(job)
                     self._ended_order.append(job_id)
                     self._evict_ended_locked()
             data = {
@@ -404,6 +388,29 @@ class JobRegistry:
         with self._lock:
             return self._owned(job_id, peer).snapshot()
 
+    def may_attribute(self, job_id: str, program_id: str, uid: int | None,
+                      groups: frozenset[int]) -> bool:
+        """Whether a process of ``uid`` may have its FLOPs counted to (job, program) by the
+        environment or its cgroup: it must be allowed to write to the job, if the job is
+        registered, and to register into the program, if anyone owns the program."""
+        if uid == 0:
+            return True
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None and self._history is not None:
+            now = self._monotonic()
+            hit = self._known_cache.get(job_id)
+            if hit is None or now - hit[0] > self._cache_ttl_s:
+                if len(self._known_cache) >= 4096:
+                    self._known_cache.clear()
+                hit = self._known_cache[job_id] = (now, self._history.known_job(job_id))
+            job = None if hit[1] is None else LiveJob.restored(hit[1])
+        if job is not None and (uid is None or not self._writes(job, uid, lambda: groups)):
+            return False
+        if not self._programs.restricted(program_id):
+            return True
+        return self._programs.role(program_id, uid, lambda: groups) is not None
+
     def snapshot(self) -> RegistrySnapshot:
         """Immutable copy of every job, for the exporter."""
         with self._lock:
@@ -412,86 +419,30 @@ class JobRegistry:
             )
 
     def job_for_pid(self, pid: int) -> AttachedJob | None:
-        """The open job ``pid`` or one of its ancestors is attached to, or None.
-
-        Cached per pid for ``cache_ttl_s`` and until attachments change. Once found in a job's
-        tree a process stays with that job until it exits or the job ends, so a child whose
-        attached parent died (re-parented to init) keeps its attribution.
-        """
-        now = self._monotonic()
-        with self._lock:
-            generation = self._generation
-            entry = self._cache.get(pid)
-        if (
-            entry is not None
-            and entry.generation == generation
-            and now - entry.checked_s < self._cache_ttl_s
-        ):
-            return entry.ref
-        start_time = self._lookup.start_time(pid)
-        if start_time is None:
-            with self._lock:
-                self._cache.pop(pid, None)
-            return None
-        ref = self._resolve(pid)
-        with self._lock:
-            if (
-                ref is None
-                and entry is not None
-                and entry.ref is not None
-                and entry.start_time == start_time
-            ):
-                job = self._jobs.get(entry.ref.job_id)
-                if job is not None and job.state == "open":
-                    ref = entry.ref  # sticky: same process, job still open
-            if len(self._cache) >= 65_536:
-                self._cache.clear()
-            if self._generation == generation:
-                self._cache[pid] = _CacheEntry(ref, start_time, now, generation)
-        return ref
-
-    def _resolve(self, pid: int) -> AttachedJob | None:
-        current: int | None = pid
-        for _ in range(MAX_TREE_DEPTH):
-            if current is None or current <= 0:
-                return None
-            with self._lock:
-                job_id = self._pid_index.get(current)
-                job = self._jobs.get(job_id) if job_id is not None else None
-                recorded = job.pids.get(current) if job is not None else None
-            if job is not None:
-                if recorded is None or recorded == self._lookup.start_time(current):
-                    return AttachedJob(job.job_id, job.program_id)
-                self._forget_pid(current, job.job_id)  # pid reused by another process
-            current = self._lookup.parent_pid(current)
-        return None
-
-    def _forget_pid(self, pid: int, job_id: str) -> None:
-        with self._lock:
-            job = self._jobs.get(job_id)
-            if job is not None:
-                job.pids.pop(pid, None)
-            if self._pid_index.get(pid) == job_id:
-                del self._pid_index[pid]
-                self._generation += 1
+        """The open job ``pid`` or one of its ancestors is attached to, or None (PidIndex)."""
+        return self._pids.job_for_pid(pid)
 
     def prune(self) -> int:
-        """Forget attached pids whose process has exited; returns how many were dropped."""
-        with self._lock:
-            attached = [(pid, job_id) for pid, job_id in self._pid_index.items()]
-        dropped = 0
-        for pid, job_id in attached:
-            with self._lock:
-                job = self._jobs.get(job_id)
-                recorded = job.pids.get(pid) if job is not None else None
-            now_start = self._lookup.start_time(pid)
-            if now_start is None or (recorded is not None and recorded != now_start):
-                self._forget_pid(pid, job_id)
-                dropped += 1
-        with self._lock:
-            cached = list(self._cache)
-        gone = [pid for pid in cached if self._lookup.start_time(pid) is None]
-        with self._lock:
-            for pid in gone:
-                self._cache.pop(pid, None)
+        """Forget exited processes, and rest idle jobs; returns how many pids were dropped."""
+        dropped = self._pids.prune()
+        self._rest_idle()
         return dropped
+
+    def _rest_idle(self) -> None:
+        """Open jobs with no process and no message for ``idle_job_s`` leave memory, once the
+        ledger has them: their owner's next message brings them back as they were."""
+        if self._history is None:
+            return
+        now = self._monotonic()
+        with self._lock:
+            idle = [j.job_id for j in self._jobs.values() if j.state == "open" and not j.pids
+                    and now - j.active_s >= self._limits.idle_job_s]
+        for job_id in idle:
+            known = self._history.known_job(job_id)
+            with self._emit_lock, self._lock:
+                job = self._jobs.get(job_id)
+                # Only what the ledger holds in full may leave: every applied seq committed.
+                if (job is not None and job.state == "open" and not job.pids
+                        and known is not None and dict(known.clients) == job.last_seq):
+                    del self._jobs[job_id]
+                    self._count_open_locked(job.owner_uid, -1)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,36 +124,45 @@ def _verify(con: sqlite3.Connection) -> VerifyResult:
     return VerifyResult(True, count, None, None, prev_hash, expected_seq - 1)
 
 
+# Every derived table and the columns that order its rows; every column is compared, exactly:
+# the replay adds the same floats in the same order, so even sums are bit-identical, and a
+# time moved by a millisecond is as wrong as one moved by an hour.
+DERIVED_TABLES: dict[str, str] = {
+    "gpu_totals": "gpu, uuid, pipe, precision",
+    "job_totals": "job, program",
+    "job_intervals": "seq, job, program",
+    "job_events": "seq",
+    "gaps": "seq, gpu, uuid",
+    "job_owners": "job",
+    "program_owners": "program",
+    "job_clients": "job, client",
+}
+
+
+def _columns(con: sqlite3.Connection, table: str) -> list[str]:
+    return [r[1] for r in con.execute(f"PRAGMA table_info({table})")]
+
+
 def _compare_derived(con: sqlite3.Connection, scratch: sqlite3.Connection) -> str | None:
     """Compare the derived tables (which restore counters) with a replay of the chain."""
-    queries = {
-        "gpu_totals": "SELECT gpu, uuid, pipe, precision, flops FROM gpu_totals"
-                      " ORDER BY gpu, uuid, pipe, precision",
-        "job_totals": "SELECT job, program, measured_flops, analytic_flops, tokens,"
-                      " recompute_flops, hmma_flops, half_rate_fraction FROM job_totals"
-                      " ORDER BY job, program",
-        "job_intervals": "SELECT seq, job, program, flops FROM job_intervals"
-                         " ORDER BY seq, job, program",
-        "job_events": "SELECT seq, kind, job, program FROM job_events ORDER BY seq",
-        "gaps": "SELECT seq, gpu, uuid, t0_s, t1_s, reason FROM gaps ORDER BY seq, gpu, uuid",
-    }
     present = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    for table, sql in queries.items():
+    for table, order in DERIVED_TABLES.items():
         if table not in present:  # a file of an older schema, read without migrating it
             if scratch.execute(f"SELECT count(*) FROM {table}").fetchone()[0]:
                 return f"derived table {table} is missing, the chain has records for it"
             continue
-        if table == "job_totals" and "hmma_flops" not in {
-                r[1] for r in con.execute("PRAGMA table_info(job_totals)")}:
-            sql = sql.replace(", hmma_flops, half_rate_fraction", "")  # a pre-v4 file
+        stored_cols = _columns(con, table)
+        replay_cols = _columns(scratch, table)
+        if [c for c in stored_cols if c not in replay_cols]:
+            return f"derived table {table} has columns the schema does not define"
+        # An older file lacks the columns later versions added: compare those it has.
+        cols = ", ".join(c for c in replay_cols if c in stored_cols)
+        sql = f"SELECT {cols} FROM {table} ORDER BY {order}"
         stored = con.execute(sql).fetchall()
         replayed = scratch.execute(sql).fetchall()
         if len(stored) != len(replayed):
             return f"derived table {table} has {len(stored)} rows, chain implies {len(replayed)}"
         for a, b in zip(stored, replayed, strict=True):
-            for x, y in zip(a, b, strict=True):
-                same = (math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-6)
-                        if isinstance(x, float) and isinstance(y, float) else x == y)
-                if not same:
-                    return f"derived table {table} row {a!r} differs from the chain ({b!r})"
+            if a != b or any(type(x) is not type(y) for x, y in zip(a, b, strict=True)):
+                return f"derived table {table} row {a!r} differs from the chain ({b!r})"
     return None

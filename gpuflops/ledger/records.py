@@ -9,8 +9,10 @@ from typing import Any, Literal
 
 LEDGER_FILENAME = "ledger.sqlite3"
 
-JobEventKind = Literal["register", "estimate", "claim", "end"]
-JOB_EVENT_KINDS: frozenset[str] = frozenset({"register", "estimate", "claim", "end"})
+JobEventKind = Literal["register", "estimate", "claim", "end", "refused"]
+# ``refused``: an analytic report the daemon refused (over the physical bound, or from a uid
+# that may not write to the job), kept as evidence; it changes no total.
+JOB_EVENT_KINDS: frozenset[str] = frozenset({"register", "estimate", "claim", "end", "refused"})
 Synchronous = Literal["FULL", "NORMAL"]
 SESSION_EVENTS: frozenset[str] = frozenset({"start", "stop", "alive"})
 NODE = "*"  # the ``gpu`` of a gap that covers every GPU of the node (the daemon was not running)

@@ -10,7 +10,9 @@ import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-SCHEMA_VERSION = 4
+from gpuflops.jobs.protocol import PROGRAM_FACTS
+
+SCHEMA_VERSION = 5
 
 _SCHEMA_V1 = """
 CREATE TABLE records (
@@ -95,13 +97,50 @@ def _migrate_v4(con: sqlite3.Connection) -> None:
         if column not in have:  # a file that was only relabelled to an older version has them
             con.execute(statement)
     per_job: dict[tuple[str, str], float] = {}
-    for (content,) in con.execute("SELECT content FROM records WHERE kind = 'interval'"):
+    for (content,) in con.execute("SELECT content FROM records WHERE kind = 'interval'"
+                                  " ORDER BY seq"):
+        # Summed per interval first, then across intervals, as apply_interval does: the
+        # backfill is then bit-identical to a replay, which verify compares exactly.
+        hmma: dict[tuple[str, str], float] = {}
         for _g, _u, pipe, _pr, job, program, _pid, flops in json.loads(content)["rows"]:
             if pipe == HMMA_PIPE:
-                per_job[(job, program)] = per_job.get((job, program), 0.0) + float(flops)
+                hmma[(job, program)] = hmma.get((job, program), 0.0) + float(flops)
+        for key, flops in hmma.items():
+            per_job[key] = per_job.get(key, 0.0) + flops
     for (job, program), flops in per_job.items():
         con.execute("UPDATE job_totals SET hmma_flops = ? WHERE job = ? AND program = ?",
                     (flops, job, program))
+
+
+# v5: who owns each job and program (the job socket's authorization, docs/protocol.md), whether
+# a job ended, and each reporter's highest applied sequence number: what a restarted daemon
+# needs so that no one can take over a job or program, reopen an ended job, or have a resent
+# batch counted twice. Backfilled from the chain.
+_SCHEMA_V5 = """
+CREATE TABLE IF NOT EXISTS job_owners (
+    job TEXT PRIMARY KEY, program TEXT NOT NULL, uid INTEGER NOT NULL, gid INTEGER,
+    registered_t_s REAL NOT NULL, ended_t_s REAL
+);
+CREATE TABLE IF NOT EXISTS program_owners (
+    program TEXT PRIMARY KEY, uid INTEGER NOT NULL, defined_t_s REAL NOT NULL,
+    base_model_flops REAL, base_model_flops_source TEXT, systemic_risk INTEGER
+);
+CREATE TABLE IF NOT EXISTS job_clients (
+    job TEXT NOT NULL, client TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (job, client)
+);
+CREATE INDEX IF NOT EXISTS job_events_job ON job_events (job, kind)
+"""
+
+
+def _migrate_v5(con: sqlite3.Connection) -> None:
+    import json
+
+    _run_script(con, _SCHEMA_V5)
+    for seq, kind, content in con.execute(
+            "SELECT seq, kind, content FROM records WHERE kind IN ('register', 'estimate', 'end')"
+            " ORDER BY seq").fetchall():
+        obj = json.loads(content)
+        apply_owners(con, kind, obj["job"], obj["program"], obj["t_s"], obj["payload"])
 
 
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
@@ -109,7 +148,9 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     lambda con: _run_script(con, _SCHEMA_V2),
     lambda con: _run_script(con, _SCHEMA_V3),
     _migrate_v4,
+    _migrate_v5,
 )
+
 HMMA_PIPE = "hmma"
 
 
@@ -145,9 +186,38 @@ def apply_gap(con: sqlite3.Connection, seq: int, t0: float, t1: float, reason: s
         con.execute("INSERT INTO gaps VALUES (?, ?, ?, ?, ?, ?)", (seq, gpu, uuid, t0, t1, reason))
 
 
+def apply_owners(con: sqlite3.Connection, kind: str, job: str, program: str, t: float,
+                 data: Mapping[str, Any]) -> None:
+    """Owners, ended jobs and reporters' sequence numbers (schema v5) from one job event."""
+    if kind == "register":
+        owner = data.get("owner") or {"uid": (data.get("peer") or {}).get("uid", 0)}
+        con.execute("INSERT OR IGNORE INTO job_owners VALUES (?, ?, ?, ?, ?, NULL)",
+                    (job, program, int(owner["uid"]), owner.get("gid"), t))
+        con.execute("INSERT OR IGNORE INTO program_owners (program, uid, defined_t_s)"
+                    " VALUES (?, ?, ?)", (program, int(owner["uid"]), t))
+        facts = [data.get(k) for k in PROGRAM_FACTS]
+        if any(f is not None for f in facts):  # the first value of each fact stands
+            risk = None if facts[2] is None else int(bool(facts[2]))
+            con.execute("UPDATE program_owners SET"
+                        " base_model_flops = coalesce(base_model_flops, ?),"
+                        " base_model_flops_source = coalesce(base_model_flops_source, ?),"
+                        " systemic_risk = coalesce(systemic_risk, ?) WHERE program = ?",
+                        (facts[0], facts[1], risk, program))
+    elif kind == "end" and data.get("job_ended"):
+        con.execute("UPDATE job_owners SET ended_t_s = ? WHERE job = ? AND ended_t_s IS NULL",
+                    (t, job))
+    elif kind == "estimate":
+        for client, client_seq in sorted((data.get("clients") or {}).items()):
+            con.execute("INSERT INTO job_clients VALUES (?, ?, ?) ON CONFLICT (job, client)"
+                        " DO UPDATE SET seq = max(seq, excluded.seq)", (job, client, int(client_seq)))
+
+
 def apply_event(con: sqlite3.Connection, seq: int, kind: str, job: str, program: str,
                  t: float, data: Mapping[str, Any]) -> None:
     con.execute("INSERT INTO job_events VALUES (?, ?, ?, ?, ?)", (seq, kind, job, program, t))
+    apply_owners(con, kind, job, program, t, data)
+    if kind == "refused":  # evidence of a refused request; it changes no total
+        return
     if kind == "claim":  # the latest claim of the kind stands (chain order)
         con.execute("INSERT INTO job_totals (job, program, half_rate_fraction) VALUES (?, ?, ?)"
                     " ON CONFLICT (job, program) DO UPDATE SET"

@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gpuflops.jobs.records import KnownJob, ProgramOwner
+from gpuflops.ledger import owners
 from gpuflops.ledger.chain import GENESIS_PREV_HASH, append_record, canonical_json, record_hash, verify_path
 from gpuflops.ledger.records import (
     JOB_EVENT_KINDS,
@@ -305,6 +307,16 @@ class Ledger:
                 " WHERE t1_s >= ? AND t0_s <= ? ORDER BY seq, gpu, uuid",
                 (max(t0_s, -1e300), min(t1_s, 1e300))).fetchall()
         return [Gap(*r) for r in rows]
+
+    def known_job(self, job_id: str) -> KnownJob | None:
+        """A job registered over the socket, as recorded (JobHistory, for the registry)."""
+        with self._lock:
+            return owners.known_job(self._con, job_id)
+
+    def program_owner(self, program_id: str) -> ProgramOwner | None:
+        """A program's first registrant and registered facts (JobHistory)."""
+        with self._lock:
+            return owners.program_owner(self._con, program_id)
 
     def last_activity(self) -> LastActivity | None:
         """When the newest record (other than genesis) was made; None for a new ledger."""

@@ -119,13 +119,15 @@ def test_other_uid_cannot_report_into_a_job(registry: JobRegistry, tmpdir_short:
                 {"op": "end", "job": "root-job", "final": True},
                 {"op": "query", "job": "root-job"},
                 {"op": "register", "job": "nobody-job", "program": "p"},
+                {"op": "register", "job": "nobody-job", "program": "nobody-p"},
                 {"op": "add", "job": "nobody-job", "flops": 3.0, "tokens": 1},
             ],
         )
         peer = replies[0]["peer"]
         assert isinstance(peer, dict) and (peer["uid"], peer["gid"]) == (65534, 65534)
-        assert [r.get("error") for r in replies[1:5]] == ["forbidden"] * 4
-        assert replies[5]["ok"] and replies[6]["ok"]
+        # Root's program too: its first registrant owns it.
+        assert [r.get("error") for r in replies[1:6]] == ["forbidden"] * 5
+        assert replies[6]["ok"] and replies[7]["ok"]
         # Root is excepted: it may report into anyone's job.
         assert root.call(op="add", job="nobody-job", flops=4.0, tokens=1)["ok"]
         snap = registry.snapshot()

@@ -33,6 +33,9 @@ class ProcTree:
         self.calls += 1
         return self.start.get(pid)
 
+    def groups(self, pid: int) -> frozenset[int]:
+        return frozenset()
+
 
 @pytest.fixture
 def tree() -> ProcTree:
