@@ -9,6 +9,7 @@ command resolves them the same way (:func:`resolve_settings`), so ``gpuflops run
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tomllib  # Python >= 3.11 (pyproject's requires-python)
 from collections.abc import Mapping
@@ -51,6 +52,42 @@ class SettingsError(ValueError):
     """A setting is invalid; the message names it."""
 
 
+def check_socket_mode(mode: int) -> int:
+    """``mode`` if it is a safe mode for the job socket, else ValueError saying why.
+
+    Connecting to a Unix socket needs write permission on it: a socket any user can write to
+    lets every local user report analytic work, so no bit for others is accepted."""
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"socket_mode {mode:#o} is not a permission mode (0 to 0o777)")
+    if mode & 0o007:
+        raise ValueError(f"socket_mode {mode:#o} gives other users access to the job socket; "
+                         "use 0o660 with socket_group (or 0o600 for root only)")
+    if mode & 0o600 != 0o600:
+        raise ValueError(f"socket_mode {mode:#o} must let its owner read and write (0o600)")
+    return mode
+
+
+# (setting, lowest, highest, whether the lowest is allowed): physical bounds of every number.
+# Seconds are bounded by a day: a longer interval, hold or period is a typo, and inf or NaN
+# would stop the loop or the arithmetic that assumes them finite.
+_DAY_S = 86400.0
+NUMERIC_BOUNDS: tuple[tuple[str, float, float, bool], ...] = (
+    ("interval_s", 0.1, 3600.0, True),
+    ("clock_period_s", 0.0, 3600.0, False),
+    ("pm_period_s", 0.001, 3600.0, True),
+    ("process_period_s", 0.0, 3600.0, False),
+    ("process_ttl_s", 0.0, 30 * _DAY_S, False),
+    ("series_ttl_s", 0.0, 30 * _DAY_S, False),
+    ("attribution_hold_s", 0.0, 600.0, True),
+    ("analytic_split_tolerance", 0.0, 10.0, False),
+    ("analytic_bound_slack", 1.0, 1000.0, True),
+    ("replay_speed", 0.0, 10_000.0, False),
+    ("ledger_commit_s", 0.0, 3600.0, True),
+    ("program_refresh_s", 0.0, _DAY_S, False),
+    ("central_ship_every_s", 0.0, _DAY_S, False),
+)
+
+
 @dataclass(frozen=True)
 class Settings:
     backend: str = "auto"  # auto | nvml | dcgm | replay
@@ -75,6 +112,9 @@ class Settings:
     # the sum is within this tolerance of the measured FLOPs (docs/attribution.md).
     analytic_split: bool = True
     analytic_split_tolerance: float = 0.5
+    # A job's analytic FLOPs may not exceed this many times what the node's GPUs can execute
+    # at their physical peak since the job registered (docs/protocol.md, "Bounds").
+    analytic_bound_slack: float = 4.0
     hmma_precision: str = DEFAULT_HMMA_PRECISION
     hmma_precision_per_gpu: dict[str, str] = field(default_factory=dict)
     replay_path: str | None = None
@@ -113,6 +153,19 @@ class Settings:
     cluster: str = "default"
 
     def validate(self) -> Settings:
+        for name, low, high, closed in NUMERIC_BOUNDS:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value >= low if closed else value > low)
+                    and value <= high):
+                raise SettingsError(
+                    f"{name} must be a finite number in {'[' if closed else '('}{low:g}, "
+                    f"{high:g}], got {value!r}")
+        try:
+            check_socket_mode(self.socket_mode)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
+        if self.devices is not None and any(d < 0 for d in self.devices):
+            raise SettingsError(f"devices must be GPU indexes >= 0, got {list(self.devices)}")
         if self.backend not in ("auto", "nvml", "dcgm", "replay"):
             raise SettingsError(f"backend must be auto, nvml, dcgm or replay, not {self.backend!r}")
         if self.interval_s < 0.1:

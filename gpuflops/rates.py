@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gpuflops.model import Pipe
+from gpuflops.model import GpuInfo, Pipe
 
 # HMMA precisions the counters cannot tell apart; a job (or the config) says which it was.
 HMMA_PRECISIONS = ("fp4", "fp8", "bf16", "fp16", "tf32")
@@ -39,6 +39,9 @@ class Family:
     # is worth rate / this many FLOPs on the family's full-rate tensor path; None where that
     # has not been measured, and then tensor cycles are not used for FLOPs.
     tensor_cycle_divisor: int | None = None
+    # The highest SM clock any part of the family runs at (boost, rounded up): with the best
+    # rate it gives the physical peak that bounds jobs' analytic reports.
+    max_clock_hz: float = 0.0
 
 
 def _r(value: int, source: str) -> Rate:
@@ -64,6 +67,7 @@ FAMILIES: Mapping[str, Family] = {
             "fp64:fp64": _r(64, _V100_DS + ": 7.8 TFLOP/s FP64"),
             "fp16:fp16": _r(256, _V100_DS + ": 31.4 TFLOP/s FP16 non-tensor"),
         },
+        max_clock_hz=1.6e9,  # V100S 1.597 GHz
     ),
     "ampere-ga100": Family(
         "ampere-ga100",
@@ -79,6 +83,7 @@ FAMILIES: Mapping[str, Family] = {
             "fp64:fp64": _r(64, _A100_DS + ": 9.7 TFLOP/s FP64"),
             "fp16:fp16": _r(512, "NVIDIA A100 whitepaper: 78 TFLOP/s FP16 non-tensor"),
         },
+        max_clock_hz=1.5e9,  # A100 1.41 GHz
     ),
     "ampere-ga10x": Family(
         "ampere-ga10x",
@@ -93,6 +98,7 @@ FAMILIES: Mapping[str, Family] = {
             "fp64:fp64": _r(4, "NVIDIA GA102 whitepaper: FP64 at 1/64 FP32"),
             "fp16:fp16": _r(256, "NVIDIA GA102 whitepaper: FP16 non-tensor = FP32 rate"),
         },
+        max_clock_hz=2.0e9,  # RTX 3090 Ti 1.86 GHz
     ),
     "ada": Family(
         "ada",
@@ -108,6 +114,7 @@ FAMILIES: Mapping[str, Family] = {
             "fp64:fp64": _r(4, _ADA_DS + ": FP64 at 1/64 FP32"),
             "fp16:fp16": _r(256, _ADA_DS + ": FP16 non-tensor = FP32 rate"),
         },
+        max_clock_hz=2.7e9,  # RTX 4090 / L40S 2.52 GHz
     ),
     "hopper": Family(
         "hopper",
@@ -130,6 +137,7 @@ FAMILIES: Mapping[str, Family] = {
         # for bf16 wgmma (4096 / 4), 2048 for fp8 and 512 for tf32, on every Hopper-path kernel
         # (benchmarks/results/h200-run21-ncu-kernels.json).
         tensor_cycle_divisor=4,
+        max_clock_hz=2.0e9,  # H100/H200 SXM 1.98 GHz
     ),
     "blackwell": Family(
         "blackwell",
@@ -143,6 +151,7 @@ FAMILIES: Mapping[str, Family] = {
             "hmma:fp4": _r(32768, _B200_DS + ": FP4 dense"),
             "fp32:fp32": _r(256, _B200_DS + ": 128 FP32 lanes/SM"),
         },
+        max_clock_hz=2.6e9,  # RTX 5090 2.41 GHz
     ),
 }
 
@@ -179,6 +188,24 @@ def pipe_precision(pipe: Pipe, hmma_precision: str) -> str:
     if pipe in (Pipe.DFMA, Pipe.FP64):
         return "fp64"
     return pipe.value
+
+
+# No GPU's SMs run faster than this: a reported clock above it is not a measurement.
+MAX_SM_CLOCK_HZ = 3.0e9
+_MAX_SMS = 256  # more SMs than any unit has, for a unit whose SM count is unknown
+
+
+def peak_flops_per_s(info: GpuInfo) -> float:
+    """The most FLOPs per second one unit can execute: its family's best dense rate on any
+    pipe and precision x its SMs x the family's top clock. A unit of an unknown family gets
+    the best rate of any family at MAX_SM_CLOCK_HZ: an upper bound is what this is for."""
+    family = family_for(info.architecture, info.name)
+    sms = info.sm_count or _MAX_SMS
+    if family is None or not family.max_clock_hz:
+        best = max(r.flops_per_clock_per_sm for f in FAMILIES.values() for r in f.rates.values())
+        return float(best) * sms * MAX_SM_CLOCK_HZ
+    best = max(r.flops_per_clock_per_sm for r in family.rates.values())
+    return float(best) * sms * family.max_clock_hz
 
 
 def rate_for(family: Family, pipe: Pipe, precision: str) -> Rate | None:

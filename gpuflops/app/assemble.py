@@ -21,6 +21,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from gpuflops import __version__
 from gpuflops.app.daemon import Daemon
+from gpuflops.compliance.access import AccessPolicy
 from gpuflops.compliance.programs import ProgramView, evaluate_ledger
 from gpuflops.compliance.reconcile import normalize_precision
 from gpuflops.compliance.thresholds import load_programs_config
@@ -30,7 +31,7 @@ from gpuflops.exporter.jobs_collector import JobsCollector
 from gpuflops.exporter.state import Totals
 from gpuflops.identity.kubelet import KubeletClient, urllib_fetch
 from gpuflops.identity.mapper import JobIdentity, JobMapper
-from gpuflops.jobs.records import PsutilProcessLookup, RegistryEvent
+from gpuflops.jobs.records import AnalyticBound, PsutilProcessLookup, RegistryEvent
 from gpuflops.jobs.registry import JobRegistry
 from gpuflops.jobs.server import JobSocketServer
 from gpuflops.ledger.records import LEDGER_FILENAME, LedgerError
@@ -41,6 +42,7 @@ from gpuflops.pipeline.attribute import ProcessAttributor
 from gpuflops.pipeline.integrate import Integrator
 from gpuflops.pipeline.label import Labeler, Memo
 from gpuflops.pipeline.pipeline import Pipeline, StepHook
+from gpuflops.rates import peak_flops_per_s
 from gpuflops.sampler.base import Sampler, SamplerError
 from gpuflops.sampler.trace import TraceWriter, recording_meta
 
@@ -194,9 +196,15 @@ def _assemble(
         recorders.append(writer.interval)
         closers.append(writer.close)
 
-    jobs = JobRegistry(process_lookup=PsutilProcessLookup(), clock=clock)
-    labeler = _labeler(s, jobs, clock)
     ledger = _open_ledger(s, clock) if s.ledger else None
+    programs_cfg = [load_programs_config(Path(s.program_config) if s.program_config else None)]
+    policy = [AccessPolicy(programs_cfg[0])]
+    jobs = JobRegistry(
+        process_lookup=PsutilProcessLookup(), clock=clock, history=ledger,
+        access=lambda program: policy[0](program),
+        bound=AnalyticBound(sum(peak_flops_per_s(g) for g in gpus), slack=s.analytic_bound_slack),
+    )
+    labeler = _labeler(s, jobs, clock)
     totals = Totals(gpus, process_ttl_s=s.process_ttl_s, series_ttl_s=s.series_ttl_s, clock=clock,
                     seed=ledger.totals() if ledger is not None else None)
     sink = LedgerSink(ledger, clock=clock, commit_every_s=s.ledger_commit_s)
@@ -223,7 +231,6 @@ def _assemble(
          "counters": sampler.describe().get("counter_source", "nvml")},
         [(g.key, g.uuid) for g in gpus],
     )
-    programs_cfg = [load_programs_config(Path(s.program_config) if s.program_config else None)]
     view = [ProgramView()]
 
     def refresh_programs() -> None:
@@ -235,6 +242,7 @@ def _assemble(
     def reload_programs(new: Settings) -> None:
         """SIGHUP: the program configuration as its file says now (a bad file raises)."""
         programs_cfg[0] = load_programs_config(Path(new.program_config) if new.program_config else None)
+        policy[0] = AccessPolicy(programs_cfg[0])
         refresh_programs()
 
     server = None
@@ -294,7 +302,9 @@ def _labeler(s: Settings, jobs: JobRegistry, clock: Callable[[], float]) -> Labe
                 verify_tls=not s.kubelet_insecure_tls,
             ),
         )
-    mapper = JobMapper(order=s.job_sources, socket_lookup=from_socket, kubelet=kubelet)
+    mapper = JobMapper(order=s.job_sources, socket_lookup=from_socket, kubelet=kubelet,
+                       authorize=lambda ref, uid, groups: jobs.may_attribute(
+                           ref.job, ref.program, uid, groups))
 
     def resolve(pid: int) -> tuple[str, str]:
         ref = mapper.resolve(pid)

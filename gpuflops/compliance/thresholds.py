@@ -91,6 +91,7 @@ class ProgramsConfig:
         policy = {**dict(self.defaults.get("policy", {})),
                   **dict(self.programs.get(program, {}).get("policy", {}))}
         merged.pop("policy", None)
+        merged.pop("access", None)  # who may use the program: compliance/access.py
         known = set(ProgramConfig.__dataclass_fields__) - {"program", "policy"}
         unknown = set(merged) - known
         if unknown:
@@ -125,6 +126,9 @@ def load_programs_config(path: Path | None) -> ProgramsConfig:
     cfg = ProgramsConfig(defaults=data.get("defaults", {}), programs=data.get("programs", {}))
     for name in cfg.programs:
         cfg.for_program(name)  # validate every program now, not at the first scrape
+    from gpuflops.compliance.access import check_access
+
+    check_access(cfg)  # user and group names resolve now, not at the first registration
     return cfg
 
 

@@ -297,3 +297,19 @@ def bounded_text(value: str, max_chars: int = 256) -> str:
     """A detail value without control characters, cut to ``max_chars``."""
     return "".join(ch if ch.isprintable() else "?" for ch in value[:max_chars])
 
+
+
+def parse_status(text: str) -> tuple[int | None, frozenset[int]]:
+    """(effective uid, every gid) of a /proc/<pid>/status text: the ``Uid:`` line's second
+    field, and the ``Gid:`` and ``Groups:`` (supplementary) gids; (None, {}) when absent."""
+    uid: int | None = None
+    gids: set[int] = set()
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        if name == "Uid":
+            fields = rest.split()
+            if len(fields) >= 2 and fields[1].isdigit():
+                uid = int(fields[1])
+        elif name in ("Gid", "Groups"):
+            gids.update(int(x) for x in rest.split() if x.isdigit())
+    return uid, frozenset(gids)

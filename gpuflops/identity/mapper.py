@@ -28,6 +28,7 @@ from gpuflops.identity.cgroup import (
     parse_cgroup,
     parse_environ,
     parse_stat,
+    parse_status,
     sanitize_label,
 )
 from gpuflops.identity.kubelet import KubeletClient
@@ -56,6 +57,8 @@ class JobIdentity:
 
 
 UNATTRIBUTED_IDENTITY = JobIdentity(UNATTRIBUTED, UNATTRIBUTED, "none", {})
+# (identity, process uid or None, its gids) -> whether that process may count there.
+Authorize = Callable[[JobIdentity, int | None, frozenset[int]], bool]
 
 
 def validate_order(order: Iterable[str]) -> tuple[str, ...]:
@@ -88,6 +91,8 @@ class _ProcView:
     start_ticks: int
     cgroups: tuple[CgroupLine, ...]  # empty when unreadable or malformed
     env: Mapping[str, str] | None  # None when environ could not be read
+    uid: int | None = None  # effective uid; None when status could not be read
+    groups: frozenset[int] = frozenset()  # every gid of the process
 
 
 def _program(env: Mapping[str, str] | None, *fallbacks: str | None) -> str | None:
@@ -130,6 +135,7 @@ class JobMapper:
         order: Sequence[str] = DEFAULT_ORDER,
         kubelet: KubeletClient | None = None,
         socket_lookup: Callable[[int], JobIdentity | None] | None = None,
+        authorize: Authorize | None = None,
         clock: Callable[[], float] = time.monotonic,
         ttl_s: float = 30.0,
         retain_s: float = 600.0,
@@ -140,6 +146,7 @@ class JobMapper:
         self._order = validate_order(order)
         self._kubelet = kubelet
         self._socket_lookup = socket_lookup
+        self._authorize = authorize
         self._clock = clock
         self._ttl_s = ttl_s
         self._retain_s = retain_s
@@ -213,9 +220,29 @@ class JobMapper:
                 ref, final = self._run_source(source, entry.view)
                 if final:
                     entry.results[source] = ref
+            if ref is not None and source != "socket" and entry is not None \
+                    and not self._authorized(ref, entry.view):
+                continue
             if ref is not None:
                 return ref
         return UNATTRIBUTED_IDENTITY
+
+    def _authorized(self, ref: JobIdentity, view: _ProcView) -> bool:
+        """A job or program named by the environment or a cgroup counts only for a process whose
+        uid may write to it: the socket's owners and the node's program policy decide."""
+        if self._authorize is None:
+            return True
+        try:
+            if self._authorize(ref, view.uid, view.groups):
+                return True
+        except Exception as e:  # someone else's code: refusing is the safe answer
+            self._problem("authorize_error", "authorizing pid %d failed: %r", view.pid, e)
+            return False
+        self._problem(f"forbidden_{ref.source}",
+                      "pid %d (uid %s) names job %s of program %s through %s, which its uid may "
+                      "not write to; not counted there", view.pid, view.uid, ref.job, ref.program,
+                      ref.source)
+        return False
 
     def _run_source(self, source: str, view: _ProcView) -> tuple[JobIdentity | None, bool]:
         try:
@@ -256,10 +283,15 @@ class JobMapper:
         except OSError as e:
             # EACCES unless we are root or hold CAP_SYS_PTRACE over the process's owner.
             self._problem("environ_unreadable", "cannot read environ of pid %d: %s", pid, e)
+        uid, groups = None, frozenset[int]()
+        try:
+            uid, groups = parse_status((base / "status").read_text(errors="replace"))
+        except OSError as e:
+            self._problem("status_unreadable", "cannot read status of pid %d: %s", pid, e)
         again = self._read_stat(base)
         if again is None or again.start_time_ticks != stat.start_time_ticks:
             return None  # the pid died or was reused while we read: these files may be mixed
-        return _ProcView(pid, stat.ppid, stat.start_time_ticks, cgroups, env)
+        return _ProcView(pid, stat.ppid, stat.start_time_ticks, cgroups, env, uid, groups)
 
     def _read_stat(self, base: Path) -> StatFields | None:
         try:

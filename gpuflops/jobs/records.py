@@ -9,6 +9,8 @@ from typing import Any, Protocol
 
 import psutil
 
+from gpuflops.identity.cgroup import parse_status
+
 
 @dataclass(frozen=True)
 class Peer:
@@ -39,16 +41,6 @@ class ProcessLookup(Protocol):
         ...
 
 
-def parse_status_groups(text: str) -> frozenset[int]:
-    """The ``Gid:`` (real, effective, ...) and ``Groups:`` gids of a /proc/<pid>/status text."""
-    out: set[int] = set()
-    for line in text.splitlines():
-        name, _, rest = line.partition(":")
-        if name in ("Gid", "Groups"):
-            out.update(int(x) for x in rest.split() if x.isdigit())
-    return frozenset(out)
-
-
 class PsutilProcessLookup:
     """ProcessLookup backed by psutil (reads /proc on Linux)."""
 
@@ -58,7 +50,7 @@ class PsutilProcessLookup:
     def groups(self, pid: int) -> frozenset[int]:
         try:
             with open(f"{self._proc}/{pid}/status", encoding="ascii", errors="replace") as f:
-                return parse_status_groups(f.read())
+                return parse_status(f.read())[1]
         except OSError:
             return frozenset()
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any
 
-from gpuflops.config import DEFAULT_SOCKET_PATH
+from gpuflops.config import DEFAULT_SOCKET_PATH, check_socket_mode
 from gpuflops.jobs import protocol
 from gpuflops.jobs.protocol import ErrorCode, ProtocolError
 from gpuflops.jobs.records import Peer
@@ -105,7 +105,7 @@ class JobSocketServer:
         self._path = Path(path)
         if len(os.fsencode(self._path)) > MAX_UNIX_PATH_BYTES:
             raise ValueError(f"socket path longer than {MAX_UNIX_PATH_BYTES} bytes: {path}")
-        self._mode = mode
+        self._mode = check_socket_mode(mode)
         self._group = group
         self._limits = limits or ServerLimits()
         self._monotonic = monotonic

@@ -136,8 +136,8 @@ def _migrate_v5(con: sqlite3.Connection) -> None:
     import json
 
     _run_script(con, _SCHEMA_V5)
-    for seq, kind, content in con.execute(
-            "SELECT seq, kind, content FROM records WHERE kind IN ('register', 'estimate', 'end')"
+    for kind, content in con.execute(
+            "SELECT kind, content FROM records WHERE kind IN ('register', 'estimate', 'end')"
             " ORDER BY seq").fetchall():
         obj = json.loads(content)
         apply_owners(con, kind, obj["job"], obj["program"], obj["t_s"], obj["payload"])

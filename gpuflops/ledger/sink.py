@@ -49,12 +49,28 @@ class _Estimate:
     t0: float = float("inf")
     t1: float = float("-inf")
     adds: int = 0
+    clients: dict[str, int] = field(default_factory=dict)  # reporter -> highest seq applied
+
+
+@dataclass
+class _Refusals:
+    """Refused adds of one job for one reason since the last commit, as one record."""
+
+    count: int = 0
+    flops: float = 0.0
+    tokens: float = 0.0
+    t0: float = float("inf")
+    t1: float = float("-inf")
+    uids: set[int] = field(default_factory=set)
+    detail: str = ""
+    limit: float | None = None
 
 
 @dataclass
 class _Queue:
     events: list[tuple[str, str, str, float, dict[str, Any]]] = field(default_factory=list)
     estimates: dict[tuple[str, str], _Estimate] = field(default_factory=dict)
+    refusals: dict[tuple[str, str, str], _Refusals] = field(default_factory=dict)
 
 
 class LedgerSink:
@@ -156,6 +172,19 @@ class LedgerSink:
                 est.adds += int(event.data.get("adds", 1))
                 est.t0 = min(est.t0, event.time_s)
                 est.t1 = max(est.t1, event.time_s)
+                client, seq = event.data.get("client"), event.data.get("seq")
+                if client is not None and seq is not None:
+                    est.clients[client] = max(seq, est.clients.get(client, seq))
+                return
+            if kind == "refused":  # coalesced: a flood of refused adds is one record a commit
+                ref = self._queue.refusals.setdefault((*key, event.data["reason"]), _Refusals())
+                ref.count += 1
+                ref.flops += float(event.data.get("flops", 0.0))
+                ref.tokens += float(event.data.get("tokens", 0.0))
+                ref.t0 = min(ref.t0, event.time_s)
+                ref.t1 = max(ref.t1, event.time_s)
+                ref.uids.add(event.peer.uid)
+                ref.detail, ref.limit = str(event.data.get("detail", "")), event.data.get("limit")
                 return
             if kind not in ("register", "claim", "end"):
                 return
@@ -163,7 +192,7 @@ class LedgerSink:
             # Registration metadata goes to the top level of the ledger payload, where the
             # reconciliation, threshold and report code read it (docs/ledger.md).
             payload = {**dict(data.pop("metadata", None) or {}), **data}
-            payload["peer"] = {"pid": event.peer.pid, "uid": event.peer.uid}
+            payload["peer"] = {"pid": event.peer.pid, "uid": event.peer.uid, "gid": event.peer.gid}
             if kind == "end":
                 self._move_estimate(key)
             self._queue.events.append((kind, event.job_id, event.program_id, event.time_s, payload))
@@ -185,11 +214,22 @@ class LedgerSink:
         with self._lock:
             for key in list(self._queue.estimates):
                 self._move_estimate(key)
+            for (job, program, reason), ref in self._queue.refusals.items():
+                self._queue.events.append(("refused", job, program, ref.t1, {
+                    "op": "add", "reason": reason, "count": ref.count, "flops": ref.flops,
+                    "tokens": ref.tokens, "window_t0_s": ref.t0, "window_t1_s": ref.t1,
+                    "uids": sorted(ref.uids), "detail": ref.detail, "limit": ref.limit}))
+            self._queue.refusals.clear()
             events, self._queue.events = self._queue.events, []
         estimates: list[CommittedEstimate] = []
         refused: list[str] = []
-        for kind, job, program, t, payload in events:
-            if self._write_event(kind, job, program, t, payload, refused) and kind == "estimate":
+        for i, (kind, job, program, t, payload) in enumerate(events):
+            written = self._write_event(kind, job, program, t, payload, refused)
+            if written is None:  # the ledger cannot write: retry all of it next time, in order
+                with self._lock:
+                    self._queue.events[:0] = events[i:]
+                break
+            if written and kind == "estimate":
                 estimates.append(CommittedEstimate(
                     job, program, payload["analytic_flops"], payload["tokens"],
                     payload["recompute_flops"],
@@ -234,16 +274,15 @@ class LedgerSink:
         return done((tuple(rows),))
 
     def _write_event(self, kind: str, job: str, program: str, t: float, payload: dict[str, Any],
-                     refused: list[str]) -> bool:
+                     refused: list[str]) -> bool | None:
+        """True: written; False: refused by the ledger (a bad value); None: write failed."""
         if self.ledger is None:
             return True
         try:
             self.ledger.append_job_event(kind, job, program, payload, t)
         except (LedgerError, OSError) as e:
             self._write_failed(e)
-            with self._lock:  # retry next commit, keeping order
-                self._queue.events.insert(0, (kind, job, program, t, payload))
-            return False
+            return None
         except ValueError as e:
             log.error("ledger refused %s event for job %s: %s", kind, job, e)
             refused.append("ledger_bad_event")
@@ -290,6 +329,7 @@ class LedgerSink:
 
 def _estimate_payload(est: _Estimate) -> dict[str, Any]:
     return {
+        "clients": dict(sorted(est.clients.items())),
         "analytic_flops": est.flops,
         "tokens": est.tokens,
         "recompute_flops": est.recompute,
