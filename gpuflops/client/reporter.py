@@ -32,7 +32,8 @@ from gpuflops.jobs.protocol import ErrorCode, Increment, ProtocolError
 MAX_ITEMS_PER_MESSAGE = 256  # keeps one add message far below the 64 KiB limit
 # Errors after which a batch can never be accepted: drop it (counted) instead of retrying forever.
 _PERMANENT = frozenset({ErrorCode.FORBIDDEN, ErrorCode.JOB_ENDED, ErrorCode.BAD_FIELD,
-                        ErrorCode.CONFLICT, ErrorCode.BAD_VERSION, ErrorCode.BAD_OP})
+                        ErrorCode.CONFLICT, ErrorCode.BAD_VERSION, ErrorCode.BAD_OP,
+                        ErrorCode.BOUND})
 
 
 @dataclass(frozen=True)
