@@ -21,8 +21,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.ledger_wiring import socket_server
 from gpuflops.jobs.registry import JobRegistry
-from gpuflops.jobs.server import JobSocketServer, ServerLimits
+from gpuflops.jobs.server import ServerLimits
 
 
 def _client(path: str, index: int, messages: int, window: int, go: object, out: object) -> None:
@@ -38,8 +39,10 @@ def _client(path: str, index: int, messages: int, window: int, go: object, out: 
     ok = 0
     sent = 0
     pending = b""
+    waits: list[float] = []
     while sent < messages:
         n = min(window, messages - sent)
+        t0 = time.perf_counter()
         sock.sendall(chunk if n == window else (line + b"\n") * n)
         sent += n
         got = 0
@@ -48,7 +51,8 @@ def _client(path: str, index: int, messages: int, window: int, go: object, out: 
             *replies, pending = data.split(b"\n")
             got += len(replies)
             ok += replies.count(b'{"ok":true}')
-    out.put(ok)  # type: ignore[attr-defined]
+        waits.append(time.perf_counter() - t0)
+    out.put((ok, waits))  # type: ignore[attr-defined]
     sock.close()
 
 
@@ -57,13 +61,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--messages", type=int, default=20_000, help="per client")
     parser.add_argument("--window", type=int, default=64, help="messages in flight per client")
+    parser.add_argument("--ledger", action="store_true",
+                        help="commit to a real ledger as the daemon does (replies wait for it)")
     args = parser.parse_args()
     path = os.path.join(tempfile.mkdtemp(dir="/tmp"), "bench.sock")
     registry = JobRegistry()
     limits = ServerLimits(rate_per_s=1e9, burst=1e9)
     ctx = mp.get_context("fork")
     go, out = ctx.Event(), ctx.Queue()
-    with JobSocketServer(registry, path, limits=limits) as server:
+    with socket_server(path, registry, args.ledger, limits=limits) as server:
         procs = [
             ctx.Process(target=_client, args=(path, i, args.messages, args.window, go, out))
             for i in range(args.clients)
@@ -73,8 +79,10 @@ def main() -> None:
         time.sleep(1.0)  # let every client connect and register
         t0 = time.perf_counter()
         go.set()
-        ok = sum(out.get() for _ in procs)
+        results = [out.get() for _ in procs]
         elapsed = time.perf_counter() - t0
+        ok = sum(r[0] for r in results)
+        waits = sorted(w for r in results for w in r[1])
         for proc in procs:
             proc.join()
         stats = server.stats()
@@ -83,9 +91,12 @@ def main() -> None:
     flops = sum(j.analytic_flops for j in snap.jobs)
     assert ok == total, f"{ok} ok replies of {total}"
     assert flops == total * 1.5e12, flops
+    pct = {p: waits[min(len(waits) - 1, int(len(waits) * p / 100))] * 1000 for p in (50, 99)}
     print(
-        f"clients={args.clients} messages={total} ok={ok} errors={stats.messages_error} "
-        f"seconds={elapsed:.2f} throughput={total / elapsed:,.0f} messages/s cpus={os.cpu_count()}"
+        f"clients={args.clients} window={args.window} ledger={'yes' if args.ledger else 'no'} "
+        f"messages={total} ok={ok} errors={stats.messages_error} seconds={elapsed:.2f} "
+        f"throughput={total / elapsed:,.0f} messages/s window_reply_p50={pct[50]:.2f}ms "
+        f"p99={pct[99]:.2f}ms cpus={os.cpu_count()}"
     )
 
 

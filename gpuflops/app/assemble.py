@@ -209,6 +209,7 @@ def _assemble(
                     seed=ledger.totals() if ledger is not None else None)
     sink = LedgerSink(ledger, clock=clock, commit_every_s=s.ledger_commit_s)
     jobs.on_event(sink.on_job_event)
+    sink.start()
     shipper = None
     if s.central_url:  # the fleet tier (docs/fleet.md); psycopg is imported only here
         from gpuflops.app.central import start_shipper
@@ -247,7 +248,9 @@ def _assemble(
 
     server = None
     if s.job_socket:
-        server = JobSocketServer(jobs, s.socket_path, mode=s.socket_mode, group=s.socket_group)
+        server = JobSocketServer(jobs, s.socket_path, mode=s.socket_mode, group=s.socket_group,
+                                 durability=sink if ledger is not None else None)
+        sink.on_durable(server.wake)
         server.start()
         closers.append(server.stop)
         log.info("job socket listening on %s", s.socket_path)

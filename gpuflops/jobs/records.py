@@ -211,6 +211,23 @@ class ProgramOwner:
     facts: Mapping[str, Any]
 
 
+class Durability(Protocol):
+    """The ledger's side of an acknowledgement (ledger/sink.py): a reply to a change is sent
+    only once the change is committed."""
+
+    def ticket(self) -> int:
+        """The ticket of the newest change handed to the ledger."""
+        ...
+
+    def durable(self) -> int:
+        """Every change with a ticket up to this one is committed."""
+        ...
+
+    def writable(self) -> bool:
+        """False while the ledger cannot write: changes are refused, not acknowledged."""
+        ...
+
+
 class JobHistory(Protocol):
     """What earlier sessions recorded (the ledger): the registry's memory across restarts."""
 

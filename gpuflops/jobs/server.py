@@ -9,26 +9,30 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import grp
 import logging
 import os
 import selectors
 import socket
-import stat
-import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any
 
 from gpuflops.config import DEFAULT_SOCKET_PATH, check_socket_mode
 from gpuflops.jobs import protocol
+from gpuflops.jobs.connections import (
+    Conn,
+    ServerLimits,
+    ServerStats,
+    peer_credentials,
+    prepare_socket_path,
+    resolve_gid,
+)
 from gpuflops.jobs.protocol import ErrorCode, ProtocolError
-from gpuflops.jobs.records import Peer
+from gpuflops.jobs.records import Durability, Peer
 from gpuflops.jobs.registry import JobRegistry
 
 log = logging.getLogger(__name__)
@@ -36,55 +40,8 @@ log = logging.getLogger(__name__)
 MAX_UNIX_PATH_BYTES = 107  # sun_path is 108 bytes including the terminating NUL
 _RECV_BYTES = 256 * 1024
 _OK = b'{"ok":true}\n'
-_PEERCRED = struct.Struct("3i")
-
-
-class SocketInUseError(RuntimeError):
-    """Another live process answers on the socket path, or the path is not a socket."""
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """Per-daemon and per-connection bounds."""
-
-    max_message_bytes: int = protocol.MAX_MESSAGE_BYTES
-    max_connections: int = 1024
-    rate_per_s: float = 20_000.0  # messages per connection, token bucket refill
-    burst: float = 40_000.0
-    max_pending_reply_bytes: int = 1 << 20  # stop reading a peer that does not read replies
-    prune_interval_s: float = 30.0
-
-
-@dataclass(frozen=True)
-class ServerStats:
-    """Counters for ``gpuflops_jobsocket_messages_total`` and operators."""
-
-    messages_ok: int
-    messages_error: int
-    errors: Mapping[str, int]  # error code -> count
-    connections_open: int
-    connections_accepted: int
-    connections_refused: int
-    loop_errors: int
-
-
-def peer_credentials(sock: socket.socket) -> Peer:
-    """The connecting process's pid, uid and gid from SO_PEERCRED (Linux)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    pid, uid, gid = _PEERCRED.unpack(raw)
-    return Peer(pid=pid, uid=uid, gid=gid)
-
-
-@dataclass(eq=False)
-class _Conn:
-    sock: socket.socket
-    peer: Peer
-    tokens: float
-    refilled_s: float
-    inbuf: bytearray = field(default_factory=bytearray)
-    outbuf: bytearray = field(default_factory=bytearray)
-    skipping: bool = False  # discarding the rest of an oversized line
-    events: int = selectors.EVENT_READ
+# Requests that change what the ledger records: their replies wait until it is committed.
+_CHANGES = (protocol.Register, protocol.Add, protocol.Claim, protocol.End)
 
 
 class JobSocketServer:
@@ -100,6 +57,7 @@ class JobSocketServer:
         limits: ServerLimits | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         credentials: Callable[[socket.socket], Peer] = peer_credentials,
+        durability: Durability | None = None,
     ) -> None:
         self._registry = registry
         self._path = Path(path)
@@ -110,6 +68,10 @@ class JobSocketServer:
         self._limits = limits or ServerLimits()
         self._monotonic = monotonic
         self._credentials = credentials
+        self._durability = durability
+        self._holding: set[Conn] = set()
+        self._by_uid: Counter[int] = Counter()
+        self._idle_closed = 0
         self._listener: socket.socket | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
         self._selector: selectors.BaseSelector | None = None
@@ -117,7 +79,7 @@ class JobSocketServer:
         self._wake_w: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._conns: dict[int, _Conn] = {}
+        self._conns: dict[int, Conn] = {}
         self._ok = 0
         self._errors: Counter[str] = Counter()
         self._errors_lock = threading.Lock()  # stats() copies it from another thread
@@ -136,8 +98,8 @@ class JobSocketServer:
         """Bind the socket (0660, group-owned if configured) and start serving."""
         if self._thread is not None:
             raise RuntimeError("server already started")
-        gid = self._resolve_gid()
-        self._prepare_path()
+        gid = resolve_gid(self._group)
+        prepare_socket_path(self._path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Bind under a temporary name, set mode and group, then rename into place: the socket is
         # never reachable with the wrong permissions and os.umask (process-wide) is left alone.
@@ -218,42 +180,15 @@ class JobSocketServer:
             connections_accepted=self._accepted,
             connections_refused=self._refused,
             loop_errors=self._loop_errors,
+            held_replies=sum(len(c.held) for c in list(self._holding)),
+            idle_closed=self._idle_closed,
         )
 
-    def _resolve_gid(self) -> int | None:
-        if self._group is None or isinstance(self._group, int):
-            return self._group
-        if self._group.isdigit():  # a numeric gid, as containers pass it (no /etc/group entry)
-            return int(self._group)
-        try:
-            return grp.getgrnam(self._group).gr_gid
-        except KeyError:
-            raise ValueError(f"socket group {self._group!r} does not exist") from None
-
-    def _prepare_path(self) -> None:
-        parent = self._path.parent
-        if not parent.is_dir():
-            parent.mkdir(parents=True, mode=0o755)
-        try:
-            st = os.lstat(self._path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise SocketInUseError(f"{self._path} exists and is not a socket; not touching it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(str(self._path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            log.info("removing stale job socket %s", self._path)
-            with contextlib.suppress(FileNotFoundError):
-                self._path.unlink()
-            return
-        except OSError as exc:
-            raise SocketInUseError(f"cannot probe {self._path}: {exc}") from exc
-        finally:
-            probe.close()
-        raise SocketInUseError(f"another process is listening on {self._path}")
+    def wake(self) -> None:
+        """Wake the serving thread (thread-safe): the ledger committed, held replies may go."""
+        if self._wake_w is not None:
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"x")
 
     def _unlink_if_ours(self) -> None:
         try:
@@ -269,6 +204,7 @@ class JobSocketServer:
     def _run(self) -> None:
         assert self._selector is not None
         next_prune = self._monotonic() + self._limits.prune_interval_s
+        next_idle = self._monotonic()
         while not self._stopping.is_set():
             try:
                 for key, mask in self._selector.select(timeout=1.0):
@@ -279,8 +215,14 @@ class JobSocketServer:
                             self._wake_r.recv(64)  # type: ignore[union-attr]
                     else:
                         self._service(key.data, mask)
-                if self._monotonic() >= next_prune:
-                    next_prune = self._monotonic() + self._limits.prune_interval_s
+                if self._holding:
+                    self._release_held()
+                now = self._monotonic()
+                if now >= next_idle:
+                    next_idle = now + 1.0
+                    self._close_idle(now)
+                if now >= next_prune:
+                    next_prune = now + self._limits.prune_interval_s
                     self._registry.prune()
             except Exception:
                 # The loop must outlive any bug: count it, say it once loudly, keep serving.
@@ -302,29 +244,59 @@ class JobSocketServer:
                 return
             sock.setblocking(False)
             if len(self._conns) >= self._limits.max_connections:
-                self._refused += 1
-                with self._errors_lock:
-                    self._errors[ErrorCode.TOO_MANY_CONNECTIONS] += 1
-                reply = protocol.error_reply(
-                    ErrorCode.TOO_MANY_CONNECTIONS,
-                    f"{len(self._conns)} connections open (limit {self._limits.max_connections})",
-                )
-                with contextlib.suppress(OSError):
-                    sock.send(protocol.encode(reply))
-                sock.close()
+                self._refuse(sock, f"{len(self._conns)} connections open "
+                                   f"(limit {self._limits.max_connections})")
                 continue
             try:
                 peer = self._credentials(sock)
             except OSError:
                 sock.close()
                 continue
+            limit = self._limits.max_connections_per_uid
+            if peer.uid != 0 and self._by_uid[peer.uid] >= limit:
+                self._refuse(sock, f"uid {peer.uid} has {limit} connections open (the per-user "
+                                   "limit); close some")
+                continue
             now = self._monotonic()
-            conn = _Conn(sock=sock, peer=peer, tokens=self._limits.burst, refilled_s=now)
+            conn = Conn(sock=sock, peer=peer, tokens=self._limits.burst, refilled_s=now,
+                         active_s=now)
+            self._by_uid[peer.uid] += 1
             self._conns[sock.fileno()] = conn
             self._selector.register(sock, selectors.EVENT_READ, conn)
             self._accepted += 1
 
-    def _service(self, conn: _Conn, mask: int) -> None:
+    def _refuse(self, sock: socket.socket, detail: str) -> None:
+        self._refused += 1
+        with self._errors_lock:
+            self._errors[ErrorCode.TOO_MANY_CONNECTIONS] += 1
+        reply = protocol.error_reply(ErrorCode.TOO_MANY_CONNECTIONS, detail)
+        with contextlib.suppress(OSError):
+            sock.send(protocol.encode(reply))
+        sock.close()
+
+    def _close_idle(self, now: float) -> None:
+        """Close connections that sent nothing for ``idle_timeout_s`` and wait for nothing."""
+        limit = self._limits.idle_timeout_s
+        for conn in [c for c in self._conns.values()
+                     if now - c.active_s > limit and not c.held and not c.outbuf]:
+            self._idle_closed += 1
+            with contextlib.suppress(OSError):
+                conn.sock.send(protocol.encode(protocol.error_reply(
+                    ErrorCode.IDLE, f"nothing sent for {limit:g} s; connection closed")))
+            self._close(conn)
+
+    def _release_held(self) -> None:
+        """Send, in order, the held replies whose changes are now committed."""
+        assert self._durability is not None
+        durable = self._durability.durable()
+        for conn in list(self._holding):
+            while conn.held and conn.held[0][0] <= durable:
+                conn.outbuf += conn.held.popleft()[1]
+            if not conn.held:
+                self._holding.discard(conn)
+            self._flush(conn)
+
+    def _service(self, conn: Conn, mask: int) -> None:
         try:
             if mask & selectors.EVENT_WRITE:
                 self._flush(conn)
@@ -335,7 +307,7 @@ class JobSocketServer:
             log.debug("closing job socket connection from pid %d", conn.peer.pid, exc_info=True)
             self._close(conn)
 
-    def _read(self, conn: _Conn) -> None:
+    def _read(self, conn: Conn) -> None:
         try:
             data = conn.sock.recv(_RECV_BYTES)
         except (BlockingIOError, InterruptedError):
@@ -357,53 +329,70 @@ class JobSocketServer:
             del buf[: newline + 1]
             conn.skipping = False
         now = self._monotonic()
+        conn.active_s = now
         conn.tokens = min(
             self._limits.burst, conn.tokens + (now - conn.refilled_s) * self._limits.rate_per_s
         )
         conn.refilled_s = now
-        replies: list[bytes] = []
+        replies: list[tuple[bytes, int]] = []
         if b"\n" in data:
             *lines, rest = bytes(buf).split(b"\n")
             buf[:] = rest
             for line in lines:
                 if len(line) + 1 > limit:
-                    replies.append(self._error(ErrorCode.TOO_LARGE, f"message over {limit} bytes"))
+                    replies.append((self._error(ErrorCode.TOO_LARGE,
+                                                f"message over {limit} bytes"), 0))
                 elif line and not line.isspace():
                     replies.append(self._handle(conn, line))
         if len(buf) >= limit:
-            replies.append(self._error(ErrorCode.TOO_LARGE, f"message over {limit} bytes"))
+            replies.append((self._error(ErrorCode.TOO_LARGE, f"message over {limit} bytes"), 0))
             buf.clear()
             conn.skipping = True
         if replies:
-            conn.outbuf += b"".join(replies)
+            durable = self._durability.durable() if self._durability is not None else 0
+            for reply, ticket in replies:
+                if conn.held or ticket > durable:  # acknowledged once committed, in order
+                    conn.held.append((ticket, reply))
+                else:
+                    conn.outbuf += reply
+            if conn.held:
+                self._holding.add(conn)
             self._flush(conn)
 
-    def _handle(self, conn: _Conn, line: bytes) -> bytes:
+    def _handle(self, conn: Conn, line: bytes) -> tuple[bytes, int]:
+        """The reply to one line, and the ticket it waits for (0: none)."""
         if conn.tokens < 1.0:
             return self._error(
                 ErrorCode.RATE_LIMITED,
                 f"over {self._limits.rate_per_s:g} messages/s on this connection; not applied",
-            )
+            ), 0
         conn.tokens -= 1.0
         msg_id = None
+        durability = self._durability
         try:
             msg = protocol.decode(line)
             msg_id = protocol.message_id(msg)
-            reply = self._dispatch(protocol.parse(msg), conn.peer)
+            req = protocol.parse(msg)
+            changes = isinstance(req, _CHANGES)
+            if changes and durability is not None and not durability.writable():
+                raise ProtocolError(ErrorCode.UNAVAILABLE, "the daemon cannot write its ledger "
+                                    "(disk full?): nothing applied; retry later")
+            reply = self._dispatch(req, conn.peer)
         except ProtocolError as exc:
-            return self._error(exc.code, exc.detail, msg_id)
+            return self._error(exc.code, exc.detail, msg_id), 0
         except Exception:
             self._loop_errors += 1
             log.warning("job socket: internal error handling a message", exc_info=True)
-            return self._error(ErrorCode.INTERNAL, "internal error; nothing applied", msg_id)
+            return self._error(ErrorCode.INTERNAL, "internal error; nothing applied", msg_id), 0
         self._ok += 1
+        ticket = durability.ticket() if changes and durability is not None else 0
         if reply is None:
             if msg_id is None:
-                return _OK
+                return _OK, ticket
             reply = {"ok": True}
         if msg_id is not None:
             reply["id"] = msg_id
-        return protocol.encode(reply)
+        return protocol.encode(reply), ticket
 
     def _error(self, code: str, detail: str, msg_id: int | str | None = None) -> bytes:
         with self._errors_lock:
@@ -452,7 +441,7 @@ class JobSocketServer:
             "peer": {"pid": peer.pid, "uid": peer.uid, "gid": peer.gid},
         }
 
-    def _flush(self, conn: _Conn) -> None:
+    def _flush(self, conn: Conn) -> None:
         assert self._selector is not None
         if conn.outbuf:
             try:
@@ -469,14 +458,29 @@ class JobSocketServer:
             want |= selectors.EVENT_WRITE
         if pending > self._limits.max_pending_reply_bytes:
             want = selectors.EVENT_WRITE  # back-pressure: read no more until it reads replies
+        elif len(conn.held) > self._limits.max_held_replies:
+            want = 0  # read no more until the ledger has committed what it sent
+        if want == 0 and conn.events != 0:
+            conn.events = 0
+            self._selector.unregister(conn.sock)
+            return
+        if want and conn.events == 0:
+            conn.events = want
+            self._selector.register(conn.sock, want, conn)
+            return
         if want != conn.events:
             conn.events = want
             self._selector.modify(conn.sock, want, conn)
 
-    def _close(self, conn: _Conn) -> None:
+    def _close(self, conn: Conn) -> None:
         fd = conn.sock.fileno()
+        self._holding.discard(conn)
+        conn.held.clear()
         if fd >= 0 and self._conns.get(fd) is conn:
             del self._conns[fd]
+            self._by_uid[conn.peer.uid] -= 1
+            if self._by_uid[conn.peer.uid] <= 0:
+                del self._by_uid[conn.peer.uid]
             if self._selector is not None:
                 with contextlib.suppress(KeyError, ValueError, OSError):
                     self._selector.unregister(conn.sock)

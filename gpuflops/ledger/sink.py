@@ -1,15 +1,22 @@
-"""The daemon's side of the ledger: one thread commits intervals and job events, in order.
+"""The daemon's side of the ledger: it commits intervals and job events, in order, and says what
+is durable.
 
 The job socket's thread only enqueues (``on_job_event``); analytic ``add`` messages are
-coalesced per job into one ``estimate`` record per commit, so a client sending thousands of
-messages a second does not turn into thousands of ledger records. Each commit returns what it
-made durable; the pipeline raises the counters with it (the sink never touches them).
+coalesced per job into one ``estimate`` record per commit. A writer thread commits queued job
+events as one transaction at most every ``ack_window_s`` (group commit), then advances the
+*durable ticket*: the job socket holds each reply to a change until the change is durable, so an
+acknowledged ``add`` survives a ``kill -9`` (docs/protocol.md, "Durability"). While the ledger
+cannot write (a full disk), ``writable()`` is false: the socket then refuses new changes rather
+than acknowledging what it could lose, ``problem()`` makes ``/healthz`` fail, and every commit
+retries what is queued, in order, until the disk has room again.
 
-Unmeasured time is recorded too: consecutive sampler gaps of a GPU become one ``gap`` record
-(written when the gap ends, and at least every ``gap_flush_s`` while it lasts), and at start
-the time since the previous session's last record becomes a node-wide gap: ``daemon_stopped``
-after a clean stop, ``daemon_lost`` otherwise. While nothing else is written an ``alive``
-session record every ``alive_every_s`` bounds how far that second kind can overstate.
+Each commit returns what it made durable; the pipeline raises the counters with it (the sink
+never touches them). Unmeasured time is recorded too: consecutive sampler gaps of a GPU become
+one ``gap`` record (written when the gap ends, and at least every ``gap_flush_s`` while it
+lasts), and at start the time since the previous session's coverage ended becomes a node-wide
+gap: ``daemon_stopped`` after a clean stop, ``daemon_lost`` otherwise. Interval and ``alive``
+records carry ``held_from_s``, the start of the oldest interval not yet written (held for
+attribution, or pending), so that gap also covers intervals a ``kill -9`` lost.
 """
 
 from __future__ import annotations
@@ -32,6 +39,12 @@ log = logging.getLogger(__name__)
 
 _MAX_PENDING_INTERVALS = 36000  # an hour at 10 Hz; beyond it rows are counted, not persisted
 _GAP_JOIN_S = 1.0  # a gap interval starting this close to the open span's end extends it
+_TICKETED = frozenset({"register", "add", "claim", "end"})  # changes a reply waits for
+# Group commit waits at least this long per record the previous one wrote: however many jobs
+# report at once, the writer adds at most ~1,000 job records a second to the ledger.
+_RECORD_BUDGET_S = 0.001
+
+Event = tuple[str, str, str, float, dict[str, Any]]  # (kind, job, program, t_s, payload)
 
 
 @dataclass
@@ -68,7 +81,7 @@ class _Refusals:
 
 @dataclass
 class _Queue:
-    events: list[tuple[str, str, str, float, dict[str, Any]]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     estimates: dict[tuple[str, str], _Estimate] = field(default_factory=dict)
     refusals: dict[tuple[str, str, str], _Refusals] = field(default_factory=dict)
 
@@ -84,10 +97,12 @@ class LedgerSink:
         commit_every_s: float = 0.0,
         alive_every_s: float = 60.0,
         gap_flush_s: float = 60.0,
+        ack_window_s: float = 0.005,
     ) -> None:
         self.ledger = ledger
         self._alive_every_s = alive_every_s
         self._gap_flush_s = gap_flush_s
+        self._ack_window_s = ack_window_s
         self._gaps: dict[tuple[str, str, str], _GapSpan] = {}  # open spans: (gpu, uuid, reason)
         self._closed_gaps: list[tuple[tuple[str, str, str], _GapSpan]] = []  # to (re)write
         self._last_write = clock()
@@ -96,29 +111,101 @@ class LedgerSink:
         self._commit_every_s = commit_every_s
         self._last_commit = float("-inf")
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the queue and the tickets
+        self._write_lock = threading.Lock()  # one writer at a time: records stay in order
         self._queue = _Queue()
         self._pending: Batch = []
+        self._startup: list[Callable[[], object]] = []  # written before anything else
+        self._ticket = 0  # the newest change handed to the sink
+        self._durable = 0  # every change up to this ticket is committed
+        self._uncounted: list[CommittedEstimate] = []  # committed, not yet given to the pipeline
+        self._rejected: list[str] = []
+        self._listeners: list[Callable[[], None]] = []
+        self._failing_since: float | None = None
+        self._last_error = ""
         self.write_errors = 0
         self.records = ledger.totals().records if ledger is not None else 0
         self._warned = False
+        self._work = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_drain_records = 0
+
+    # ---------------------------------------------------------- durability (socket thread)
+
+    def ticket(self) -> int:
+        """The ticket of the newest change handed to the sink."""
+        return self._ticket
+
+    def durable(self) -> int:
+        """Every change with a ticket up to this one is committed."""
+        return self._durable
+
+    def writable(self) -> bool:
+        """False while the ledger fails to write (a full disk, a lock): refuse new changes."""
+        return self._failing_since is None
+
+    def on_durable(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (from the writing thread) whenever the durable ticket advances."""
+        self._listeners = [*self._listeners, listener]
+
+    def problem(self) -> str | None:
+        """Why the ledger is unhealthy, for /healthz; None when it writes."""
+        since = self._failing_since
+        if since is None:
+            return None
+        return (f"ledger cannot write for {self._clock() - since:.0f} s ({self._last_error}); "
+                f"{len(self._pending)} intervals and {len(self._queue.events)} events wait")
+
+    def start(self) -> None:
+        """Start the writer thread that commits job events as they come (group commit)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="gpuflops-ledger", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._work.wait(1.0)  # also retries, once a second, while the disk is full
+            if self._stopping.wait(max(self._ack_window_s,
+                                       self._last_drain_records * _RECORD_BUDGET_S)):
+                return
+            self._work.clear()
+            try:
+                self._drain()
+            except Exception:  # never let the writer die: the sampling thread's commits go on
+                log.exception("ledger writer failed; will retry")
+
+    # ---------------------------------------------------------- session and gaps
 
     def start_session(self, payload: Mapping[str, Any], gpus: list[tuple[str, str]]) -> None:
-        """Record this daemon's start, and the unmeasured time since the previous session."""
+        """Record this daemon's start, and the unmeasured time since the previous session.
+
+        Both are written before any other record; if the ledger cannot write now (locked,
+        full) they wait at the head of the queue and every commit retries them."""
         if self.ledger is None:
             return
+        ledger = self.ledger
         now = self._clock()
-        try:
-            last = self.ledger.last_activity()
-            if last is not None and now > last.t_s:
-                reason = "daemon_stopped" if last.clean_stop else "daemon_lost"
-                self.ledger.append_gap(last.t_s, now, reason, [(NODE, "")])
-                self.records += 1
-            self.ledger.append_session("start", now, {**payload, "gpus": [list(g) for g in gpus]})
-            self.records += 1
-            self._last_write = now
-        except (LedgerError, OSError) as e:
-            self._write_failed(e)
+        last = ledger.last_activity()
+        if last is not None and now > last.t_s:
+            reason = "daemon_stopped" if last.clean_stop else "daemon_lost"
+            self._startup.append(lambda: ledger.append_gap(last.t_s, now, reason, [(NODE, "")]))
+        start = {**payload, "gpus": [list(g) for g in gpus]}
+        self._startup.append(lambda: ledger.append_session("start", now, start))
+        with self._write_lock:
+            self._write_startup()
+
+    def _write_startup(self) -> bool:
+        """Write the queued start records (write lock held); False if they must wait."""
+        while self._startup:
+            try:
+                self._startup[0]()
+            except (LedgerError, OSError) as e:
+                self._write_failed(e)
+                return False
+            self._startup.pop(0)
+            self._wrote(1)
+        return True
 
     def on_gap(self, gpu: str, uuid: str, t0_s: float, t1_s: float, reason: str) -> None:
         """A sampled interval of ``gpu`` could not be measured (sampling thread)."""
@@ -153,8 +240,7 @@ class LedgerSink:
         except ValueError as e:
             log.error("ledger refused a gap of GPU %s: %s", gpu, e)
             return True
-        self.records += 1
-        self._last_write = self._clock()
+        self._wrote(1)
         return True
 
     # ---------------------------------------------------------- socket thread
@@ -164,6 +250,8 @@ class LedgerSink:
         kind = event.kind
         key = (event.job_id, event.program_id)
         with self._lock:
+            if kind in _TICKETED:
+                self._ticket += 1
             if kind == "add":
                 est = self._queue.estimates.setdefault(key, _Estimate())
                 est.flops += float(event.data.get("flops", 0.0))
@@ -175,8 +263,7 @@ class LedgerSink:
                 client, seq = event.data.get("client"), event.data.get("seq")
                 if client is not None and seq is not None:
                     est.clients[client] = max(seq, est.clients.get(client, seq))
-                return
-            if kind == "refused":  # coalesced: a flood of refused adds is one record a commit
+            elif kind == "refused":  # coalesced: a flood of refused adds is one record a commit
                 ref = self._queue.refusals.setdefault((*key, event.data["reason"]), _Refusals())
                 ref.count += 1
                 ref.flops += float(event.data.get("flops", 0.0))
@@ -185,74 +272,117 @@ class LedgerSink:
                 ref.t1 = max(ref.t1, event.time_s)
                 ref.uids.add(event.peer.uid)
                 ref.detail, ref.limit = str(event.data.get("detail", "")), event.data.get("limit")
+            elif kind in ("register", "claim", "end"):
+                data = dict(event.data)
+                # Registration metadata goes to the top level of the ledger payload, where the
+                # reconciliation, threshold and report code read it (docs/ledger.md).
+                payload = {**dict(data.pop("metadata", None) or {}), **data}
+                payload["peer"] = {"pid": event.peer.pid, "uid": event.peer.uid,
+                                   "gid": event.peer.gid}
+                if kind == "end":
+                    self._move_estimate(key)
+                self._queue.events.append((kind, event.job_id, event.program_id, event.time_s,
+                                           payload))
+            else:
                 return
-            if kind not in ("register", "claim", "end"):
-                return
-            data = dict(event.data)
-            # Registration metadata goes to the top level of the ledger payload, where the
-            # reconciliation, threshold and report code read it (docs/ledger.md).
-            payload = {**dict(data.pop("metadata", None) or {}), **data}
-            payload["peer"] = {"pid": event.peer.pid, "uid": event.peer.uid, "gid": event.peer.gid}
-            if kind == "end":
-                self._move_estimate(key)
-            self._queue.events.append((kind, event.job_id, event.program_id, event.time_s, payload))
+        self._work.set()
 
     def _move_estimate(self, key: tuple[str, str]) -> None:
         est = self._queue.estimates.pop(key, None)
         if est is not None and est.adds:
             self._queue.events.append(("estimate", key[0], key[1], est.t1, _estimate_payload(est)))
 
+    def _take_events(self) -> tuple[list[Event], int]:
+        """Everything queued, in order, and the ticket it covers (the lock held)."""
+        for key in list(self._queue.estimates):
+            self._move_estimate(key)
+        for (job, program, reason), ref in self._queue.refusals.items():
+            self._queue.events.append(("refused", job, program, ref.t1, {
+                "op": "add", "reason": reason, "count": ref.count, "flops": ref.flops,
+                "tokens": ref.tokens, "window_t0_s": ref.t0, "window_t1_s": ref.t1,
+                "uids": sorted(ref.uids), "detail": ref.detail, "limit": ref.limit}))
+        self._queue.refusals.clear()
+        events, self._queue.events = self._queue.events, []
+        return events, self._ticket
+
+    def _drain(self) -> bool:
+        """Commit every queued job event as one transaction; True when nothing is left."""
+        with self._write_lock:
+            if not self._write_startup():
+                return False
+            with self._lock:
+                events, ticket = self._take_events()
+            estimates: list[CommittedEstimate] = []
+            if events and self.ledger is not None:
+                written = 0
+                try:
+                    with self.ledger.batch():
+                        for kind, job, program, t, payload in events:
+                            try:
+                                self.ledger.append_job_event(kind, job, program, payload, t)
+                            except ValueError as e:
+                                log.error("ledger refused %s event for job %s: %s", kind, job, e)
+                                self._rejected.append("ledger_bad_event")
+                                continue
+                            written += 1
+                            if kind == "estimate":
+                                estimates.append(_committed(job, program, payload))
+                except (LedgerError, OSError) as e:
+                    self._write_failed(e)
+                    with self._lock:  # retried next time, all of it and in order
+                        self._queue.events[:0] = events
+                    return False
+                self._wrote(written)
+                self._last_drain_records = written
+            elif events:
+                estimates = [_committed(j, p, pl) for k, j, p, _t, pl in events if k == "estimate"]
+            with self._lock:
+                self._uncounted.extend(estimates)
+                advanced = ticket > self._durable
+                self._durable = max(self._durable, ticket)
+        if advanced:
+            for listener in self._listeners:
+                listener()
+        return True
+
     # ---------------------------------------------------------- sampling thread
 
-    def commit(self, batch: Batch, *, force: bool = False) -> Committed:
-        """Write job events, then intervals; return what is now durable, for the counters."""
+    def commit(self, batch: Batch, *, force: bool = False,
+               held_from_s: float | None = None) -> Committed:
+        """Write job events, then intervals; return what is now durable, for the counters.
+
+        ``held_from_s``: the start of the oldest interval the attribution still holds."""
         now = self._clock()
         if self.ledger is not None and not force and now - self._last_commit < self._commit_every_s:
             self._pending.extend(batch)
-            return Committed()
+            return self._committed(((),))
         self._last_commit = now
-        with self._lock:
-            for key in list(self._queue.estimates):
-                self._move_estimate(key)
-            for (job, program, reason), ref in self._queue.refusals.items():
-                self._queue.events.append(("refused", job, program, ref.t1, {
-                    "op": "add", "reason": reason, "count": ref.count, "flops": ref.flops,
-                    "tokens": ref.tokens, "window_t0_s": ref.t0, "window_t1_s": ref.t1,
-                    "uids": sorted(ref.uids), "detail": ref.detail, "limit": ref.limit}))
-            self._queue.refusals.clear()
-            events, self._queue.events = self._queue.events, []
-        estimates: list[CommittedEstimate] = []
-        refused: list[str] = []
-        for i, (kind, job, program, t, payload) in enumerate(events):
-            written = self._write_event(kind, job, program, t, payload, refused)
-            if written is None:  # the ledger cannot write: retry all of it next time, in order
-                with self._lock:
-                    self._queue.events[:0] = events[i:]
-                break
-            if written and kind == "estimate":
-                estimates.append(CommittedEstimate(
-                    job, program, payload["analytic_flops"], payload["tokens"],
-                    payload["recompute_flops"],
-                ))
-
-        def done(rows: tuple[tuple[FlopsRow, ...], ...] = ((),)) -> Committed:
-            return Committed(rows, tuple(estimates), tuple(refused))
-
-        self._flush_gaps(force)
-        if self.ledger is not None and now - self._last_write >= self._alive_every_s:
-            self._write_session("alive", now)
+        self._drain()
         self._pending.extend(batch)
-        if not self._pending:
-            return done()
-        if self.ledger is None:
-            counted = tuple(tuple(rows) for _t0, _t1, rows in self._pending)
-            self._pending.clear()
-            return done(counted)
+        with self._write_lock:
+            if self.ledger is not None and not self._write_startup():
+                return self._committed(())
+            self._flush_gaps(force)
+            if self.ledger is not None and now - self._last_write >= self._alive_every_s:
+                # Written before the pending intervals: they are not in the ledger yet.
+                pending = min([math.inf if held_from_s is None else held_from_s]
+                              + [p[0] for p in self._pending])
+                self._write_session("alive", now, None if math.isinf(pending) else pending)
+            if not self._pending:
+                return self._committed(((),))
+            if self.ledger is None:
+                counted = tuple(tuple(rows) for _t0, _t1, rows in self._pending)
+                self._pending.clear()
+                return self._committed(counted)
+            return self._write_intervals(now, held_from_s)
+
+    def _write_intervals(self, now: float, held_from: float | None) -> Committed:
+        assert self.ledger is not None
         t0 = min(p[0] for p in self._pending)
         t1 = max(p[1] for p in self._pending)
         rows = [r for p in self._pending for r in p[2]]
         try:
-            seq = self.ledger.append_interval(t0, t1, rows)
+            seq = self.ledger.append_interval(t0, t1, rows, held_from_s=held_from)
         except (LedgerError, OSError) as e:
             self._write_failed(e)
             dropped: Batch = []
@@ -260,53 +390,56 @@ class LedgerSink:
                 # Keep metering even when the disk is gone: count, but say it is not durable.
                 dropped = self._pending[: -_MAX_PENDING_INTERVALS]
                 del self._pending[: -_MAX_PENDING_INTERVALS]
-            return done(tuple(tuple(rs) for _a, _b, rs in dropped))
+            return self._committed(tuple(tuple(rs) for _a, _b, rs in dropped))
         except ValueError as e:  # a bad row: never write it, keep the rest for the next commit
             log.error("ledger refused interval rows: %s", e)
-            refused.append("ledger_bad_row")
+            self._rejected.append("ledger_bad_row")
             good = [r for r in rows if math.isfinite(r.flops) and r.flops >= 0]
             self._pending = [(t0, t1, good)] if good else []
-            return done(())
+            return self._committed(())
         if seq is not None:
-            self.records += 1
+            self._wrote(1)
             self._last_write = now
+        else:
+            self._wrote(0)
         self._pending.clear()
-        return done((tuple(rows),))
+        return self._committed((tuple(rows),))
 
-    def _write_event(self, kind: str, job: str, program: str, t: float, payload: dict[str, Any],
-                     refused: list[str]) -> bool | None:
-        """True: written; False: refused by the ledger (a bad value); None: write failed."""
-        if self.ledger is None:
-            return True
-        try:
-            self.ledger.append_job_event(kind, job, program, payload, t)
-        except (LedgerError, OSError) as e:
-            self._write_failed(e)
-            return None
-        except ValueError as e:
-            log.error("ledger refused %s event for job %s: %s", kind, job, e)
-            refused.append("ledger_bad_event")
-            return False
-        self.records += 1
-        self._last_write = self._clock()
-        return True
+    def _committed(self, rows: tuple[tuple[FlopsRow, ...], ...]) -> Committed:
+        with self._lock:
+            estimates, self._uncounted = self._uncounted, []
+            rejected, self._rejected = self._rejected, []
+        return Committed(rows, tuple(estimates), tuple(rejected))
 
-    def _write_session(self, event: str, t_s: float) -> None:
+    def _write_session(self, event: str, t_s: float, held_from: float | None = None) -> None:
         if self.ledger is None:
             return
         try:
-            self.ledger.append_session(event, t_s, {})
+            self.ledger.append_session(
+                event, t_s, {} if held_from is None else {"held_from_s": held_from})
         except (LedgerError, OSError) as e:
             self._write_failed(e)
             return
-        self.records += 1
+        self._wrote(1)
         self._last_write = t_s
+
+    def _wrote(self, records: int) -> None:
+        self.records += records
+        if self._failing_since is not None:
+            log.warning("ledger writes again after %.0f s; what waited is committed in order",
+                        self._clock() - self._failing_since)
+            self._failing_since = None
+            self._warned = False
 
     def _write_failed(self, e: Exception) -> None:
         self.write_errors += 1
+        self._last_error = str(e)
+        if self._failing_since is None:
+            self._failing_since = self._clock()
         if not self._warned:
             self._warned = True
-            log.warning("ledger write failed (will retry every interval): %s", e)
+            log.error("ledger write failed; the job socket refuses changes and /healthz fails "
+                      "until it writes again (retried every commit): %s", e)
         else:
             log.debug("ledger write failed: %s", e)
 
@@ -315,16 +448,27 @@ class LedgerSink:
         return len(self._pending)
 
     def close(self) -> Committed:
-        """Commit what is still pending, record the clean stop, then close the ledger.
+        """Stop the writer, commit what is still pending, record the clean stop, then close.
 
-        Returns that last commit (nothing without a ledger).
-        """
+        Returns that last commit (nothing without a ledger)."""
+        self._stopping.set()
+        self._work.set()
+        if self._thread is not None:
+            self._thread.join(10.0)
+            self._thread = None
         if self.ledger is None:
-            return Committed(rows=())
+            return self._committed(())
         done = self.commit([], force=True)
-        self._write_session("stop", self._clock())
+        with self._write_lock:
+            if not self._startup and not self._pending and not self._queue.events:
+                self._write_session("stop", self._clock())  # only a complete stop is clean
         self.ledger.close()
         return done
+
+
+def _committed(job: str, program: str, payload: Mapping[str, Any]) -> CommittedEstimate:
+    return CommittedEstimate(job, program, payload["analytic_flops"], payload["tokens"],
+                             payload["recompute_flops"])
 
 
 def _estimate_payload(est: _Estimate) -> dict[str, Any]:

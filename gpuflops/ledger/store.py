@@ -17,28 +17,26 @@ updated in the same transaction as the record; ``verify`` recomputes them from t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import sqlite3
 import threading
 import uuid as uuidlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from gpuflops.jobs.records import KnownJob, ProgramOwner
-from gpuflops.ledger import owners
+from gpuflops.ledger import owners, queries
 from gpuflops.ledger.chain import GENESIS_PREV_HASH, append_record, canonical_json, record_hash, verify_path
 from gpuflops.ledger.records import (
     JOB_EVENT_KINDS,
     SESSION_EVENTS,
     Gap,
-    GpuKey,
     JobEventKind,
     JobEventRecord,
-    JobKey,
-    JobTotals,
     LastActivity,
     LedgerCorruptError,
     LedgerError,
@@ -66,7 +64,8 @@ class Ledger:
         self.path = path
         self._con = con
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by appends inside batch()
+        self._batch = False
         row = con.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
         self._head_seq: int = row[0]
         self._head_hash: str = row[1]
@@ -157,10 +156,13 @@ class Ledger:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def append_interval(self, t0_s: float, t1_s: float, rows: Sequence[FlopsRow]) -> int | None:
+    def append_interval(self, t0_s: float, t1_s: float, rows: Sequence[FlopsRow], *,
+                        held_from_s: float | None = None) -> int | None:
         """Commit one sampling interval as one record; returns its seq, None if nothing to write.
 
         Rows with zero FLOPs are dropped; an interval with no work writes nothing.
+        ``held_from_s``: the start of the oldest interval not written yet (held for attribution):
+        the time a crash right after this record would leave unrecorded starts there.
         """
         t0 = float(t0_s)
         t1 = float(t1_s)
@@ -171,9 +173,10 @@ class Ledger:
             return None
         body = [[r.gpu, r.uuid, r.pipe, r.precision, r.job, r.program, r.pid, float(r.flops)]
                 for r in kept]
+        extra = {} if held_from_s is None else {"held_from_s": float(held_from_s)}
         with self._lock:
             return self._write("interval", lambda seq: {"seq": seq, "kind": "interval", "t0_s": t0,
-                                            "t1_s": t1, "rows": body},
+                                            "t1_s": t1, "rows": body, **extra},
                                lambda seq: self._apply_interval(seq, t0, t1, kept))
 
     def append_job_event(self, kind: JobEventKind | str, job: str, program: str,
@@ -236,12 +239,50 @@ class Ledger:
                                                        "payload": data},
                                lambda seq: None)
 
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Appends inside are one transaction: all of them are committed, or none (group commit,
+        one fsync for many records). A ValueError of one append (a bad value, refused before
+        anything is written) leaves the others in the batch; any other error rolls it back."""
+        with self._lock:
+            if self._batch:
+                raise RuntimeError("ledger batches do not nest")
+            head = self._head_seq, self._head_hash
+            try:
+                self._con.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise LedgerWriteError(self.path, f"cannot begin a transaction: {exc}") from exc
+            self._batch = True
+            try:
+                yield
+                self._con.execute("COMMIT")
+            except BaseException as exc:
+                self._head_seq, self._head_hash = head
+                if self._con.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._con.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise LedgerWriteError(self.path, f"commit failed: {exc}") from exc
+                raise
+            finally:
+                self._batch = False
+
     def _write(self, kind: str, content_of: Callable[[int], dict[str, Any]],
                apply: Callable[[int], None]) -> int:
         seq = self._head_seq + 1
         content = canonical_json(content_of(seq))
         h = record_hash(self._head_hash, content)
         con = self._con
+        if self._batch:  # inside batch(): its transaction commits or rolls back everything
+            try:
+                con.execute("INSERT INTO records VALUES (?, ?, ?, ?, ?)",
+                            (seq, kind, content, self._head_hash, h))
+                con.execute("UPDATE chain_head SET seq = ?, hash = ? WHERE id = 1", (seq, h))
+                apply(seq)
+            except sqlite3.Error as exc:
+                raise LedgerWriteError(self.path, f"append of record {seq} failed: {exc}") from exc
+            self._head_seq, self._head_hash = seq, h
+            return seq
         try:
             con.execute("BEGIN IMMEDIATE")
             try:
@@ -279,23 +320,23 @@ class Ledger:
     def totals(self) -> LedgerTotals:
         """Persisted totals, for restoring counters at daemon start."""
         with self._lock:
-            return _read_totals(self._con, self._head_seq, self._head_hash)
+            return queries.read_totals(self._con, self._head_seq, self._head_hash)
 
     def job_events(self, program: str | None = None,
                    kinds: Sequence[str] | None = None) -> list[JobEventRecord]:
         """Job events in chain order, optionally for one program and of some kinds only."""
         with self._lock:
-            return _read_events(self._con, program, kinds)
+            return queries.read_events(self._con, program, kinds)
 
     def matched_measured(self, job: str, program: str, t0_s: float, t1_s: float) -> float:
         """Measured FLOPs of a job inside [t0_s, t1_s], prorating intervals that straddle it."""
         with self._lock:
-            return _matched_measured(self._con, job, program, t0_s, t1_s)
+            return queries.matched_measured(self._con, job, program, t0_s, t1_s)
 
     def program_series(self, program: str, max_points: int = 500) -> list[tuple[float, float]]:
         """Cumulative measured FLOPs of a program over time: [(t_s, cumulative_flops)]."""
         with self._lock:
-            return _program_series(self._con, program, max_points)
+            return queries.program_series(self._con, program, max_points)
 
     def gaps(self, t0_s: float = float("-inf"), t1_s: float = float("inf")) -> list[Gap]:
         """Gaps overlapping [t0_s, t1_s], in chain order."""
@@ -319,10 +360,15 @@ class Ledger:
             return owners.program_owner(self._con, program_id)
 
     def last_activity(self) -> LastActivity | None:
-        """When the newest record (other than genesis) was made; None for a new ledger."""
+        """Until when the ledger is complete: the newest record's time (other than genesis),
+        or earlier, where the newest interval or alive record says intervals were still held
+        then (``held_from_s``); None for a new ledger."""
         with self._lock:
             row = self._con.execute(
                 "SELECT kind, content FROM records WHERE kind != 'genesis'"
+                " ORDER BY seq DESC LIMIT 1").fetchone()
+            marked = self._con.execute(
+                "SELECT content FROM records WHERE kind IN ('interval', 'session')"
                 " ORDER BY seq DESC LIMIT 1").fetchone()
         if row is None:
             return None
@@ -330,6 +376,11 @@ class Ledger:
         t = obj.get("t1_s", obj.get("t_s"))
         if not isinstance(t, (int, float)):
             return None
+        if marked is not None:
+            mark = json.loads(marked[0])
+            held = mark.get("held_from_s", (mark.get("payload") or {}).get("held_from_s"))
+            if isinstance(held, (int, float)):
+                t = min(float(t), float(held))
         return LastActivity(float(t), kind, kind == "session" and obj.get("event") == "stop")
 
     def session_starts(self) -> list[tuple[float, dict[str, Any]]]:
@@ -348,85 +399,6 @@ class Ledger:
         with self._lock:
             self._con.close()
 
-
-
-
-def _read_totals(con: sqlite3.Connection, head_seq: int, head_hash: str) -> LedgerTotals:
-    gpu = {GpuKey(g, u, p, pr): f
-           for g, u, p, pr, f in con.execute("SELECT * FROM gpu_totals")}
-    jobs = {}
-    cols = {r[1] for r in con.execute("PRAGMA table_info(job_totals)")}
-    v4 = ", hmma_flops, half_rate_fraction" if "hmma_flops" in cols else ""  # else older, read-only
-    for row in con.execute(
-            "SELECT job, program, measured_flops, analytic_flops, tokens, recompute_flops,"
-            f" estimate_t0_s, estimate_t1_s, first_t_s, last_t_s{v4} FROM job_totals"):
-        jobs[JobKey(row[0], row[1])] = JobTotals(*row[2:])
-    records = con.execute("SELECT count(*) FROM records").fetchone()[0]
-    return LedgerTotals(gpu=gpu, jobs=jobs, records=records, head_seq=head_seq,
-                        head_hash=head_hash)
-
-
-def _read_events(con: sqlite3.Connection, program: str | None,
-                 kinds: Sequence[str] | None = None) -> list[JobEventRecord]:
-    where, params = [], []
-    if program is not None:
-        where.append("e.program = ?")
-        params.append(program)
-    if kinds is not None:
-        where.append(f"e.kind IN ({', '.join('?' * len(kinds))})")
-        params.extend(kinds)
-    sql = ("SELECT r.seq, r.content FROM job_events e JOIN records r ON r.seq = e.seq"
-           + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY r.seq")
-    out = []
-    for seq, content in con.execute(sql, params):
-        obj = json.loads(content)
-        out.append(JobEventRecord(seq=seq, kind=obj["kind"], job=obj["job"], program=obj["program"],
-                            t_s=obj["t_s"], payload=obj["payload"]))
-    return out
-
-
-def _matched_measured(con: sqlite3.Connection, job: str, program: str,
-                      t0_s: float, t1_s: float) -> float:
-    """A job's measured FLOPs inside [t0_s, t1_s], intervals cut pro rata at the edges.
-
-    Computed as the job's total minus what lies outside the window: only the intervals at the
-    window's ends are read (indexed), so the cost does not grow with the job's length.
-    """
-    total = con.execute("SELECT measured_flops FROM job_totals WHERE job = ? AND program = ?",
-                        (job, program)).fetchone()
-    row = con.execute(
-        "SELECT sum(flops - CASE WHEN t1_s <= t0_s THEN"
-        "   (CASE WHEN t1_s >= :a AND t0_s <= :b THEN flops ELSE 0.0 END)"
-        " ELSE flops * max(0.0, min(t1_s, :b) - max(t0_s, :a)) / (t1_s - t0_s) END) FROM ("
-        " SELECT t0_s, t1_s, flops FROM job_intervals"
-        "  WHERE job = :job AND program = :program AND t1_s > :b"
-        " UNION ALL SELECT t0_s, t1_s, flops FROM job_intervals"
-        "  WHERE job = :job AND program = :program AND t0_s < :a AND t1_s <= :b)",
-        {"a": t0_s, "b": t1_s, "job": job, "program": program}).fetchone()
-    inside = (float(total[0]) if total else 0.0) - float(row[0] or 0.0)
-    return max(0.0, inside)
-
-
-def _program_series(con: sqlite3.Connection, program: str,
-                    max_points: int) -> list[tuple[float, float]]:
-    n = con.execute("SELECT count(*) FROM job_intervals WHERE program = ?",
-                    (program,)).fetchone()[0]
-    if n == 0:
-        return []
-    stride = max(1, math.ceil(n / max(1, max_points)))
-    out: list[tuple[float, float]] = []
-    total = 0.0
-    last_t = 0.0
-    for i, (t1, flops) in enumerate(con.execute(
-            "SELECT t1_s, flops FROM job_intervals WHERE program = ? ORDER BY t1_s, seq",
-            (program,))):
-        total += flops
-        last_t = t1
-        if i % stride == 0:
-            out.append((t1, total))
-    if out[-1] != (last_t, total):
-        out.append((last_t, total))
-    return out
 
 
 

@@ -166,6 +166,11 @@ class ProcessAttributor:
     def held(self) -> int:
         return sum(len(q) for q in self._pending.values())
 
+    def held_from(self) -> float | None:
+        """The start of the oldest interval held for per-process samples; None when none is."""
+        starts = [q[0].flops.t0_s for q in self._pending.values() if q]
+        return min(starts) if starts else None
+
     # ------------------------------------------------------------------
 
     def _record_util(self, key: str, samples: tuple[ProcessUtilSample, ...]) -> None:

@@ -53,8 +53,12 @@ class Committed:
 class Sink(Protocol):
     """Where settled rows go to become durable (gpuflops/ledger/sink.py)."""
 
-    def commit(self, batch: Batch, *, force: bool = False) -> Committed:
-        """Make ``batch`` (and whatever else is queued) durable, now or at the next cadence."""
+    def commit(self, batch: Batch, *, force: bool = False,
+               held_from_s: float | None = None) -> Committed:
+        """Make ``batch`` (and whatever else is queued) durable, now or at the next cadence.
+
+        ``held_from_s``: the start of the oldest interval still held for attribution (None:
+        none), so the ledger can say until when it is complete."""
         ...
 
     def on_gap(self, gpu: str, uuid: str, t0_s: float, t1_s: float, reason: str) -> None:
@@ -95,7 +99,8 @@ def count_committed(counters: Counters, committed: Committed, held: int) -> None
 class CountingSink:
     """A sink without persistence: every settled row counts at once (tests, benchmarks)."""
 
-    def commit(self, batch: Batch, *, force: bool = False) -> Committed:
+    def commit(self, batch: Batch, *, force: bool = False,
+               held_from_s: float | None = None) -> Committed:
         return Committed(rows=(tuple(r for _t0, _t1, rows in batch for r in rows),))
 
     def on_gap(self, gpu: str, uuid: str, t0_s: float, t1_s: float, reason: str) -> None:
@@ -164,4 +169,5 @@ class Pipeline:
             if rows:
                 batch.append((item.t0_s, item.t1_s, rows))
         held = self.attributor.held()
-        count_committed(self._counters, self._sink.commit(batch), held)
+        committed = self._sink.commit(batch, held_from_s=self.attributor.held_from())
+        count_committed(self._counters, committed, held)

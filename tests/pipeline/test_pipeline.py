@@ -25,7 +25,8 @@ class RecordingSink(CountingSink):
     def __init__(self) -> None:
         self.batches: list[Batch] = []
 
-    def commit(self, batch: Batch, *, force: bool = False) -> Committed:
+    def commit(self, batch: Batch, *, force: bool = False,
+               held_from_s: float | None = None) -> Committed:
         self.batches.append(batch)
         return super().commit(batch, force=force)
 
