@@ -34,9 +34,10 @@ from gpuflops.identity.mapper import JobIdentity, JobMapper
 from gpuflops.jobs.records import AnalyticBound, PsutilProcessLookup, RegistryEvent
 from gpuflops.jobs.registry import JobRegistry
 from gpuflops.jobs.server import JobSocketServer
+from gpuflops.ledger.lock import StateDirLock
 from gpuflops.ledger.records import LEDGER_FILENAME, LedgerError
 from gpuflops.ledger.sink import LedgerSink
-from gpuflops.ledger.store import Ledger, open_or_quarantine
+from gpuflops.ledger.store import Ledger
 from gpuflops.model import GpuInfo
 from gpuflops.pipeline.attribute import ProcessAttributor
 from gpuflops.pipeline.integrate import Integrator
@@ -196,7 +197,12 @@ def _assemble(
         recorders.append(writer.interval)
         closers.append(writer.close)
 
-    ledger = _open_ledger(s, clock) if s.ledger else None
+    if s.ledger:  # one daemon per state directory, before anything in it is written
+        state_lock = StateDirLock(Path(s.state_dir))
+        closers.append(state_lock.release)  # runs last
+    ledger, rebuilt = _open_ledger(s, clock) if s.ledger else (None, None)
+    if ledger is not None:
+        closers.append(ledger.close)  # a later failure must not leave it open (closing twice is fine)
     programs_cfg = [load_programs_config(Path(s.program_config) if s.program_config else None)]
     policy = [AccessPolicy(programs_cfg[0])]
     jobs = JobRegistry(
@@ -229,7 +235,8 @@ def _assemble(
     closers.append(pipeline.close)
     sink.start_session(
         {"version": __version__, "backend": sampler.name, "host": socket.gethostname(),
-         "counters": sampler.describe().get("counter_source", "nvml")},
+         "counters": sampler.describe().get("counter_source", "nvml"),
+         **({"rebuilt_derived": rebuilt} if rebuilt else {})},
         [(g.key, g.uuid) for g in gpus],
     )
     view = [ProgramView()]
@@ -272,7 +279,7 @@ def _assemble(
         s, sampler, pipeline, totals, registry,
         stop=threading.Event(), sampler_stop=sampler_stop, clock=clock,
         periodic=[(s.program_refresh_s, refresh_programs)], closers=closers,
-        reloaders=[reload_programs],
+        reloaders=[reload_programs], checks=[sink.problem],
     )
 
 
@@ -321,20 +328,37 @@ def _labeler(s: Settings, jobs: JobRegistry, clock: Callable[[], float]) -> Labe
     return Labeler(Memo(resolve, clock), lambda job, _program: declared(job))
 
 
-def _open_ledger(s: Settings, clock: Callable[[], float]) -> Ledger | None:
+def _open_ledger(s: Settings, clock: Callable[[], float]) -> tuple[Ledger, str | None]:
+    """The ledger, verified, with derived tables rebuilt from the chain where they disagree
+    (and why, if they did). Fails closed: a ledger the daemon cannot use stops the start."""
     path = Path(s.state_dir) / LEDGER_FILENAME
+    sync: Literal["NORMAL", "FULL"] = "FULL" if s.ledger_sync == "FULL" else "NORMAL"
+    advice = ("keep the file: it is evidence. Move it (with its -wal and -shm files) aside to "
+              "start a new ledger, or run with --no-ledger to meter without one")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sync: Literal["NORMAL", "FULL"] = "FULL" if s.ledger_sync == "FULL" else "NORMAL"
-        ledger, moved = open_or_quarantine(path, clock=clock, synchronous=sync)
+        ledger = Ledger.open(path, clock=clock, synchronous=sync)
     except (LedgerError, OSError) as e:
-        log.error(
-            "ledger %s cannot be used (%s); metering continues WITHOUT persistence: counters "
-            "will restart at zero and nothing is written to the file",
-            path,
-            e,
-        )
-        return None
-    if moved is not None:
-        log.warning("ledger %s was corrupt; moved intact to %s and started a new one", path, moved)
-    return ledger
+        raise LedgerUnusableError(f"ledger {path} cannot be used: {e}; {advice}") from None
+    try:
+        started = time.monotonic()
+        result = ledger.verify_and_rebuild()
+    except (LedgerError, OSError, ValueError, KeyError) as e:
+        ledger.close()
+        raise LedgerUnusableError(f"ledger {path} cannot be verified: {e}; {advice}") from None
+    if not result.ok and not result.derived_only:
+        ledger.close()
+        where = f" at record {result.first_bad_id}" if result.first_bad_id is not None else ""
+        raise LedgerUnusableError(f"ledger {path} fails verification{where}: {result.reason}; "
+                                  f"{advice}")
+    log.info("ledger %s verified: %d records in %.1f s", path, result.records,
+             time.monotonic() - started)
+    if not result.ok:
+        log.error("ledger %s: %s; the derived tables were rebuilt from the hash chain (the "
+                  "chain is intact) and the rebuild is recorded in this session's start record",
+                  path, result.reason)
+        return ledger, result.reason
+    return ledger, None
+
+
+class LedgerUnusableError(RuntimeError):
+    """The ledger cannot be opened or fails verification: the daemon does not start on it."""

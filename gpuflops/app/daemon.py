@@ -44,6 +44,7 @@ class Daemon:
         periodic: Sequence[Periodic] = (),
         closers: Sequence[Callable[[], None]] = (),
         reloaders: Sequence[Reloader] = (),
+        checks: Sequence[Callable[[], str | None]] = (),
     ) -> None:
         self.settings = settings
         self.sampler = sampler
@@ -57,6 +58,7 @@ class Daemon:
         self._next_periodic = [0.0] * len(self._periodic)
         self._closers = list(closers)
         self.reloaders = list(reloaders)
+        self._checks = list(checks)  # each returns what is wrong, or None (the ledger's writes)
         self._last_loop_s: float | None = None
         self._started_s = clock()
         self.server: MetricsServer | None = None
@@ -67,6 +69,10 @@ class Daemon:
         self.sampler_stop.set()
 
     def health(self) -> tuple[bool, str]:
+        for check in self._checks:
+            problem = check()
+            if problem is not None:
+                return False, problem
         now = self.clock()
         limit = max(5.0, 10 * self.settings.interval_s)
         if self._last_loop_s is None:

@@ -11,7 +11,9 @@ from gpuflops.compliance.programs import ProgramView
 from gpuflops.exporter.state import Snapshot
 from gpuflops.jobs.records import RegistrySnapshot
 from gpuflops.jobs.server import ServerStats
+from gpuflops.ledger.chain import hash_prefix
 from gpuflops.ledger.sink import LedgerSink
+from gpuflops.ledger.store import Ledger
 
 _PROGRAM_LABELS = {
     "gpuflops_program_flops_total": ("program", "basis"),
@@ -37,6 +39,7 @@ class JobsCollector(Collector):
         self._registry = registry
         self._sink = sink
         self._socket_stats = socket_stats
+        self._ledger_id: str | None = None
 
     def collect(self) -> Iterator[Metric]:
         snap = self._totals()
@@ -182,3 +185,28 @@ class JobsCollector(Collector):
         up = GaugeMetricFamily("gpuflops_ledger_enabled", "1 when the ledger persists records")
         up.add_metric([], 0.0 if self._sink.ledger is None else 1.0)
         yield up
+        ok = GaugeMetricFamily("gpuflops_ledger_writable",
+                               "1 while the ledger commits; 0 while writes fail (disk full)")
+        ok.add_metric([], 1.0 if self._sink.writable() else 0.0)
+        yield ok
+        if self._sink.ledger is not None:
+            yield from self._head(self._sink.ledger)
+
+    def _head(self, ledger: Ledger) -> Iterator[Metric]:
+        """The chain head, so that Prometheus keeps its history off the node: a chain rewritten
+        later no longer has these (seq, hash) pairs (``gpuflops verify --against-prometheus``).
+        The hash goes out as its first 52 bits, a float exactly: a label would be a new series
+        every record."""
+        if self._ledger_id is None:
+            self._ledger_id = ledger.ledger_id()
+        seq, digest = ledger.head()  # one snapshot: the pair is always consistent
+        head = GaugeMetricFamily("gpuflops_ledger_head_seq", "Sequence number of the newest "
+                                 "ledger record", labels=["ledger_id"])
+        head.add_metric([self._ledger_id], float(seq))
+        yield head
+        prefix = GaugeMetricFamily(
+            "gpuflops_ledger_head_hash_prefix",
+            "First 52 bits (13 hex digits) of the newest ledger record's hash, as an integer",
+            labels=["ledger_id"])
+        prefix.add_metric([self._ledger_id], float(hash_prefix(digest)))
+        yield prefix

@@ -31,6 +31,14 @@ def record_hash(prev_hash: str, content: str) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + content.encode("utf-8")).hexdigest()
 
 
+HASH_PREFIX_HEX = 13  # 52 bits: what a float64 (a Prometheus sample) holds exactly
+
+
+def hash_prefix(digest: str) -> int:
+    """The first 52 bits of a record hash, as exported in gpuflops_ledger_head_hash_prefix."""
+    return int(digest[:HASH_PREFIX_HEX], 16)
+
+
 def append_record(con: sqlite3.Connection, kind: str, partial_content: str) -> None:
     head = con.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
     seq = head[0] + 1
@@ -65,7 +73,8 @@ def verify_path(path: Path) -> VerifyResult:
         con.close()
 
 
-def _verify(con: sqlite3.Connection) -> VerifyResult:
+def _verify(con: sqlite3.Connection, rebuilt: list[sqlite3.Connection] | None = None
+            ) -> VerifyResult:
     prev_hash = GENESIS_PREV_HASH
     expected_seq = 1
     count = 0
@@ -74,6 +83,7 @@ def _verify(con: sqlite3.Connection) -> VerifyResult:
         migrate(scratch)
 
     def bad(seq: int | None, reason: str) -> VerifyResult:
+        scratch.close()
         return VerifyResult(False, count, seq, reason, prev_hash, expected_seq - 1)
 
     for seq, kind, content, stored_prev, stored_hash in iter_records(con):
@@ -118,9 +128,12 @@ def _verify(con: sqlite3.Connection) -> VerifyResult:
         return bad(expected_seq if head[0] >= expected_seq else head[0],
                    f"chain_head says seq {head[0]} but the chain ends at {expected_seq - 1}"
                    " (records deleted from the end, or chain_head edited)")
+    if rebuilt is not None:
+        rebuilt.append(scratch)  # the derived tables as the chain implies them
     mismatch = _compare_derived(con, scratch)
     if mismatch:
-        return VerifyResult(False, count, None, mismatch, prev_hash, expected_seq - 1)
+        return VerifyResult(False, count, None, mismatch, prev_hash, expected_seq - 1,
+                            derived_only=True)
     return VerifyResult(True, count, None, None, prev_hash, expected_seq - 1)
 
 
@@ -166,3 +179,31 @@ def _compare_derived(con: sqlite3.Connection, scratch: sqlite3.Connection) -> st
             if a != b or any(type(x) is not type(y) for x, y in zip(a, b, strict=True)):
                 return f"derived table {table} row {a!r} differs from the chain ({b!r})"
     return None
+
+
+def rebuild_derived(con: sqlite3.Connection) -> VerifyResult:
+    """Verify the chain on ``con`` (a writable connection, no transaction open) and, if only the
+    derived tables disagree with it, replace them with the chain's replay in one transaction.
+
+    Returns the verification as it was before any rebuild."""
+    replays: list[sqlite3.Connection] = []
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        result = _verify(con, replays)
+        if not result.ok and result.derived_only:
+            scratch = replays[0]
+            for table in DERIVED_TABLES:
+                cols = _columns(scratch, table)
+                con.execute(f"DELETE FROM {table}")
+                rows = scratch.execute(f"SELECT {', '.join(cols)} FROM {table}").fetchall()
+                con.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES "
+                                f"({', '.join('?' * len(cols))})", rows)
+        con.execute("COMMIT")
+    except BaseException:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise
+    finally:
+        for scratch in replays:
+            scratch.close()
+    return result

@@ -133,3 +133,5 @@ class VerifyResult:
     head_hash: str
     head_seq: int = 0
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    # The chain is sound and only the derived tables disagree with it: they can be rebuilt.
+    derived_only: bool = False

@@ -30,7 +30,14 @@ from typing import Any
 
 from gpuflops.jobs.records import KnownJob, ProgramOwner
 from gpuflops.ledger import owners, queries
-from gpuflops.ledger.chain import GENESIS_PREV_HASH, append_record, canonical_json, record_hash, verify_path
+from gpuflops.ledger.chain import (
+    GENESIS_PREV_HASH,
+    append_record,
+    canonical_json,
+    rebuild_derived,
+    record_hash,
+    verify_path,
+)
 from gpuflops.ledger.records import (
     JOB_EVENT_KINDS,
     SESSION_EVENTS,
@@ -394,6 +401,24 @@ class Ledger:
     def verify(self) -> VerifyResult:
         """Check the whole chain on a separate read-only connection (appends keep going)."""
         return verify_path(self.path)
+
+    def verify_and_rebuild(self) -> VerifyResult:
+        """Check the whole chain and, where only the derived tables disagree with it, rebuild
+        them from it (the daemon does this at start: counters are restored from them)."""
+        with self._lock:
+            return rebuild_derived(self._con)
+
+    def ledger_id(self) -> str:
+        """The random id the genesis record gave this ledger."""
+        with self._lock:
+            row = self._con.execute("SELECT content FROM records WHERE seq = 1").fetchone()
+        return str(json.loads(row[0]).get("ledger_id", "")) if row else ""
+
+    def record_hash_at(self, seq: int) -> str | None:
+        """The hash of record ``seq``; None when the chain has no such record."""
+        with self._lock:
+            row = self._con.execute("SELECT hash FROM records WHERE seq = ?", (seq,)).fetchone()
+        return None if row is None else str(row[0])
 
     def close(self) -> None:
         with self._lock:
