@@ -233,12 +233,14 @@ def _assemble(
     pipeline = Pipeline(gpus, integrator, attributor, labeler, sink, totals, recorders=recorders)
     # Closers run last-added first: the socket stops before the ledger takes its last commit.
     closers.append(pipeline.close)
-    sink.start_session(
-        {"version": __version__, "backend": sampler.name, "host": socket.gethostname(),
-         "counters": sampler.describe().get("counter_source", "nvml"),
-         **({"rebuilt_derived": rebuilt} if rebuilt else {})},
-        [(g.key, g.uuid) for g in gpus],
-    )
+    def start_session() -> None:
+        sink.start_session(
+            {"version": __version__, "backend": sampler.name, "host": socket.gethostname(),
+             "counters": sampler.describe().get("counter_source", "nvml"),
+             **({"rebuilt_derived": rebuilt} if rebuilt else {})},
+            [(g.key, g.uuid) for g in gpus],
+        )
+
     view = [ProgramView()]
 
     def refresh_programs() -> None:
@@ -279,7 +281,7 @@ def _assemble(
         s, sampler, pipeline, totals, registry,
         stop=threading.Event(), sampler_stop=sampler_stop, clock=clock,
         periodic=[(s.program_refresh_s, refresh_programs)], closers=closers,
-        reloaders=[reload_programs], checks=[sink.problem],
+        reloaders=[reload_programs], checks=[sink.problem], starters=[start_session],
     )
 
 

@@ -45,6 +45,7 @@ class Daemon:
         closers: Sequence[Callable[[], None]] = (),
         reloaders: Sequence[Reloader] = (),
         checks: Sequence[Callable[[], str | None]] = (),
+        starters: Sequence[Callable[[], None]] = (),
     ) -> None:
         self.settings = settings
         self.sampler = sampler
@@ -58,7 +59,10 @@ class Daemon:
         self._next_periodic = [0.0] * len(self._periodic)
         self._closers = list(closers)
         self.reloaders = list(reloaders)
-        self._checks = list(checks)  # each returns what is wrong, or None (the ledger's writes)
+        self._checks = list(checks)
+        # Run just before the first sample: the ledger's session start, so that the downtime
+        # gap it writes ends where measurement begins.
+        self._starters = list(starters)  # each returns what is wrong, or None (the ledger's writes)
         self._last_loop_s: float | None = None
         self._started_s = clock()
         self.server: MetricsServer | None = None
@@ -99,6 +103,8 @@ class Daemon:
         """Sample until stopped or the source ends; always flushes and closes."""
         ready = False
         try:
+            for start in self._starters:
+                start()
             while not self.stop.is_set():
                 try:
                     samples = self.sampler.sample()

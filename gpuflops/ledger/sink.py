@@ -125,6 +125,8 @@ class LedgerSink:
         self._last_error = ""
         self.write_errors = 0
         self.records = ledger.totals().records if ledger is not None else 0
+        # Where the previous session's record ends, read before this session writes anything.
+        self._previous = ledger.last_activity() if ledger is not None else None
         self._warned = False
         self._work = threading.Event()
         self._stopping = threading.Event()
@@ -186,7 +188,7 @@ class LedgerSink:
             return
         ledger = self.ledger
         now = self._clock()
-        last = ledger.last_activity()
+        last, self._previous = self._previous, None
         if last is not None and now > last.t_s:
             reason = "daemon_stopped" if last.clean_stop else "daemon_lost"
             self._startup.append(lambda: ledger.append_gap(last.t_s, now, reason, [(NODE, "")]))
