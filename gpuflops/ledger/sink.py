@@ -105,7 +105,9 @@ class LedgerSink:
         self._ack_window_s = ack_window_s
         self._gaps: dict[tuple[str, str, str], _GapSpan] = {}  # open spans: (gpu, uuid, reason)
         self._closed_gaps: list[tuple[tuple[str, str, str], _GapSpan]] = []  # to (re)write
-        self._last_write = clock()
+        # When an interval, alive or start record last said until when the ledger is complete:
+        # an alive record follows when none did for alive_every_s (bounds a crash's gap).
+        self._last_mark = clock()
         # 0: one ledger record per sampling interval (kill -9 loses at most that interval).
         # Larger values trade that bound for a smaller ledger (docs/ledger.md, "Size").
         self._commit_every_s = commit_every_s
@@ -365,7 +367,7 @@ class LedgerSink:
             if self.ledger is not None and not self._write_startup():
                 return self._committed(())
             self._flush_gaps(force)
-            if self.ledger is not None and now - self._last_write >= self._alive_every_s:
+            if self.ledger is not None and now - self._last_mark >= self._alive_every_s:
                 # Written before the pending intervals: they are not in the ledger yet.
                 pending = min([math.inf if held_from_s is None else held_from_s]
                               + [p[0] for p in self._pending])
@@ -401,7 +403,7 @@ class LedgerSink:
             return self._committed(())
         if seq is not None:
             self._wrote(1)
-            self._last_write = now
+            self._last_mark = now
         else:
             self._wrote(0)
         self._pending.clear()
@@ -423,7 +425,7 @@ class LedgerSink:
             self._write_failed(e)
             return
         self._wrote(1)
-        self._last_write = t_s
+        self._last_mark = t_s
 
     def _wrote(self, records: int) -> None:
         self.records += records

@@ -384,8 +384,13 @@ class Ledger:
         if not isinstance(t, (int, float)):
             return None
         if marked is not None:
+            # Complete through: what the newest interval or session record says was not
+            # written yet (held_from_s), else its own end. Job events written after it (the
+            # job socket's) say nothing about the GPUs' time.
             mark = json.loads(marked[0])
             held = mark.get("held_from_s", (mark.get("payload") or {}).get("held_from_s"))
+            if not isinstance(held, (int, float)):
+                held = mark.get("t1_s", mark.get("t_s"))
             if isinstance(held, (int, float)):
                 t = min(float(t), float(held))
         return LastActivity(float(t), kind, kind == "session" and obj.get("event") == "stop")
