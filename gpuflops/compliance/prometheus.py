@@ -60,6 +60,16 @@ class PrometheusSource:
                                   f"expected a vector, got {data.get('resultType')}")
         return [(dict(r["metric"]), float(r["value"][1])) for r in data["result"]]
 
+    def matrix(self, promql: str, at_s: float) -> list[tuple[dict[str, str],
+                                                            list[tuple[float, float]]]]:
+        """A range-vector selector evaluated at ``at_s``: every raw sample of each series."""
+        data = self._get("/api/v1/query", {"query": promql, "time": f"{at_s:.3f}"})
+        if data.get("resultType") != "matrix":
+            raise PrometheusError(self.base_url, promql,
+                                  f"expected a matrix, got {data.get('resultType')}")
+        return [(dict(r["metric"]), [(float(t), float(v)) for t, v in r["values"]])
+                for r in data["result"]]
+
     def query_range(self, promql: str, start_s: float, end_s: float,
                     step_s: float) -> list[tuple[float, float]]:
         """Range query of a single series (summed): [(t_s, value)]."""
@@ -75,7 +85,7 @@ class PrometheusSource:
     def job_inputs(self, program: str,
                    metadata: Mapping[tuple[str, str], Mapping[str, Any]]) -> list[JobInput]:
         """Per-job sums across all nodes."""
-        sel = f'{{program="{_promql_escape(program)}"}}'
+        sel = f'{{program="{promql_escape(program)}"}}'
         cols: dict[str, dict[tuple[str, str], float]] = {}
         for name in ("measured_flops", "analytic_flops", "analytic_tokens", "recompute_flops"):
             q = f"sum by (job_id,program)(gpuflops_job_{name}_total{sel})"
@@ -92,9 +102,9 @@ class PrometheusSource:
     def series(self, program: str, start_s: float, end_s: float,
                max_points: int = 500) -> list[tuple[float, float]]:
         step = max(15.0, (end_s - start_s) / max_points)
-        q = (f'sum(gpuflops_job_measured_flops_total{{program="{_promql_escape(program)}"}})')
+        q = (f'sum(gpuflops_job_measured_flops_total{{program="{promql_escape(program)}"}})')
         return self.query_range(q, start_s, end_s, step)
 
 
-def _promql_escape(value: str) -> str:
+def promql_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -419,6 +419,13 @@ class Ledger:
             row = self._con.execute("SELECT content FROM records WHERE seq = 1").fetchone()
         return str(json.loads(row[0]).get("ledger_id", "")) if row else ""
 
+    def record_content_at(self, seq: int) -> str | None:
+        """The canonical JSON of record ``seq``; None when the chain has no such record."""
+        with self._lock:
+            row = self._con.execute("SELECT content FROM records WHERE seq = ?",
+                                    (seq,)).fetchone()
+        return None if row is None else str(row[0])
+
     def record_hash_at(self, seq: int) -> str | None:
         """The hash of record ``seq``; None when the chain has no such record."""
         with self._lock:
