@@ -15,7 +15,7 @@ from gpuflops.cli.central_options import central_options, pins_option
 from gpuflops.cli.common import settings_or_exit, state_dir_option
 from gpuflops.compliance.html import render_html
 from gpuflops.compliance.prometheus import PrometheusError, PrometheusSource
-from gpuflops.compliance.report import build_report, load_accuracy
+from gpuflops.compliance.report import ReportRefusedError, build_report, load_accuracy
 from gpuflops.compliance.thresholds import ProgramConfigError, load_programs_config
 from gpuflops.config import DEFAULT_ACCURACY_PATH
 from gpuflops.ledger.records import LEDGER_FILENAME, LedgerError
@@ -59,14 +59,19 @@ def _write_atomic(path: Path, text: str) -> None:
               "docs/accuracy.md, shipped as gpuflops/data/accuracy-h100.json].")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write here (atomically) instead of stdout.")
+@click.option("--allow-demo", is_flag=True,
+              help="Report on a ledger holding replayed (demo) data; every page says so.")
 @central_options(required=False)
 @pins_option
 def report_command(program: str, fmt: str, prometheus: str | None, state_dir: str | None,
                    config_path: Path | None, daemon_config: str | None,
-                   accuracy_path: Path | None, out: Path | None, central_url: str | None,
-                   central_password_file: Path | None, pins_path: Path | None) -> None:
+                   accuracy_path: Path | None, out: Path | None, allow_demo: bool,
+                   central_url: str | None, central_password_file: Path | None,
+                   pins_path: Path | None) -> None:
     """Write the audit report of one program as JSON or self-contained HTML.
 
+    Refuses, exit 1 and nothing written, for a program no job reported, a ledger that fails
+    verification, or replayed (demo) data without --allow-demo.
     With --central: across every node and cluster that ever ran it (docs/fleet.md)."""
     settings = settings_or_exit(daemon_config, state_dir=state_dir)
     state = Path(settings.state_dir)
@@ -97,7 +102,10 @@ def report_command(program: str, fmt: str, prometheus: str | None, state_dir: st
     try:
         source = PrometheusSource(prometheus) if prometheus else None
         doc = build_report(program, ledger=ledger, config=config, now_s=time.time(),
-                           state_dir=state, prometheus=source, accuracy=accuracy)
+                           state_dir=state, prometheus=source, accuracy=accuracy,
+                           allow_demo=allow_demo)
+    except ReportRefusedError as exc:
+        raise click.ClickException(f"no report: {exc}") from exc
     except (PrometheusError, ProgramConfigError) as exc:
         raise click.ClickException(str(exc)) from exc
     finally:

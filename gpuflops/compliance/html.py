@@ -150,9 +150,16 @@ def render_html(report: Mapping[str, Any]) -> str:
     method = report["method"]
     outcome = ("Provider review required" if dec["outcome"] == "provider_review_required"
                else "Stays a downstream modifier")
+    demo = report.get("demo")
+    # Demo data is stamped on every printed page (a fixed element repeats on each) and at
+    # every section, so no page or excerpt of the report can pass for a real measurement.
+    stamp = "" if not demo else f'<div class="demo">{e(demo["notice"])}</div>'
+    h2 = "<h2>" if not demo else '<h2><span class="demo-tag">DEMO DATA</span> '
+    if demo:
+        outcome = f"DEMO DATA, NOT A DECISION: {outcome}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<title>gpuflops audit report: {e(report['program'])}</title>
+<title>{"DEMO DATA: " if demo else ""}gpuflops audit report: {e(report['program'])}</title>
 <style>
 body {{ font-family: sans-serif; margin: 24px; color: #222; }}
 table {{ border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; }}
@@ -161,12 +168,17 @@ th {{ background: #eee; }}
 pre {{ background: #f6f6f6; padding: 8px; font-size: 12px; overflow-x: auto; }}
 .decision {{ border: 2px solid #444; padding: 8px 12px; display: inline-block; }}
 code {{ word-break: break-all; }}
+.demo {{ position: fixed; top: 0; left: 0; right: 0; background: #b00; color: #fff;
+        font-weight: bold; padding: 6px 12px; z-index: 10; }}
+.demo-tag {{ background: #b00; color: #fff; padding: 0 6px; }}
+body:has(.demo) {{ padding-top: 40px; }}
 </style></head><body>
+{stamp}
 <h1>Compute audit report: program {e(report['program'])}</h1>
 <p>Generated {e(report['generated_at'])} from {e(report['source']['kind'])}.</p>
 <div class="decision"><strong>Decision: {e(outcome)}</strong> (rule {e(dec['rule'])})<br>
 {e(dec['reason'])}</div>
-<h2>Cumulative FLOPs against the threshold</h2>
+{h2}Cumulative FLOPs against the threshold</h2>
 {render_chart(series, th['flops'], th['levels'])}
 {_table(["basis", "FLOPs"], [["measured", _fmt(tot['measured_flops'])],
                             ["analytic", _fmt(tot['analytic_flops'])],
@@ -174,29 +186,29 @@ code {{ word-break: break-all; }}
                             ["compliance", _fmt(tot['compliance_flops'])],
                             ["threshold", _fmt(th['flops'])],
                             ["ratio", f"{th['ratio']:.4g}"]])}
-<h2>Jobs</h2>
+{h2}Jobs</h2>
 {_table(["job", "measured", "analytic", "recompute", "measured ÷ analytic",
          "reconciliation ratio (estimate span)", "inferred precision", "compliance", "findings"],
         jobs_rows)}
 <p>Measured ÷ analytic divides the two totals beside it. The reconciliation ratio divides only
 the measured FLOPs inside the time span the job's estimates cover by the analytic FLOPs; it is
 the figure checked against the tolerance.</p>
-<h2>Attempts</h2>
+{h2}Attempts</h2>
 {_table(["job", "attempt", "resumed from", "first registered", "nodes", "ranks"], att_rows)}
-<h2>Unmeasured time</h2>
+{h2}Unmeasured time</h2>
 {coverage_html}
-<h2>Job metadata</h2>
+{h2}Job metadata</h2>
 {meta_blocks or "<p>No job registered metadata.</p>"}
-<h2>Method</h2>
+{h2}Method</h2>
 <p>Assumed tensor precision {e(method['assumed_precision'])}; reconciliation tolerance
 ±{method['tolerance']:.0%}; compliance policy: {e(method['policy_description'])}.</p>
 <ul>{"".join(f"<li>{e(a)}</li>" for a in method['assumptions'])}</ul>
 <h3>Uncertainties</h3>
 {_table(["quantity", "value", "source"],
         [[u['name'], u['value'], u['source']] for u in method['uncertainties']])}
-<h2>Decision record</h2>
+{h2}Decision record</h2>
 <ul>{"".join(f"<li>{e(x)}</li>" for x in dec['evidence'])}</ul>
-<h2>Ledger</h2>
+{h2}Ledger</h2>
 {ledger_html}
 </body></html>
 """

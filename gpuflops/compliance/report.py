@@ -55,11 +55,35 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+DEMO_NOTICE = ("DEMO DATA: this ledger holds replayed traces, not a measurement of real work; "
+               "no compliance decision may rest on it")
+
+
+class ReportRefusedError(ValueError):
+    """The report would state an outcome it cannot support: the message says why."""
+
+
 def build_report(program: str, *, ledger: Ledger | None, config: ProgramsConfig,
                  now_s: float, state_dir: Path | None = None,
                  prometheus: PrometheusSource | None = None,
-                 accuracy: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The report document (validates against report_schema.json)."""
+                 accuracy: Mapping[str, str] | None = None,
+                 allow_demo: bool = False) -> dict[str, Any]:
+    """The report document (validates against report_schema.json).
+
+    Refuses (ReportRefusedError) rather than give an outcome for a program no job ever
+    reported, a ledger that fails verification, or replayed data (unless ``allow_demo``, and
+    then the document says so)."""
+    check = ledger.verify() if ledger is not None else None
+    if check is not None and not check.ok:
+        where = f" at record {check.first_bad_id}" if check.first_bad_id is not None else ""
+        raise ReportRefusedError(f"the ledger fails verification{where}: {check.reason}; no "
+                                 "outcome is given from a ledger that does not verify")
+    replays = sum(1 for _t, p in (ledger.session_starts() if ledger is not None else [])
+                  if p.get("backend") == "replay")
+    if replays and not allow_demo:
+        raise ReportRefusedError(f"the ledger holds replayed (demo) data from {replays} daemon "
+                                 "sessions; pass --allow-demo to report on it anyway (every "
+                                 "page then says it is demo data)")
     events = ledger.job_events(program) if ledger is not None else []
     meta = merge_metadata(events)
     att: list[Attempt] = attempts(events)
@@ -75,12 +99,16 @@ def build_report(program: str, *, ledger: Ledger | None, config: ProgramsConfig,
         source = {"kind": "ledger", "queries": []}
     else:
         raise ValueError("a report needs a ledger, a Prometheus source, or both")
+    known = bool(events) or any(i.program == program for i in inputs)
+    if not known:
+        raise ReportRefusedError(f"no job of program {program!r} is in the "
+                                 f"{'ledger' if prometheus is None else 'ledger or Prometheus'}:"
+                                 " no outcome for a program that does not exist (check its name)")
     if state_dir is not None:
         source["state_dir"] = str(state_dir)
     status: ProgramStatus = evaluate_program(program, inputs, config,
                                              [a.metadata for a in att])
     cfg = config.for_program(program)
-    check = ledger.verify() if ledger is not None else None
     coverage = _coverage(ledger, program) if ledger is not None else None
     th = status.threshold
     flagged = [j for j in status.jobs if j.flagged]
@@ -106,6 +134,7 @@ def build_report(program: str, *, ledger: Ledger | None, config: ProgramsConfig,
                           "source": ACCURACY_DOC}]
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
+        "demo": {"replay_sessions": replays, "notice": DEMO_NOTICE} if replays else None,
         "program": program,
         "generated_at": _iso(now_s),
         "generated_at_s": now_s,
