@@ -81,6 +81,7 @@ NUMERIC_BOUNDS: tuple[tuple[str, float, float, bool], ...] = (
     ("attribution_hold_s", 0.0, 600.0, True),
     ("analytic_split_tolerance", 0.0, 10.0, False),
     ("analytic_bound_slack", 1.0, 1000.0, True),
+    ("socket_idle_s", 0.0, _DAY_S, False),
     ("replay_speed", 0.0, 10_000.0, False),
     ("ledger_commit_s", 0.0, 3600.0, True),
     ("program_refresh_s", 0.0, _DAY_S, False),
@@ -123,6 +124,7 @@ class Settings:
     socket_path: str = DEFAULT_SOCKET_PATH
     socket_group: str | None = None
     socket_mode: int = 0o660
+    socket_idle_s: float = 120.0  # a job-socket connection that sends nothing this long is closed
     state_dir: str = DEFAULT_STATE_DIR
     ledger: bool = True
     # NORMAL in WAL mode survives kill -9 (the WAL is in the page cache); FULL also survives a

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
 
 from prometheus_client.registry import CollectorRegistry
@@ -22,7 +21,7 @@ from prometheus_client.registry import CollectorRegistry
 from gpuflops import __version__
 from gpuflops.app.daemon import Daemon
 from gpuflops.compliance.access import AccessPolicy
-from gpuflops.compliance.programs import ProgramView, evaluate_ledger
+from gpuflops.compliance.programs import ProgramEvaluator, ProgramView
 from gpuflops.compliance.reconcile import normalize_precision
 from gpuflops.compliance.thresholds import load_programs_config
 from gpuflops.config import DEFAULT_DCGM_BINDINGS, Settings, demo_trace_path
@@ -33,7 +32,7 @@ from gpuflops.identity.kubelet import KubeletClient, urllib_fetch
 from gpuflops.identity.mapper import JobIdentity, JobMapper
 from gpuflops.jobs.records import AnalyticBound, PsutilProcessLookup, RegistryEvent
 from gpuflops.jobs.registry import JobRegistry
-from gpuflops.jobs.server import JobSocketServer
+from gpuflops.jobs.server import JobSocketServer, ServerLimits
 from gpuflops.ledger.lock import StateDirLock
 from gpuflops.ledger.records import LEDGER_FILENAME, LedgerError
 from gpuflops.ledger.sink import LedgerSink
@@ -241,23 +240,24 @@ def _assemble(
             [(g.key, g.uuid) for g in gpus],
         )
 
-    view = [ProgramView()]
-
-    def refresh_programs() -> None:
-        if ledger is None:
-            return
-        statuses, errors = evaluate_ledger(ledger, programs_cfg[0])
-        view[0] = ProgramView(MappingProxyType(statuses), MappingProxyType(errors), clock())
+    evaluator = None
+    if ledger is not None:  # off the sampling thread; changed programs only (compliance/programs.py)
+        evaluator = ProgramEvaluator(ledger, programs_cfg[0], period_s=s.program_refresh_s,
+                                     clock=clock)
+        evaluator.start()
+        closers.append(evaluator.stop)  # runs before the pipeline's last commit closes the ledger
 
     def reload_programs(new: Settings) -> None:
         """SIGHUP: the program configuration as its file says now (a bad file raises)."""
         programs_cfg[0] = load_programs_config(Path(new.program_config) if new.program_config else None)
         policy[0] = AccessPolicy(programs_cfg[0])
-        refresh_programs()
+        if evaluator is not None:
+            evaluator.reload(programs_cfg[0])
 
     server = None
     if s.job_socket:
         server = JobSocketServer(jobs, s.socket_path, mode=s.socket_mode, group=s.socket_group,
+                                 limits=ServerLimits(idle_timeout_s=s.socket_idle_s),
                                  durability=sink if ledger is not None else None)
         sink.on_durable(server.wake)
         server.start()
@@ -271,7 +271,9 @@ def _assemble(
         lambda: dict(attributor.timesliced_flops),
         {g.key: g.uuid for g in gpus},
     ))
-    registry.register(JobsCollector(totals.snapshot, lambda: view[0], jobs.snapshot, sink,
+    registry.register(JobsCollector(totals.snapshot,
+                                    lambda: evaluator.view if evaluator else ProgramView(),
+                                    jobs.snapshot, sink,
                                     server.stats if server else None))
     if shipper is not None:
         from gpuflops.exporter.central_collector import ShipCollector
@@ -280,7 +282,7 @@ def _assemble(
     return Daemon(
         s, sampler, pipeline, totals, registry,
         stop=threading.Event(), sampler_stop=sampler_stop, clock=clock,
-        periodic=[(s.program_refresh_s, refresh_programs)], closers=closers,
+        closers=closers,
         reloaders=[reload_programs], checks=[sink.problem], starters=[start_session],
     )
 

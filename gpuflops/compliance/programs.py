@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -121,3 +124,82 @@ class ProgramView:
     statuses: Mapping[str, ProgramStatus] = field(default_factory=lambda: MappingProxyType({}))
     errors: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     refreshed_s: float | None = None
+
+
+log = logging.getLogger(__name__)
+
+
+class ProgramEvaluator:
+    """Keeps a ProgramView current on its own thread, never the sampling thread's.
+
+    Each pass re-evaluates only the programs with new intervals or job events since the last
+    one (every program at the first pass and after a reload), reading only their jobs: its cost
+    follows the programs that changed, not how many programs the ledger holds."""
+
+    def __init__(self, ledger: Ledger, config: ProgramsConfig, *, period_s: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._ledger = ledger
+        self._config = config
+        self._period_s = period_s
+        self._clock = clock
+        self._seq = 0
+        self._full = True
+        self._statuses: dict[str, ProgramStatus] = {}
+        self._errors: dict[str, str] = {}
+        self.view = ProgramView()
+        self.passes = 0
+        self.evaluated = 0  # program evaluations over all passes
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def reload(self, config: ProgramsConfig) -> None:
+        """A new configuration: every program is evaluated again at the next pass (soon)."""
+        self._config = config
+        self._full = True
+        self._wake.set()
+
+    def refresh(self) -> None:
+        """One pass (the thread's; tests call it directly)."""
+        full, self._full = self._full, False
+        config = self._config
+        if full:
+            programs, head = self._ledger.programs_changed_since(0)
+            self._statuses, self._errors = {}, {}
+        else:
+            programs, head = self._ledger.programs_changed_since(self._seq)
+        for program in sorted(programs - {UNATTRIBUTED}):
+            jobs = self._ledger.program_jobs(program)
+            events = self._ledger.job_events(program, kinds=("register",))
+            totals = LedgerTotals(gpu={}, jobs=jobs, records=0, head_seq=head, head_hash="")
+            try:
+                self._statuses[program] = evaluate_program(
+                    program, job_inputs(self._ledger, totals, events, program), config)
+                self._errors.pop(program, None)
+            except ProgramConfigError as exc:
+                self._errors[program] = str(exc)
+                self._statuses.pop(program, None)
+            self.evaluated += 1
+        self._seq = head
+        self.passes += 1
+        self.view = ProgramView(MappingProxyType(dict(self._statuses)),
+                                MappingProxyType(dict(self._errors)), self._clock())
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="gpuflops-programs", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception:  # a bad pass must not end the evaluations
+                log.exception("program evaluation failed; will retry")
+            self._wake.wait(self._period_s)
+            self._wake.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10.0)

@@ -26,6 +26,15 @@ def read_totals(con: sqlite3.Connection, head_seq: int, head_hash: str) -> Ledge
                         head_hash=head_hash)
 
 
+def program_jobs(con: sqlite3.Connection, program: str) -> dict[JobKey, JobTotals]:
+    cols = {r[1] for r in con.execute("PRAGMA table_info(job_totals)")}
+    v4 = ", hmma_flops, half_rate_fraction" if "hmma_flops" in cols else ""
+    return {JobKey(row[0], row[1]): JobTotals(*row[2:]) for row in con.execute(
+        "SELECT job, program, measured_flops, analytic_flops, tokens, recompute_flops,"
+        f" estimate_t0_s, estimate_t1_s, first_t_s, last_t_s{v4} FROM job_totals"
+        " WHERE program = ?", (program,))}
+
+
 def read_events(con: sqlite3.Connection, program: str | None,
                  kinds: Sequence[str] | None = None) -> list[JobEventRecord]:
     where, params = [], []

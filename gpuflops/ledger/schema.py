@@ -128,7 +128,8 @@ CREATE TABLE IF NOT EXISTS program_owners (
 CREATE TABLE IF NOT EXISTS job_clients (
     job TEXT NOT NULL, client TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (job, client)
 );
-CREATE INDEX IF NOT EXISTS job_events_job ON job_events (job, kind)
+CREATE INDEX IF NOT EXISTS job_events_job ON job_events (job, kind);
+CREATE INDEX IF NOT EXISTS job_totals_program ON job_totals (program)
 """
 
 

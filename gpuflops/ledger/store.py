@@ -44,6 +44,8 @@ from gpuflops.ledger.records import (
     Gap,
     JobEventKind,
     JobEventRecord,
+    JobKey,
+    JobTotals,
     LastActivity,
     LedgerCorruptError,
     LedgerError,
@@ -355,6 +357,19 @@ class Ledger:
                 " WHERE t1_s >= ? AND t0_s <= ? ORDER BY seq, gpu, uuid",
                 (max(t0_s, -1e300), min(t1_s, 1e300))).fetchall()
         return [Gap(*r) for r in rows]
+
+    def program_jobs(self, program: str) -> dict[JobKey, JobTotals]:
+        """The persisted totals of one program's jobs (indexed: cost grows with that program)."""
+        with self._lock:
+            return queries.program_jobs(self._con, program)
+
+    def programs_changed_since(self, seq: int) -> tuple[set[str], int]:
+        """Programs with an interval or a job event after record ``seq``, and the head seq."""
+        with self._lock:
+            rows = self._con.execute(
+                "SELECT program FROM job_intervals WHERE seq > ?"
+                " UNION SELECT program FROM job_events WHERE seq > ?", (seq, seq)).fetchall()
+            return {r[0] for r in rows}, self._head_seq
 
     def known_job(self, job_id: str) -> KnownJob | None:
         """A job registered over the socket, as recorded (JobHistory, for the registry)."""

@@ -45,6 +45,9 @@ _MAX_WINDOW_S = 3.5
 # flushes every 0.5 s); the first, or one after a long silence, covers this much.
 _ANALYTIC_FIRST_WINDOW_S = 0.5
 _ANALYTIC_MAX_WINDOW_S = 5.0
+# Reports closer together than this share a window: a process that reports thousands of times
+# a second costs ten windows a second of history, not thousands (memory and split time).
+_ANALYTIC_MIN_WINDOW_S = 0.1
 _STALE_BUSY_S = _DEFAULT_WINDOW_S + 0.5  # a per-process sample's window plus the smoothing
 _MPS_SERVER_COMM = "nvidia-cuda-mps"  # comm of nvidia-cuda-mps-server (15 characters)
 
@@ -125,6 +128,10 @@ class ProcessAttributor:
                 # Same instant or out of order: fold into the newest window.
                 last = q.pop()
                 q.append(_AnalyticWindow(last.start_s, last.end_s, last.flops + flops))
+                continue
+            if q and t - q[-1].start_s < _ANALYTIC_MIN_WINDOW_S:
+                last = q.pop()  # too close to the newest window's start: widen that one
+                q.append(_AnalyticWindow(last.start_s, t, last.flops + flops))
                 continue
             start = prev if prev is not None and t - prev <= _ANALYTIC_MAX_WINDOW_S else (
                 t - _ANALYTIC_FIRST_WINDOW_S
