@@ -18,11 +18,13 @@ job's kernel census corrects that, in compliance/reconcile.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from gpuflops.model import PIPE_METRIC, GpuInfo, GpuSample, IntervalFlops, Pipe
 from gpuflops.rates import (
     DEFAULT_HMMA_PRECISION,
+    MAX_SM_CLOCK_HZ,
     Family,
     family_for,
     pipe_precision,
@@ -57,6 +59,9 @@ class Integrator:
             return self._gap(sample, sample.error or "no_activity")
         if sample.clock_hz is None:
             return self._gap(sample, "no_clock")
+        implausible = _implausible(info, sample)
+        if implausible is not None:
+            return self._gap(sample, implausible)
         family = self.family(info)
         if family is None:
             return self._gap(sample, "unknown_architecture")
@@ -108,3 +113,34 @@ class Integrator:
     @staticmethod
     def _gap(sample: GpuSample, reason: str) -> IntervalFlops:
         return IntervalFlops(sample.key, sample.t0_s, sample.t1_s, {}, reason, ())
+
+
+# No sampling interval is longer than this: a longer one is a clock jump or a bad trace.
+_MAX_INTERVAL_S = 3600.0
+# Busy tensor cycles are summed over an SM's sub-partitions (four on every family in the table).
+_TENSOR_SUBPARTITIONS = 4
+
+
+def _implausible(info: GpuInfo, sample: GpuSample) -> str | None:
+    """Why a sample cannot be a measurement (a physical bound it breaks), or None.
+
+    Every backend and every replayed trace passes here, so a clock of 1e300 Hz or an activity
+    above 1 becomes a gap, counted and recorded, never FLOPs."""
+    times = (sample.t0_s, sample.t1_s)
+    if not all(math.isfinite(t) for t in times) or not 0 <= sample.duration_s <= _MAX_INTERVAL_S:
+        return "implausible_interval"
+    clock = sample.clock_hz
+    if clock is None or not 0 <= clock <= MAX_SM_CLOCK_HZ:
+        return "implausible_clock"
+    real = sample.real_clock_hz
+    if real is not None and not 0 <= real <= MAX_SM_CLOCK_HZ:
+        return "implausible_clock"
+    assert sample.activity is not None
+    if any(not 0.0 <= v <= 1.0 for v in sample.activity.values()):  # also NaN
+        return "implausible_activity"
+    if sample.tensor_cycles is not None:
+        span = sample.counter_span_s or sample.duration_s
+        most = (info.sm_count or 0) * _TENSOR_SUBPARTITIONS * MAX_SM_CLOCK_HZ * span * 1.5
+        if not 0 <= sample.tensor_cycles <= most:
+            return "implausible_tensor_cycles"
+    return None

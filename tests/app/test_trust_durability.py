@@ -212,3 +212,27 @@ def test_a_full_disk_fails_health_refuses_changes_and_recovers_in_order() -> Non
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
         cleanup(tmp)
+
+
+def test_a_trace_with_an_impossible_clock_writes_gaps_not_flops(tmp: Path) -> None:
+    """A replayed trace whose samples claim a 1e300 Hz SM clock once wrote 2.77e306 FLOPs."""
+    from dataclasses import replace
+
+    from gpuflops.sampler.trace import TraceWriter
+    from tests.support import DEMO_TRACE, trace
+
+    header, intervals, _events = trace(DEMO_TRACE)
+    path = tmp / "bad.jsonl"
+    writer = TraceWriter(path, list(header.gpus), header.interval_s, dict(header.meta))
+    for i in intervals[:300]:
+        writer.interval([replace(s, clock_hz=1e300) if s.clock_hz else s for s in i.samples])
+    writer.close()
+    d = DaemonProcess(tmp, replay=path, args=["--no-loop"])
+    assert d.wait(60) == 0
+    led = Ledger.open(d.state / LEDGER_FILENAME, clock=time.time, readonly=True)
+    try:
+        total = sum(led.totals().gpu.values())
+        reasons = {g.reason for g in led.gaps()}
+    finally:
+        led.close()
+    assert total == 0.0 and "implausible_clock" in reasons

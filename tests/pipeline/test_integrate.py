@@ -198,7 +198,8 @@ def test_pm_tensor_cycles_split_among_tensor_pipes_by_activity() -> None:
     info, s = _busy_sample()
     assert s.activity is not None
     act = {**s.activity, Metric.HMMA: 0.6, Metric.DFMA: 0.2, Metric.IMMA: 0.0}
-    counted = _counted(replace(s, activity=act), 1e9, 8.0e10, s.t1_s - s.t0_s)
+    dt = s.t1_s - s.t0_s
+    counted = _counted(replace(s, activity=act), 1.5e9 * dt, 8.0e10, dt)  # a 1.5 GHz clock
     f = Integrator().integrate(info, counted)
     assert f.flops[(Pipe.HMMA, "bf16")] == pytest.approx(6.0e10 * 4096 / 4, rel=1e-12)
     assert f.flops[(Pipe.DFMA, "fp64")] == pytest.approx(2.0e10 * 256 / 4, rel=1e-12)
@@ -218,3 +219,25 @@ def test_families_without_a_measured_tensor_cycle_rate_use_only_the_real_clock()
     hmma = s.activity[Metric.HMMA]
     assert f.flops[(Pipe.HMMA, "bf16")] == pytest.approx(hmma * 108 * 2048 * 1.2e9 * dt,
                                                          rel=1e-12)
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"clock_hz": 1e300}, "implausible_clock"),
+    ({"clock_hz": -1.0}, "implausible_clock"),
+    ({"t1_s": float("inf")}, "implausible_interval"),
+    ({"sm_cycles": 1e12, "counter_span_s": 0.1}, "implausible_clock"),
+    ({"tensor_cycles": 1e15, "counter_span_s": 0.1}, "implausible_tensor_cycles"),
+])
+def test_samples_beyond_physical_bounds_are_gaps_not_flops(change: dict[str, float],
+                                                           reason: str) -> None:
+    """A trace (or a backend) with clock_hz 1e300 once wrote 2.77e306 FLOPs (issue 13)."""
+    info, s = _busy_sample()
+    f = Integrator().integrate(info, replace(s, **change))
+    assert f.gap_reason == reason and f.flops == {}
+
+
+def test_activity_above_one_is_a_gap() -> None:
+    info, s = _busy_sample()
+    assert s.activity is not None
+    f = Integrator().integrate(info, replace(s, activity={**s.activity, Metric.HMMA: 1.5}))
+    assert f.gap_reason == "implausible_activity"
