@@ -147,7 +147,9 @@ def test_program_policy_names_who_may_use_and_define_a_program(users: LocalUsers
     programs = tmp / "programs.toml"
     programs.write_text('[defaults.access]\nfirst_registrant_owns = false\n'
                         '[programs.team-prog.access]\nowners = ["gfalice"]\n'
-                        f'groups = ["{GROUP}"]\n')
+                        f'groups = ["{GROUP}"]\n'
+                        '[programs.shared-prog.access]\nowners = ["gfalice"]\n'
+                        f'job_group = "{GROUP}"\n')
     d = DaemonProcess(tmp, args=["--socket-group", GROUP, "--programs", str(programs)])
     d.wait_ready()
     try:
@@ -165,6 +167,14 @@ def test_program_policy_names_who_may_use_and_define_a_program(users: LocalUsers
             {"op": "add", "job": "bob-run", "flops": 1e12, "tokens": 1}])
         # alice defines the program; bob's job stays bob's (no job group configured).
         assert alice[0]["ok"] and alice[1]["error"] == "forbidden"
+        # With a job group, its members write to the program's jobs (ranks run by teammates),
+        # but still cannot register jobs of their own into it or set its facts.
+        assert as_user(users, "alice", d.sock, [
+            {"op": "register", "job": "shared-run", "program": "shared-prog"}])[0]["ok"]
+        team = as_user(users, "bob", d.sock, [
+            {"op": "add", "job": "shared-run", "flops": 1e12, "tokens": 1},
+            {"op": "register", "job": "bob-shared", "program": "shared-prog"}])
+        assert team[0]["ok"] and team[1]["error"] == "forbidden"
     finally:
         d.stop()
 
