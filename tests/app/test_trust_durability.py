@@ -181,7 +181,7 @@ def test_a_full_disk_fails_health_refuses_changes_and_recovers_in_order() -> Non
                     f.flush()
             full_at = time.time()
             _wait(lambda: d.healthz()[0] == 503)
-            status, why = d.healthz()
+            _status, why = d.healthz()
             assert "ledger cannot write" in why
             m = d.metrics() or {}
             assert m["gpuflops_ledger_writable"][0][1] == 0.0

@@ -7,7 +7,6 @@ import json
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from gpuflops.ledger.chain import canonical_json, rebuild_derived, record_hash

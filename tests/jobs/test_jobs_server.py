@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import pytest
 
+from gpuflops.jobs.connections import SocketInUseError
 from gpuflops.jobs.protocol import MAX_MESSAGE_BYTES
 from gpuflops.jobs.registry import JobRegistry
-from gpuflops.jobs.connections import SocketInUseError
 from gpuflops.jobs.server import JobSocketServer, ServerLimits
 from tests.jobs.jobsock_client import Client
 
