@@ -87,6 +87,11 @@ class PmWindow:
 class PmDevice(Protocol):
     """One GPU's PM sampling session (the CUPTI boundary; tests fake it)."""
 
+    @property
+    def pid(self) -> int | None:
+        """The worker process holding the session's CUDA context; None: this process."""
+        ...
+
     def read(self) -> list[tuple[int, int, float, float]]:
         """Samples completed since the last read: (start_ns, end_ns, sm_cycles, tensor_cycles)."""
         ...
@@ -266,6 +271,12 @@ class PmSampling:
             return None
         return PmWindow(start, end, covered, cyc, tensor)
 
+    def worker_pids(self) -> set[int]:
+        """Processes that hold PM sessions for us: they run on the GPUs but are no job."""
+        with self._lock:
+            return {p for d in self._devices.values() if d.session is not None
+                    and (p := d.session.pid) is not None}
+
     def status(self) -> dict[str, str | None]:
         """Per GPU key: None while sampling, else why not (a stable kind)."""
         with self._lock:
@@ -386,8 +397,13 @@ class PmCountedSampler:
     def sample(self) -> list[GpuSample]:
         samples = self._inner.sample()
         self._watch_profilers()
+        workers = self._pm.worker_pids()
         out = []
         for s in samples:
+            if workers and any(p.pid in workers for p in s.processes):
+                s = dataclasses.replace(
+                    s, processes=tuple(p for p in s.processes if p.pid not in workers),
+                    process_util=tuple(u for u in s.process_util if u.pid not in workers))
             w = (self._pm.window(s.key, s.t0_s, s.t1_s)
                  if s.key in self._whole and s.activity is not None else None)
             if w is not None:

@@ -17,9 +17,9 @@ from gpuflops.compliance.thresholds import ProgramsConfig
 from gpuflops.ledger.central import CentralStore
 from gpuflops.ledger.central_read import CentralReader
 from gpuflops.ledger.central_verify import verify_central
+from gpuflops.ledger.chain import canonical_json, record_hash
 from gpuflops.ledger.rollup import rollup_signing_message
 from gpuflops.ledger.signing import SigningKey, generate_key
-from gpuflops.ledger.store import canonical_json, record_hash
 from tests.central_fixtures import CentralDb
 from tests.ledger.fleet_helpers import Fleet, local_jobs, ship_fleet
 

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from gpuflops.ledger.central import CentralStore
+from gpuflops.ledger.records import NODE
 from gpuflops.ledger.ship import RawChainReader, Shipper
 from gpuflops.ledger.signing import SigningKey, generate_key
-from gpuflops.ledger.store import NODE, FlopsRow, Ledger
+from gpuflops.ledger.store import Ledger
+from gpuflops.model import FlopsRow
 from tests.central_fixtures import CentralDb
 
 T0 = 1_760_000_000.0

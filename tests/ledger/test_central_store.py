@@ -7,8 +7,8 @@ import uuid
 import pytest
 
 from gpuflops.ledger.central import CentralConfig, CentralError, CentralStore, Registration
+from gpuflops.ledger.chain import GENESIS_PREV_HASH, canonical_json, record_hash
 from gpuflops.ledger.rollup import JobCum, RawRecord, Replica, RollupBuilder
-from gpuflops.ledger.store import GENESIS_PREV_HASH, canonical_json, record_hash
 from tests.central_fixtures import CentralDb
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from gpuflops.ledger.central import CentralError
+from gpuflops.ledger.chain import GENESIS_PREV_HASH, canonical_json, record_hash
 from gpuflops.ledger.ship import RawChainReader, Shipper
 from gpuflops.ledger.signing import generate_key, load_or_generate
-from gpuflops.ledger.store import GENESIS_PREV_HASH, Ledger, canonical_json, record_hash
+from gpuflops.ledger.store import Ledger
 from tests.central_fixtures import CentralDb
 from tests.ledger.fleet_helpers import central_gaps, central_jobs, fill, local_gaps, local_jobs
 
