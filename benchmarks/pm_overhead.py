@@ -142,9 +142,11 @@ def overhead(out: Path, blocks: int, block_s: float, settle_s: float, res: dict[
             on_s += t1 - t0
             family = [p, *p.children(recursive=True)]  # the daemon and its PM workers
             rss = max(rss, sum(q.memory_info().rss for q in family))
+            block_mem: dict[int, int] = {}
             for q in family:
                 for gpu, used in gpu_memory_of(q.pid).items():
-                    gpu_mem[gpu] = gpu_mem.get(gpu, 0) + used
+                    block_mem[gpu] = block_mem.get(gpu, 0) + used
+            gpu_mem = {g: max(v, gpu_mem.get(g, 0)) for g, v in block_mem.items()}
             sources = scrape(d.url).get("gpuflops_gpu_counter_source", [])
             res.setdefault("sources_seen", []).append(sorted(
                 f"{lab.get('gpu')}:{lab.get('source')}" for lab, v in sources if v == 1))
