@@ -224,7 +224,8 @@ def _assemble(
     closers.append(pipeline.close)
     sink.start_session(
         {"version": __version__, "backend": sampler.name, "host": socket.gethostname(),
-         "counters": sampler.describe().get("counter_source", "nvml")},
+         "counters": sampler.describe().get("counter_source", "nvml"),
+         "gpu_models": sorted({g.name for g in gpus})},
         [(g.key, g.uuid) for g in gpus],
     )
     programs_cfg = [load_programs_config(Path(s.program_config) if s.program_config else None)]

@@ -8,13 +8,13 @@ rendered by html.py, the Prometheus queries are in prometheus.py.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from gpuflops.compliance.accuracy import accuracy_for
 from gpuflops.compliance.programs import Attempt, attempts, evaluate_program, job_inputs, merge_metadata
 from gpuflops.compliance.prometheus import PrometheusSource
 from gpuflops.compliance.thresholds import ProgramsConfig, ProgramStatus
@@ -99,6 +99,9 @@ def build_report(program: str, *, ledger: Ledger | None, config: ProgramsConfig,
         evidence.append(
             f"{len(coverage['gaps'])} spans of unmeasured time on this node during the program: "
             + ", ".join(f"{r} {v:.1f} s" for r, v in sorted(coverage["unmeasured_seconds"].items())))
+    if accuracy is None and ledger is not None:  # the figures of the GPUs the node recorded
+        accuracy = accuracy_for(m for _t, p in ledger.session_starts()
+                                for m in p.get("gpu_models", ()))
     uncertainties = [{"name": k, "value": v, "source": ACCURACY_DOC}
                      for k, v in sorted((accuracy or {}).items())]
     if not uncertainties:
@@ -193,13 +196,3 @@ def _coverage(ledger: Ledger, program: str) -> dict[str, Any]:
                   "seconds": g.duration_s, "reason": g.reason} for g in gaps],
         "unmeasured_seconds": by_reason,
     }
-
-
-def load_accuracy(path: Path | None) -> dict[str, str]:
-    """Accuracy figures (name -> value text) taken from docs/accuracy.md, as a JSON object."""
-    if path is None:
-        return {}
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object of name -> value")
-    return {str(k): str(v) for k, v in data.items()}
