@@ -378,3 +378,22 @@ def test_a_worker_that_dies_falls_back_and_one_that_will_not_stop_is_killed() ->
     assert deaf.pid is not None
     with pytest.raises(ProcessLookupError):
         os.kill(deaf.pid, 0)
+
+
+def test_a_lagging_worker_still_counts_every_cycle_once(recorded: dict) -> None:
+    # A worker decodes every 0.1 s and the pipe adds latency: the newest sample can be ~0.15 s
+    # behind the interval's end. Windows then trail the intervals; none falls back, none loses
+    # or repeats a sample.
+    global LAG_NS
+    saved, LAG_NS = LAG_NS, 150_000_000
+    try:
+        wins, pm = _windows(recorded)
+    finally:
+        LAG_NS = saved
+    assert all(w is not None for _a, _b, w in wins[1:])
+    got = sum(w.tensor_cycles for _a, _b, w in wins if w is not None)
+    first_end = wins[0][1]
+    want = sum(s[3] for s in recorded["samples"] if s[0] / 1e9 >= first_end - 0.5 - 0.02
+               and s[1] / 1e9 <= wins[-1][1] - 0.15)
+    assert got == pytest.approx(want, rel=5e-3)
+    assert ("0", "pm_partial_window") not in pm.errors
