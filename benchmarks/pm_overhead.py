@@ -9,7 +9,8 @@ Run on a GPU machine from the repository root (cupti-python carried as wheels):
    (on, off, off, on, ... so slow drift cancels). The slowdown is 1 - mean TFLOP/s with the
    daemon / mean without, over the blocks' inner windows (each block's first seconds, while the
    daemon starts or stops, are not counted). CPU is the daemon's user + system time over its
-   "on" windows; RSS its largest resident set; GPU memory what NVML lists for the daemon's pid.
+   "on" windows (its PM worker processes included); RSS the largest resident set of the daemon
+   and its workers together; GPU memory what NVML lists for those pids.
    With PM sampling off the GPU (SIGSTOP) the hardware would still sample, which is why the
    daemon is stopped rather than paused.
 2. Profiler. With the daemon running, Nsight Compute profiles two GEMMs on GPU 0. The daemon
@@ -82,6 +83,15 @@ class Daemon:
             self.proc = None
 
 
+def _cpu(p: Any) -> float:
+    """User + system seconds of a process and its children (the PM workers), live and reaped."""
+    total = 0.0
+    for q in [p, *p.children(recursive=True)]:
+        c = q.cpu_times()
+        total += c.user + c.system + c.children_user + c.children_system
+    return total
+
+
 def gpu_memory_of(pid: int) -> dict[int, int]:
     import pynvml
 
@@ -123,18 +133,20 @@ def overhead(out: Path, blocks: int, block_s: float, settle_s: float, res: dict[
         time.sleep(settle_s)
         cpu0 = None
         if kind == "on" and d.proc is not None:
-            p = psutil.Process(d.proc.pid)
-            c = p.cpu_times()
-            cpu0 = c.user + c.system
+            cpu0 = _cpu(psutil.Process(d.proc.pid))
         time.sleep(block_s - settle_s)
         t1 = time.time()
         if cpu0 is not None and d.proc is not None:
             p = psutil.Process(d.proc.pid)
-            c = p.cpu_times()
-            cpu_s += c.user + c.system - cpu0
+            cpu_s += _cpu(p) - cpu0
             on_s += t1 - t0
-            rss = max(rss, p.memory_info().rss)
-            gpu_mem = gpu_memory_of(d.proc.pid) or gpu_mem
+            family = [p, *p.children(recursive=True)]  # the daemon and its PM workers
+            rss = max(rss, sum(q.memory_info().rss for q in family))
+            block_mem: dict[int, int] = {}
+            for q in family:
+                for gpu, used in gpu_memory_of(q.pid).items():
+                    block_mem[gpu] = block_mem.get(gpu, 0) + used
+            gpu_mem = {g: max(v, gpu_mem.get(g, 0)) for g, v in block_mem.items()}
             sources = scrape(d.url).get("gpuflops_gpu_counter_source", [])
             res.setdefault("sources_seen", []).append(sorted(
                 f"{lab.get('gpu')}:{lab.get('source')}" for lab, v in sources if v == 1))

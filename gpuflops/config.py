@@ -34,7 +34,6 @@ LOG_LEVELS: Mapping[str, int] = {"debug": logging.DEBUG, "info": logging.INFO,
 LOG_FORMATS = ("logfmt", "json")
 DEMO_TRACE = "h100-demo.jsonl.gz"  # shipped in gpuflops/data; `--demo` and the replay default
 # The H100 accuracy figures measured in docs/accuracy.md, the audit report's default.
-DEFAULT_ACCURACY_PATH = Path(str(resources.files("gpuflops") / "data" / "accuracy-h100.json"))
 DEFAULT_DCGM_ENDPOINT = "localhost:5555"  # host:port, unix:///path, or "embedded"
 # Where DCGM's Python bindings live when no directory is configured.
 DEFAULT_DCGM_BINDINGS: tuple[Path, ...] = (

@@ -33,6 +33,16 @@ CANNOT_RUN_HERE: dict[str, str] = {
     "echo 'options nvidia": "changes the NVIDIA kernel module's options on a GPU host",
     "helm install ": "needs a Kubernetes cluster; tests/deploy/test_helm_chart.py renders the "
                      "chart with these values",
+    "pip install 'gpuflops[central]'": "installs into the environment the tests run in; .ci/run "
+                                       "installs the test extra, which has the central extra's "
+                                       "packages",
+    "gpuflops central ": "needs the operator's PostgreSQL (pg.example, $OWNER_URL, ...); "
+                         "tests/cli/test_central_cli.py, test_gate_cli.py and "
+                         "tests/e2e/test_fleet_clusters.py run these commands against a real one",
+    "gpuflops daemon ... ": "`...` stands for a GPU node's other daemon flags; "
+                            "tests/e2e/test_fleet_kill9.py runs daemons that ship",
+    "gpuflops verify --central ": "needs the operator's PostgreSQL; "
+                                  "tests/cli/test_central_cli.py runs it with --pins",
 }
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 _BLOCK = re.compile(r"^( *)```sh\n(.*?)^\1```", re.S | re.M)

@@ -126,15 +126,19 @@ def build_sampler(settings: Settings) -> tuple[Sampler, threading.Event]:
 
 
 def with_pm_counters(settings: Settings, sampler: NvmlSampler) -> Sampler:
-    """The NVML sampler with CUPTI PM cycle counts where settings and the node allow them."""
+    """The NVML sampler with CUPTI PM cycle counts where settings and the node allow them.
+
+    Each GPU's PM session runs in a worker process (sampler/pm_worker.py): CUPTI blocking in
+    the driver once froze a daemon that held it in-process (run 23).
+    """
     if settings.counters == "nvml":
         return sampler
+    from gpuflops.sampler.cupti import check_installed
     from gpuflops.sampler.pm import PmCountedSampler, PmError, PmSampling, ProfilerWatch
+    from gpuflops.sampler.pm_worker import WorkerOpener
 
     try:
-        from gpuflops.sampler.cupti import CuptiOpener
-
-        opener = CuptiOpener()
+        check_installed()
     except PmError as e:
         if settings.counters == "cupti":
             sampler.close()
@@ -142,7 +146,7 @@ def with_pm_counters(settings: Settings, sampler: NvmlSampler) -> Sampler:
         log.warning("CUPTI PM sampling unavailable (%s): FLOPs use NVML's SM clock, which runs "
                     "ahead of the SMs' real clock under load (docs/accuracy.md)", e)
         return sampler
-    pm = PmSampling(sampler.pci_bus_ids(), opener, period_s=settings.pm_period_s)
+    pm = PmSampling(sampler.pci_bus_ids(), WorkerOpener(), period_s=settings.pm_period_s)
     pm.start()
     return PmCountedSampler(sampler, pm,
                             watch=ProfilerWatch() if settings.yield_to_profilers else None)
@@ -236,6 +240,7 @@ def _assemble(
         sink.start_session(
             {"version": __version__, "backend": sampler.name, "host": socket.gethostname(),
              "counters": sampler.describe().get("counter_source", "nvml"),
+             "gpu_models": sorted({g.name for g in gpus}),
              **({"rebuilt_derived": rebuilt} if rebuilt else {})},
             [(g.key, g.uuid) for g in gpus],
         )

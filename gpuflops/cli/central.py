@@ -27,7 +27,7 @@ from gpuflops.compliance.thresholds import (
     ProgramsConfig,
     load_programs_config,
 )
-from gpuflops.ledger.central import CentralConfig, CentralError, CentralStore
+from gpuflops.ledger.central import CENTRAL_SCHEMA_VERSION, CentralConfig, CentralError, CentralStore
 from gpuflops.ledger.central_read import CentralReader
 from gpuflops.ledger.signing import KeyFileError, generate_key, load_key, parse_public_key
 
@@ -58,8 +58,8 @@ def init_command(central_url: str, central_password_file: Path | None) -> None:
             created = store.init_schema()
         except CentralError as exc:
             raise click.ClickException(str(exc)) from None
-    click.echo("created the central schema (version 1)" if created
-               else "the central schema is already at version 1")
+    click.echo(f"created the central schema (version {CENTRAL_SCHEMA_VERSION})" if created
+               else f"the central schema is already at version {CENTRAL_SCHEMA_VERSION}")
 
 
 @central_group.command("keygen")

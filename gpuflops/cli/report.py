@@ -13,11 +13,11 @@ import click
 
 from gpuflops.cli.central_options import central_options, pins_option
 from gpuflops.cli.common import settings_or_exit, state_dir_option
+from gpuflops.compliance.accuracy import load_accuracy
 from gpuflops.compliance.html import render_html
 from gpuflops.compliance.prometheus import PrometheusError, PrometheusSource
-from gpuflops.compliance.report import ReportRefusedError, build_report, load_accuracy
+from gpuflops.compliance.report import ReportRefusedError, build_report
 from gpuflops.compliance.thresholds import ProgramConfigError, load_programs_config
-from gpuflops.config import DEFAULT_ACCURACY_PATH
 from gpuflops.ledger.records import LEDGER_FILENAME, LedgerError
 from gpuflops.ledger.store import Ledger
 
@@ -55,8 +55,9 @@ def _write_atomic(path: Path, text: str) -> None:
 @click.option("--daemon-config", type=click.Path(dir_okay=False), default=None,
               help="The daemon's TOML file, to find its state directory [$GPUFLOPS_CONFIG].")
 @click.option("--accuracy", "accuracy_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="JSON object of accuracy figures [the H100 figures measured in "
-              "docs/accuracy.md, shipped as gpuflops/data/accuracy-h100.json].")
+              default=None, help="JSON object of accuracy figures [the figures measured in "
+              "docs/accuracy.md for the GPU models the ledger recorded, shipped as "
+              "gpuflops/data/accuracy-<model>.json].")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write here (atomically) instead of stdout.")
 @click.option("--allow-demo", is_flag=True,
@@ -79,14 +80,15 @@ def report_command(program: str, fmt: str, prometheus: str | None, state_dir: st
         config_path = Path(settings.program_config)
     try:
         config = load_programs_config(config_path)
-        accuracy = load_accuracy(accuracy_path or DEFAULT_ACCURACY_PATH)
+        # Without --accuracy: the figures of the GPU models the ledger's sessions recorded.
+        accuracy = load_accuracy(accuracy_path) if accuracy_path else None
     except (ProgramConfigError, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     if central_url:
         from gpuflops.cli.central import central_report
         from gpuflops.compliance.fleet import render_fleet_html
 
-        doc = central_report(program, central_url, central_password_file, config, accuracy,
+        doc = central_report(program, central_url, central_password_file, config, accuracy or {},
                              pins_path)
         _emit(doc, fmt, out, lambda d: render_fleet_html(render_html(d), d))
         return

@@ -14,15 +14,23 @@ import datetime as dt
 import html
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
+from gpuflops.compliance.accuracy import accuracy_for
 from gpuflops.compliance.journal import ProgramJournal, check_journal, journal_rows, to_programs_config
 from gpuflops.compliance.programs import UNATTRIBUTED, attempts, evaluate_program, merge_metadata
 from gpuflops.compliance.reconcile import JobInput
-from gpuflops.compliance.report import ACCURACY_DOC, ASSUMPTIONS, REPORT_SCHEMA_VERSION
+from gpuflops.compliance.report import (
+    REPORT_SCHEMA_VERSION,
+    counter_sources,
+    decision,
+    figures,
+    flag_evidence,
+    threshold_evidence,
+)
 from gpuflops.compliance.thresholds import ProgramsConfig, ProgramStatus
-from gpuflops.ledger.central_read import CentralReader, JobRow, LedgerRow, Point, interpolate
+from gpuflops.ledger.central_read import CentralJobRow, CentralReader, LedgerRow, Point, interpolate
 from gpuflops.ledger.records import JobEventRecord
 from gpuflops.ledger.rollup import rollup_signing_message
 from gpuflops.ledger.signing import verify_signature
@@ -40,7 +48,7 @@ class FleetProgram:
 
     program: str
     status: ProgramStatus
-    rows: tuple[JobRow, ...]
+    rows: tuple[CentralJobRow, ...]
     inputs: tuple[JobInput, ...]
     events: tuple[tuple[str, JobEventRecord], ...]
     journal: ProgramJournal
@@ -49,7 +57,7 @@ class FleetProgram:
     ledgers: Mapping[str, LedgerRow]
 
 
-def job_inputs(reader: CentralReader, rows: Sequence[JobRow],
+def job_inputs(reader: CentralReader, rows: Sequence[CentralJobRow],
                metadata: Mapping[tuple[str, str], Mapping[str, Any]],
                matched: bool = True) -> list[JobInput]:
     """One JobInput per job, summed over the ledgers it ran on.
@@ -61,7 +69,7 @@ def job_inputs(reader: CentralReader, rows: Sequence[JobRow],
     if matched:
         for program in sorted({r.program for r in rows}):
             points.update(reader.window_points(program))
-    by_job: dict[tuple[str, str], list[JobRow]] = {}
+    by_job: dict[tuple[str, str], list[CentralJobRow]] = {}
     for r in rows:
         if r.program != UNATTRIBUTED:
             by_job.setdefault((r.job, r.program), []).append(r)
@@ -76,11 +84,34 @@ def job_inputs(reader: CentralReader, rows: Sequence[JobRow],
             analytic_flops=math.fsum(r.analytic_flops for r in rs),
             recompute_flops=math.fsum(r.recompute_flops for r in rs),
             tokens=math.fsum(r.tokens for r in rs), matched_measured_flops=inside,
-            metadata=metadata.get((job, program), {})))
+            metadata=metadata.get((job, program), {}),
+            hmma_flops=math.fsum(r.hmma_flops for r in rs), half_rate_fraction=_half_rate(rs)))
     return out
 
 
-def _inside(r: JobRow, pts: tuple[Point, ...] | None) -> float:
+def _half_rate(rows: Sequence[CentralJobRow]) -> float | None:
+    """One job's half-rate claim over the ledgers it ran on.
+
+    Where every ledger claimed the same fraction (a job on one node always), that claim: the
+    job then reconciles exactly as on its node. Otherwise the fraction that takes off the
+    summed HMMA FLOPs what each ledger's own claim takes off its own (hmma x f / (1 + f),
+    reconcile.py), a ledger without a claim taking off nothing; without HMMA FLOPs, where the
+    claim changes nothing, the largest.
+    """
+    claims = [r.half_rate_fraction for r in rows if r.half_rate_fraction is not None]
+    if not claims:
+        return None
+    if len(claims) == len(rows) and len(set(claims)) == 1:
+        return claims[0]
+    hmma = math.fsum(r.hmma_flops for r in rows)
+    if hmma <= 0:
+        return max(claims)
+    share = math.fsum(r.hmma_flops * f / (1.0 + f) for r in rows
+                      if (f := r.half_rate_fraction) is not None) / hmma
+    return share / (1.0 - share)
+
+
+def _inside(r: CentralJobRow, pts: tuple[Point, ...] | None) -> float:
     """Measured FLOPs of one ledger's job inside its estimate window (interpolated)."""
     if pts is None or r.estimate_t0_s is None or r.estimate_t1_s is None:
         return r.measured_flops
@@ -173,28 +204,28 @@ def _series(reader: CentralReader, program: str, total: float, max_points: int =
 def build_central_report(fp: FleetProgram, reader: CentralReader, *, now_s: float,
                          source: Mapping[str, str], accuracy: Mapping[str, str] | None = None
                          ) -> dict[str, Any]:
-    """The audit report document of a program across the fleet (report_schema.json)."""
-    st, th = fp.status, fp.status.threshold
-    meta = merge_metadata([ev for _l, ev in fp.events])
-    att = attempts([ev for _l, ev in fp.events])
+    """The audit report document of a program across the fleet (report_schema.json).
+
+    Its shared sections are built by report.py, as for a node's report. Without ``accuracy``,
+    the figures of the GPU models the shipped daemon starts of the program's ledgers recorded.
+    """
+    st = fp.status
+    events = [ev for _l, ev in fp.events]
     nodes, gaps = _node_entries(fp, reader, now_s)
     decisions = fp.journal.decisions
     by_reason: dict[str, float] = {}
     for g in gaps:
         by_reason[g["reason"]] = by_reason.get(g["reason"], 0.0) + g["seconds"]
     spans = [(n["from"], n["to"]) for n in nodes if n["from"]]
-    flagged = [j for j in st.jobs if j.flagged]
     evidence = [
-        f"{st.flops_by_basis['compliance']:.6e} FLOPs counted under the policy: {st.policy.describe()}",
-        f"threshold {th.flops:.6e} FLOPs under rule {th.rule} ({th.description})"
-        + (f"; base model compute {th.base_model_compute_flops:.6e} FLOPs, source: "
-           f"{th.base_model_compute_source or 'not stated'}" if th.base_model_compute_flops else ""),
+        *threshold_evidence(st),
         f"central store: {len(nodes)} node ledgers in clusters "
         f"{', '.join(sorted({n['cluster'] for n in nodes})) or 'none'} hold the program's records; "
         f"program definition from {fp.config_source}",
         "journal: " + ("verified" if fp.journal.fault is None else
                        f"VERIFY FAILED at record {fp.journal.fault.seq}: {fp.journal.fault.reason}"),
-    ] + [f"job {j.job}: " + "; ".join(f.message for f in j.findings if f.flag) for j in flagged]
+        *flag_evidence(st),
+    ]
     evidence += [f"recorded decision #{d.seq}: {d.outcome} by {d.by} at {_iso(d.t_s)}"
                  + (f" ({d.note})" if d.note else "") for d in decisions]
     evidence += [f"node {n['node']} ({n['cluster']}) is fenced: {n['fenced']}" for n in nodes
@@ -202,56 +233,21 @@ def build_central_report(fp: FleetProgram, reader: CentralReader, *, now_s: floa
     if gaps:
         evidence.append(f"{len(gaps)} spans of unmeasured time on the program's nodes: "
                         + ", ".join(f"{r} {v:.1f} s" for r, v in sorted(by_reason.items())))
-    uncertainties = [{"name": k, "value": v, "source": ACCURACY_DOC}
-                     for k, v in sorted((accuracy or {}).items())] or [
-        {"name": "measurement error", "value": "not provided", "source": ACCURACY_DOC}]
-    cfg = fp.config.for_program(fp.program)
+    starts = [p for _t, p in reader.session_starts(sorted({r.ledger_id for r in fp.rows}))]
+    if accuracy is None:
+        accuracy = accuracy_for(m for p in starts for m in p.get("gpu_models", ()))
     return {
         "schema_version": REPORT_SCHEMA_VERSION, "program": fp.program,
         "generated_at": _iso(now_s), "generated_at_s": now_s,
         "source": {"kind": "central", "central": dict(source), "queries": []},
-        "totals": {
-            "measured_flops": st.flops_by_basis["measured"],
-            "analytic_flops": st.flops_by_basis["analytic"],
-            "compliance_flops": st.flops_by_basis["compliance"],
-            "recompute_flops": sum(j.recompute_flops for j in st.jobs),
-            "tokens": sum(i.tokens for i in fp.inputs),
-        },
-        "threshold": {
-            "rule": th.rule, "description": th.description, "flops": th.flops,
-            "base_model_compute_flops": th.base_model_compute_flops,
-            "base_model_compute_source": th.base_model_compute_source,
-            "systemic_risk": th.systemic_risk, "ratio": st.ratio, "levels": list(st.levels),
-            "level_reached": st.level_reached,
-        },
-        "jobs": [{
-            "job": j.job, "measured_flops": j.measured_flops, "analytic_flops": j.analytic_flops,
-            "recompute_flops": j.recompute_flops,
-            "analytic_without_recompute_flops": j.analytic_without_recompute_flops,
-            "tokens": next((i.tokens for i in fp.inputs if i.job == j.job), 0.0),
-            "ratio": j.ratio, "divergent": j.divergent,
-            "declared_precision": j.declared_precision, "inferred_precision": j.inferred_precision,
-            "correction_factor": j.correction_factor, "compliance_flops": j.compliance_flops,
-            "findings": [asdict(f) for f in j.findings],
-            "metadata": dict(meta.get((j.job, fp.program), {})),
-        } for j in st.jobs],
-        "attempts": [{
-            "job": a.job, "attempt": a.attempt, "resumed_from": a.resumed_from,
-            "first_registered_at": _iso(a.first_t_s), "nodes": list(a.nodes), "ranks": a.ranks,
-            "metadata": dict(a.metadata),
-        } for a in att],
+        **figures(st, fp.inputs, merge_metadata(events), attempts(events),
+                  fp.config.for_program(fp.program), counter_sources=counter_sources(starts),
+                  accuracy=accuracy, assumptions=[
+                      "Central figures: each node's job totals as shipped (bit-identical to its "
+                      "ledger); measured FLOPs inside an estimate window are interpolated "
+                      "between shipped rollups (docs/fleet.md)."]),
         "series": _series(reader, fp.program, st.flops_by_basis["measured"]),
-        "method": {
-            "assumed_precision": cfg.assumed_precision, "tolerance": cfg.tolerance,
-            "policy": asdict(cfg.policy), "policy_description": cfg.policy.describe(),
-            "assumptions": [*ASSUMPTIONS,
-                            "Central figures: each node's job totals as shipped (bit-identical to "
-                            "its ledger); measured FLOPs inside an estimate window are "
-                            "interpolated between shipped rollups (docs/fleet.md)."],
-            "uncertainties": uncertainties,
-        },
-        "decision": {"outcome": st.decision, "rule": th.rule, "reason": st.decision_reason,
-                     "evidence": evidence},
+        "decision": decision(st, evidence),
         "coverage": {
             "scope": "every node ledger in the central store that ran the program",
             "from": min((a for a, _ in spans), default=None),

@@ -18,6 +18,11 @@ def _fmt(v: float | None) -> str:
     return "—" if v is None else f"{v:.3e}"
 
 
+def _band(b: float | None) -> str:
+    """The compliance figure's relative uncertainty, or that it is unknown."""
+    return " (band unknown)" if b is None else f" ± {b:.0%}"
+
+
 def render_chart(series: Sequence[tuple[float, float]], threshold: float,
                  levels: Sequence[float], width: int = 960, height: int = 380) -> str:
     """Inline SVG: cumulative FLOPs over time against the threshold and approach levels.
@@ -123,7 +128,8 @@ def render_html(report: Mapping[str, Any]) -> str:
                   f"{j['measured_flops'] / j['analytic_flops']:.3f}" if j["analytic_flops"]
                   else "—",
                   "—" if j["ratio"] is None else f"{j['ratio']:.3f}",
-                  j["inferred_precision"] or "—", _fmt(j["compliance_flops"]),
+                  j["inferred_precision"] or "—", _fmt(j["hardware_flops"]),
+                  _fmt(j["compliance_flops"]) + _band(j["band"]), j["basis_used"],
                   "; ".join(f["message"] for f in j["findings"]) or "—"]
                  for j in report["jobs"]]
     att_rows = [[a["job"], a["attempt"] if a["attempt"] is not None else "—",
@@ -183,12 +189,15 @@ body:has(.demo) {{ padding-top: 40px; }}
 {_table(["basis", "FLOPs"], [["measured", _fmt(tot['measured_flops'])],
                             ["analytic", _fmt(tot['analytic_flops'])],
                             ["analytic recompute", _fmt(tot['recompute_flops'])],
-                            ["compliance", _fmt(tot['compliance_flops'])],
+                            ["hardware", _fmt(tot['hardware_flops'])],
+                            ["compliance", _fmt(tot['compliance_flops'])
+                             + _band(tot['compliance_band'])],
                             ["threshold", _fmt(th['flops'])],
                             ["ratio", f"{th['ratio']:.4g}"]])}
 {h2}Jobs</h2>
 {_table(["job", "measured", "analytic", "recompute", "measured ÷ analytic",
-         "reconciliation ratio (estimate span)", "inferred precision", "compliance", "findings"],
+         "reconciliation ratio (estimate span)", "inferred precision", "hardware",
+         "compliance", "basis", "findings"],
         jobs_rows)}
 <p>Measured ÷ analytic divides the two totals beside it. The reconciliation ratio divides only
 the measured FLOPs inside the time span the job's estimates cover by the analytic FLOPs; it is
@@ -200,7 +209,8 @@ the figure checked against the tolerance.</p>
 {h2}Job metadata</h2>
 {meta_blocks or "<p>No job registered metadata.</p>"}
 {h2}Method</h2>
-<p>Assumed tensor precision {e(method['assumed_precision'])}; reconciliation tolerance
+<p>Cycle counters: {e(", ".join(method['counter_sources']) or "not recorded")}.
+Assumed tensor precision {e(method['assumed_precision'])}; reconciliation tolerance
 ±{method['tolerance']:.0%}; compliance policy: {e(method['policy_description'])}.</p>
 <ul>{"".join(f"<li>{e(a)}</li>" for a in method['assumptions'])}</ul>
 <h3>Uncertainties</h3>

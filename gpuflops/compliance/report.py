@@ -8,16 +8,17 @@ rendered by html.py, the Prometheus queries are in prometheus.py.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from gpuflops.compliance.accuracy import accuracy_for
 from gpuflops.compliance.programs import Attempt, attempts, evaluate_program, job_inputs, merge_metadata
 from gpuflops.compliance.prometheus import PrometheusSource
-from gpuflops.compliance.thresholds import ProgramsConfig, ProgramStatus
+from gpuflops.compliance.reconcile import JobInput
+from gpuflops.compliance.thresholds import ProgramConfig, ProgramsConfig, ProgramStatus
 from gpuflops.ledger.store import Ledger
 
 REPORT_SCHEMA_VERSION = 3
@@ -108,30 +109,21 @@ def build_report(program: str, *, ledger: Ledger | None, config: ProgramsConfig,
         source["state_dir"] = str(state_dir)
     status: ProgramStatus = evaluate_program(program, inputs, config,
                                              [a.metadata for a in att])
-    cfg = config.for_program(program)
     coverage = _coverage(ledger, program) if ledger is not None else None
-    th = status.threshold
-    flagged = [j for j in status.jobs if j.flagged]
     evidence = [
-        f"{status.flops_by_basis['compliance']:.6e} FLOPs counted under the policy: "
-        f"{status.policy.describe()}",
-        f"threshold {th.flops:.6e} FLOPs under rule {th.rule} ({th.description})"
-        + (f"; base model compute {th.base_model_compute_flops:.6e} FLOPs, source: "
-           f"{th.base_model_compute_source or 'not stated'}" if th.base_model_compute_flops
-           else ""),
+        *threshold_evidence(status),
         ("no local ledger" if check is None else
          f"ledger chain head seq {check.head_seq} hash {check.head_hash}: "
          + ("verified" if check.ok else f"VERIFY FAILED: {check.reason}")),
-    ] + [f"job {j.job}: " + "; ".join(f.message for f in j.findings if f.flag) for j in flagged]
+        *flag_evidence(status),
+    ]
     if coverage is not None and coverage["gaps"]:
         evidence.append(
             f"{len(coverage['gaps'])} spans of unmeasured time on this node during the program: "
             + ", ".join(f"{r} {v:.1f} s" for r, v in sorted(coverage["unmeasured_seconds"].items())))
-    uncertainties = [{"name": k, "value": v, "source": ACCURACY_DOC}
-                     for k, v in sorted((accuracy or {}).items())]
-    if not uncertainties:
-        uncertainties = [{"name": "measurement error", "value": "not provided",
-                          "source": ACCURACY_DOC}]
+    starts = [p for _t, p in ledger.session_starts()] if ledger is not None else []
+    if accuracy is None and ledger is not None:  # the figures of the GPUs the node recorded
+        accuracy = accuracy_for(m for p in starts for m in p.get("gpu_models", ()))
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "demo": {"replay_sessions": replays, "notice": DEMO_NOTICE} if replays else None,
@@ -139,6 +131,67 @@ def build_report(program: str, *, ledger: Ledger | None, config: ProgramsConfig,
         "generated_at": _iso(now_s),
         "generated_at_s": now_s,
         "source": source,
+        **figures(status, inputs, meta, att, config.for_program(program),
+                  counter_sources=counter_sources(starts), accuracy=accuracy),
+        "series": [{"t_s": t, "cumulative_flops": v} for t, v in series],
+        "decision": decision(status, evidence),
+        "coverage": coverage,
+        "ledger": None if ledger is None or check is None else {
+            "path": str(ledger.path), "head_seq": check.head_seq, "head_hash": check.head_hash,
+            "records": check.records, "verified": check.ok, "verify_reason": check.reason,
+        },
+    }
+
+
+# -- the sections a node's report and a fleet report (fleet.py) share --------------------------
+
+
+def counter_sources(session_starts: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The cycle-counter sources named by daemon starts (a start naming none predates the
+    choice, and read NVML)."""
+    return sorted({str(p.get("counters", "nvml")) for p in session_starts})
+
+
+def threshold_evidence(status: ProgramStatus) -> list[str]:
+    """The decision's first evidence: the figure counted, under which policy, against what."""
+    th = status.threshold
+    return [
+        f"{status.flops_by_basis['compliance']:.6e} FLOPs counted under the policy: "
+        f"{status.policy.describe()}",
+        f"threshold {th.flops:.6e} FLOPs under rule {th.rule} ({th.description})"
+        + (f"; base model compute {th.base_model_compute_flops:.6e} FLOPs, source: "
+           f"{th.base_model_compute_source or 'not stated'}" if th.base_model_compute_flops
+           else ""),
+    ]
+
+
+def flag_evidence(status: ProgramStatus) -> list[str]:
+    """One evidence line per job with findings a human must look at."""
+    return [f"job {j.job}: " + "; ".join(f.message for f in j.findings if f.flag)
+            for j in status.jobs if j.flagged]
+
+
+def decision(status: ProgramStatus, evidence: Sequence[str]) -> dict[str, Any]:
+    return {"outcome": status.decision, "rule": status.threshold.rule,
+            "reason": status.decision_reason, "evidence": list(evidence)}
+
+
+def figures(status: ProgramStatus, inputs: Sequence[JobInput],
+            meta: Mapping[tuple[str, str], Mapping[str, Any]], att: Sequence[Attempt],
+            cfg: ProgramConfig, *, counter_sources: Sequence[str],
+            accuracy: Mapping[str, str] | None,
+            assumptions: Sequence[str] = ()) -> dict[str, Any]:
+    """The report's totals, threshold, jobs, attempts and method sections (report_schema.json).
+
+    ``assumptions`` are added to the shared ones; ``accuracy`` None or empty: not provided.
+    """
+    th = status.threshold
+    uncertainties = [{"name": k, "value": v, "source": ACCURACY_DOC}
+                     for k, v in sorted((accuracy or {}).items())]
+    if not uncertainties:
+        uncertainties = [{"name": "measurement error", "value": "not provided",
+                          "source": ACCURACY_DOC}]
+    return {
         "totals": {
             "measured_flops": status.flops_by_basis["measured"],
             "analytic_flops": status.flops_by_basis["analytic"],
@@ -170,34 +223,21 @@ def build_report(program: str, *, ledger: Ledger | None, config: ProgramsConfig,
             "basis_used": j.basis_used,
             "band": j.band,
             "findings": [asdict(f) for f in j.findings],
-            "metadata": _jsonable(meta.get((j.job, program), {})),
+            "metadata": _jsonable(meta.get((j.job, j.program), {})),
         } for j in status.jobs],
         "attempts": [{
             "job": a.job, "attempt": a.attempt, "resumed_from": a.resumed_from,
             "first_registered_at": _iso(a.first_t_s), "nodes": list(a.nodes), "ranks": a.ranks,
             "metadata": _jsonable(a.metadata),
         } for a in att],
-        "series": [{"t_s": t, "cumulative_flops": v} for t, v in series],
         "method": {
             "assumed_precision": cfg.assumed_precision,
             "tolerance": cfg.tolerance,
             "policy": asdict(cfg.policy),
             "policy_description": cfg.policy.describe(),
-            "counter_sources": sorted({str(p.get("counters", "nvml")) for _t, p in
-                                       (ledger.session_starts() if ledger is not None else [])}),
-            "assumptions": list(ASSUMPTIONS),
+            "counter_sources": list(counter_sources),
+            "assumptions": [*ASSUMPTIONS, *assumptions],
             "uncertainties": uncertainties,
-        },
-        "decision": {
-            "outcome": status.decision,
-            "rule": th.rule,
-            "reason": status.decision_reason,
-            "evidence": evidence,
-        },
-        "coverage": coverage,
-        "ledger": None if ledger is None or check is None else {
-            "path": str(ledger.path), "head_seq": check.head_seq, "head_hash": check.head_hash,
-            "records": check.records, "verified": check.ok, "verify_reason": check.reason,
         },
     }
 
@@ -222,13 +262,3 @@ def _coverage(ledger: Ledger, program: str) -> dict[str, Any]:
                   "seconds": g.duration_s, "reason": g.reason} for g in gaps],
         "unmeasured_seconds": by_reason,
     }
-
-
-def load_accuracy(path: Path | None) -> dict[str, str]:
-    """Accuracy figures (name -> value text) taken from docs/accuracy.md, as a JSON object."""
-    if path is None:
-        return {}
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object of name -> value")
-    return {str(k): str(v) for k, v in data.items()}

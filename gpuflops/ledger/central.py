@@ -23,7 +23,9 @@ from typing import Any
 import psycopg
 from psycopg import conninfo
 
-SCHEMA_VERSION = 1
+# 2: job totals carry the ledger's v4 columns (hmma_flops, half_rate_fraction). A version 1
+# store cannot be upgraded in place: its rollups never carried the HMMA share.
+CENTRAL_SCHEMA_VERSION = 2
 Params = Sequence[Any] | Mapping[str, Any] | None  # None: the SQL is sent as is (no % parsing)
 CONNECT_TIMEOUT_S = 5
 
@@ -195,9 +197,9 @@ class CentralStore:
         rows = self.fetch("SELECT 1 FROM pg_namespace WHERE nspname = 'gpuflops'")
         if rows:
             version = self.schema_version()
-            if version != SCHEMA_VERSION:
+            if version != CENTRAL_SCHEMA_VERSION:
                 raise CentralError("schema", f"central schema version {version}, this gpuflops "
-                                             f"knows {SCHEMA_VERSION}")
+                                             f"knows {CENTRAL_SCHEMA_VERSION} (docs/fleet.md)")
             return False
         with self.transaction() as cur:
             cur.execute(_schema_sql())
@@ -231,11 +233,12 @@ class CentralStore:
         return Head(int(seq), h, int(raw_seq), raw_hash, failed)
 
     def job_rows(self, ledger_id: str) -> list[tuple[Any, ...]]:
-        """The ledger's job totals as of its head: (job, program, measured, ..., last_t_s)."""
+        """The ledger's job totals as of its head, as ``JobCum.row()``s: (job, program,
+        measured, ..., last_t_s, hmma_flops, half_rate_fraction)."""
         return self.fetch(
             "SELECT job, program, measured_flops, analytic_flops, tokens, recompute_flops,"
-            " estimate_t0_s, estimate_t1_s, first_t_s, last_t_s FROM gpuflops.job_totals"
-            " WHERE ledger_id = %s", (ledger_id,))
+            " estimate_t0_s, estimate_t1_s, first_t_s, last_t_s, hmma_flops, half_rate_fraction"
+            " FROM gpuflops.job_totals WHERE ledger_id = %s", (ledger_id,))
 
     def insert_records(self, ledger_id: str,
                        rows: Sequence[tuple[int, str, str, str, bytes]]) -> None:

@@ -7,7 +7,7 @@ follows the program's size, not the store's; benchmarks/central_scale.py measure
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ class LedgerRow:
 
 
 @dataclass(frozen=True)
-class JobRow:
+class CentralJobRow:
     """One job's cumulative totals on one node ledger (bit-identical to that node's)."""
 
     ledger_id: str
@@ -47,6 +47,8 @@ class JobRow:
     estimate_t1_s: float | None
     first_t_s: float | None
     last_t_s: float | None
+    hmma_flops: float = 0.0  # the tensor-core (HMMA) part of measured_flops
+    half_rate_fraction: float | None = None  # the job's latest kernel-census claim on the node
 
 
 Point = tuple[float, float] | None  # (t_s, cumulative measured FLOPs) of a shipped rollup
@@ -65,7 +67,8 @@ def interpolate(before: Point, after: Point, t_s: float, first_t_s: float | None
 
 
 _JOB_COLS = ("ledger_id::text, job, program, measured_flops, analytic_flops, tokens,"
-             " recompute_flops, estimate_t0_s, estimate_t1_s, first_t_s, last_t_s")
+             " recompute_flops, estimate_t0_s, estimate_t1_s, first_t_s, last_t_s, hmma_flops,"
+             " half_rate_fraction")
 
 
 class CentralReader:
@@ -84,17 +87,17 @@ class CentralReader:
         return {r[0]: LedgerRow(r[0], r[1], r[2], bytes(r[3]), float(r[4]), int(r[5]), r[6],
                                 int(r[7]), r[8], r[9], r[10]) for r in rows}
 
-    def program_jobs(self, program: str) -> list[JobRow]:
-        return [JobRow(*r) for r in self.store.fetch(
+    def program_jobs(self, program: str) -> list[CentralJobRow]:
+        return [CentralJobRow(*r) for r in self.store.fetch(
             f"SELECT {_JOB_COLS} FROM gpuflops.job_totals WHERE program = %s"
             " ORDER BY ledger_id, job", (program,))]
 
-    def ledger_jobs(self, ledger_id: str) -> list[JobRow]:
-        return [JobRow(*r) for r in self.store.fetch(
+    def ledger_jobs(self, ledger_id: str) -> list[CentralJobRow]:
+        return [CentralJobRow(*r) for r in self.store.fetch(
             f"SELECT {_JOB_COLS} FROM gpuflops.job_totals WHERE ledger_id = %s", (ledger_id,))]
 
-    def all_jobs(self) -> list[JobRow]:
-        return [JobRow(*r) for r in self.store.fetch(
+    def all_jobs(self) -> list[CentralJobRow]:
+        return [CentralJobRow(*r) for r in self.store.fetch(
             f"SELECT {_JOB_COLS} FROM gpuflops.job_totals ORDER BY program, ledger_id, job")]
 
     def events(self, program: str, kinds: tuple[str, ...] = ("register", "end")
@@ -147,6 +150,12 @@ class CentralReader:
 
         return {(r[0], r[1]): (pt(r[2], r[3]), pt(r[4], r[5]), pt(r[6], r[7]), pt(r[8], r[9]))
                 for r in rows}
+
+    def session_starts(self, ledger_ids: Sequence[str]) -> list[tuple[float, dict[str, Any]]]:
+        """(t_s, payload) of every daemon start the given ledgers shipped, in time order."""
+        return [(float(t), dict(p)) for t, p in self.store.fetch(
+            "SELECT t_s, payload FROM gpuflops.sessions WHERE ledger_id = ANY(%s::uuid[])"
+            " AND event = 'start' ORDER BY t_s, ledger_id, raw_seq", (list(ledger_ids),))]
 
     def program_hours(self, program: str) -> list[tuple[int, float]]:
         return [(int(h), float(v)) for h, v in self.store.fetch(

@@ -1,4 +1,4 @@
--- gpuflops central store, schema version 1 (docs/fleet.md).
+-- gpuflops central store, schema version 2 (docs/fleet.md).
 -- Applied by `gpuflops central init` in one transaction, as the role that then owns every
 -- table and the SECURITY DEFINER functions. Nodes ship as members of gpuflops_ship, which may
 -- only INSERT and SELECT: every check and every derived table is kept by the triggers below.
@@ -6,7 +6,7 @@
 CREATE SCHEMA gpuflops;
 
 CREATE TABLE gpuflops.meta (key text PRIMARY KEY, value text NOT NULL);
-INSERT INTO gpuflops.meta VALUES ('schema_version', '1');
+INSERT INTO gpuflops.meta VALUES ('schema_version', '2');
 
 -- One row per node ledger (a ledger id is the random id in its genesis record). The public key
 -- is registered by the first ship (trust on first use; docs/fleet.md says how to pin keys).
@@ -43,6 +43,8 @@ CREATE TABLE gpuflops.records (
 );
 
 -- Derived from the records by the ingest trigger; `gpuflops verify --central` recomputes them.
+-- Every column of the node's job_totals (ledger schema v4), bit for bit; seq is the rollup that
+-- last wrote the row. Schema v2: hmma_flops and half_rate_fraction, which reconciliation needs.
 CREATE TABLE gpuflops.job_totals (
     ledger_id uuid NOT NULL, job text NOT NULL, program text NOT NULL,
     measured_flops double precision NOT NULL, analytic_flops double precision NOT NULL,
@@ -50,6 +52,8 @@ CREATE TABLE gpuflops.job_totals (
     estimate_t0_s double precision, estimate_t1_s double precision,
     first_t_s double precision, last_t_s double precision,
     seq bigint NOT NULL,
+    hmma_flops double precision NOT NULL DEFAULT 0,
+    half_rate_fraction double precision,
     PRIMARY KEY (ledger_id, job, program)
 );
 CREATE INDEX job_totals_program ON gpuflops.job_totals (program);
@@ -192,12 +196,13 @@ BEGIN
         INSERT INTO gpuflops.job_totals VALUES (
             NEW.ledger_id, j->>0, j->>1, cur, (j->>3)::float8, (j->>4)::float8,
             (j->>5)::float8, (j->>6)::float8, (j->>7)::float8, (j->>8)::float8,
-            (j->>9)::float8, NEW.seq)
+            (j->>9)::float8, NEW.seq, coalesce((j->>10)::float8, 0), (j->>11)::float8)
         ON CONFLICT (ledger_id, job, program) DO UPDATE SET
             measured_flops = excluded.measured_flops, analytic_flops = excluded.analytic_flops,
             tokens = excluded.tokens, recompute_flops = excluded.recompute_flops,
             estimate_t0_s = excluded.estimate_t0_s, estimate_t1_s = excluded.estimate_t1_s,
-            first_t_s = excluded.first_t_s, last_t_s = excluded.last_t_s, seq = excluded.seq;
+            first_t_s = excluded.first_t_s, last_t_s = excluded.last_t_s, seq = excluded.seq,
+            hmma_flops = excluded.hmma_flops, half_rate_fraction = excluded.half_rate_fraction;
         IF cur IS DISTINCT FROM prev THEN
             INSERT INTO gpuflops.job_points VALUES (NEW.ledger_id, j->>0, j->>1, t1, NEW.seq, cur);
             INSERT INTO gpuflops.program_hours VALUES (j->>1, floor(t1 / 3600)::bigint,

@@ -84,9 +84,10 @@ def verify_ledger(reader: CentralReader, led: LedgerRow,
                         f"seq {checker.seq} (raw {checker.raw_last}): records deleted from the "
                         "end, or the head edited")
     stored = {(r.job, r.program): [r.measured_flops, r.analytic_flops, r.tokens, r.recompute_flops,
-                                   r.estimate_t0_s, r.estimate_t1_s, r.first_t_s, r.last_t_s]
+                                   r.estimate_t0_s, r.estimate_t1_s, r.first_t_s, r.last_t_s,
+                                   r.hmma_flops, r.half_rate_fraction]
               for r in reader.ledger_jobs(led.ledger_id)}
-    replayed = {k: v[:8] for k, v in checker.jobs.items()}
+    replayed = {k: v[:10] for k, v in checker.jobs.items()}
     if stored.keys() != replayed.keys() or any(
             not all(_same(a, b) for a, b in zip(stored[k], replayed[k], strict=True)) for k in stored):
         diff = sorted(k for k in stored.keys() | replayed.keys()

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpuflops.ledger.schema import HMMA_PIPE
 from gpuflops.ledger.store import GENESIS_PREV_HASH, JOB_EVENT_KINDS, canonical_json, record_hash
 
 ROLLUP_KIND = "rollup"
@@ -71,7 +72,11 @@ def check_raw(records: Sequence[RawRecord], prev_seq: int, prev_hash: str) -> No
 
 @dataclass
 class JobCum:
-    """A job's cumulative totals, the columns of store.py's ``job_totals``."""
+    """A job's cumulative totals, the columns of store.py's ``job_totals``.
+
+    ``hmma_flops`` and ``half_rate_fraction`` (ledger schema v4) come last in a row, so the
+    first ten columns keep their places.
+    """
 
     measured_flops: float = 0.0
     analytic_flops: float = 0.0
@@ -81,21 +86,32 @@ class JobCum:
     estimate_t1_s: float | None = None
     first_t_s: float | None = None
     last_t_s: float | None = None
+    hmma_flops: float = 0.0
+    half_rate_fraction: float | None = None
 
     def row(self, job: str, program: str) -> list[Any]:
         return [job, program, self.measured_flops, self.analytic_flops, self.tokens,
                 self.recompute_flops, self.estimate_t0_s, self.estimate_t1_s, self.first_t_s,
-                self.last_t_s]
+                self.last_t_s, self.hmma_flops, self.half_rate_fraction]
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> tuple[tuple[str, str], JobCum]:
         """A ``row()`` (or a central job_totals row) back as (key, totals)."""
+        key, values = (str(row[0]), str(row[1])), row_values(row)
+        return key, cls(*values)
 
-        def opt(v: Any) -> float | None:
-            return None if v is None else float(v)
 
-        return (str(row[0]), str(row[1])), cls(float(row[2]), float(row[3]), float(row[4]),
-                                               float(row[5]), *(opt(v) for v in row[6:10]))
+def _opt(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def row_values(row: Sequence[Any]) -> list[Any]:
+    """The ten figures of a ``JobCum.row()`` after (job, program), typed; a row shipped without
+    the v4 columns reads as no HMMA FLOPs and no claim."""
+    return [float(row[2]), float(row[3]), float(row[4]), float(row[5]),
+            *(_opt(v) for v in row[6:10]),
+            float(row[10]) if len(row) > 10 else 0.0,
+            _opt(row[11]) if len(row) > 11 else None]
 
 
 def _lo(old: float | None, new: float) -> float:
@@ -122,17 +138,31 @@ class Replica:
         if kind == "interval":
             t0, t1 = float(obj["t0_s"]), float(obj["t1_s"])
             per_job: dict[tuple[str, str], float] = {}
-            for _g, _u, _p, _pr, job, program, _pid, flops in obj["rows"]:
+            hmma: dict[tuple[str, str], float] = {}
+            for _g, _u, pipe, _pr, job, program, _pid, flops in obj["rows"]:
                 per_job[(job, program)] = per_job.get((job, program), 0.0) + float(flops)
+                if pipe == HMMA_PIPE:
+                    hmma[(job, program)] = hmma.get((job, program), 0.0) + float(flops)
             for key, flops in per_job.items():
                 cur = self.jobs.get(key)
                 if cur is None:
-                    self.jobs[key] = JobCum(measured_flops=flops, first_t_s=t0, last_t_s=t1)
+                    self.jobs[key] = JobCum(measured_flops=flops, first_t_s=t0, last_t_s=t1,
+                                            hmma_flops=hmma.get(key, 0.0))
                 else:
                     cur.measured_flops = cur.measured_flops + flops
+                    cur.hmma_flops = cur.hmma_flops + hmma.get(key, 0.0)
                     cur.first_t_s = _lo(cur.first_t_s, t0)
                     cur.last_t_s = _hi(cur.last_t_s, t1)
             return set(per_job)
+        if kind == "claim":  # the latest claim stands; it touches no other column (schema.py)
+            key = (str(obj["job"]), str(obj["program"]))
+            fraction = float(obj["payload"]["value"])
+            cur = self.jobs.get(key)
+            if cur is None:
+                self.jobs[key] = JobCum(half_rate_fraction=fraction)
+            else:
+                cur.half_rate_fraction = fraction
+            return {key}
         if kind in JOB_EVENT_KINDS:
             key = (str(obj["job"]), str(obj["program"]))
             t = float(obj["t_s"])
@@ -309,7 +339,7 @@ class RollupChainChecker:
             if first != self.raw_last + 1 or last < first:
                 return RollupFault(seq, f"raw range {first}..{last} does not continue the "
                                         f"previous one (ended at {self.raw_last})")
-            jobs = {(str(r[0]), str(r[1])): [*r[2:10], seq] for r in obj["jobs"]}
+            jobs = {(str(r[0]), str(r[1])): [*row_values(r), seq] for r in obj["jobs"]}
             events = len(obj["events"])
             gaps = sum(len(g[4]) for g in obj["gaps"])
             raw_hash = str(raw["hash"])

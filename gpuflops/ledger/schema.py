@@ -96,16 +96,16 @@ def _migrate_v4(con: sqlite3.Connection) -> None:
         column = statement.split("ADD COLUMN")[1].split()[0]
         if column not in have:  # a file that was only relabelled to an older version has them
             con.execute(statement)
+    # apply_interval's arithmetic: each interval's rows summed from 0.0, then added to the
+    # running total in chain order, so the figure is bit-identical to one written at v4.
     per_job: dict[tuple[str, str], float] = {}
-    for (content,) in con.execute("SELECT content FROM records WHERE kind = 'interval'"
-                                  " ORDER BY seq"):
-        # Summed per interval first, then across intervals, as apply_interval does: the
-        # backfill is then bit-identical to a replay, which verify compares exactly.
-        hmma: dict[tuple[str, str], float] = {}
+    for (content,) in con.execute(
+            "SELECT content FROM records WHERE kind = 'interval' ORDER BY seq"):
+        interval: dict[tuple[str, str], float] = {}
         for _g, _u, pipe, _pr, job, program, _pid, flops in json.loads(content)["rows"]:
             if pipe == HMMA_PIPE:
-                hmma[(job, program)] = hmma.get((job, program), 0.0) + float(flops)
-        for key, flops in hmma.items():
+                interval[(job, program)] = interval.get((job, program), 0.0) + float(flops)
+        for key, flops in interval.items():
             per_job[key] = per_job.get(key, 0.0) + flops
     for (job, program), flops in per_job.items():
         con.execute("UPDATE job_totals SET hmma_flops = ? WHERE job = ? AND program = ?",

@@ -2,17 +2,26 @@
 
 The only module that imports ``cupti`` and ``cuda.bindings``; sampler/pm.py says what the
 counters mean and how they are used. Measured on an H200 (driver 580, run 21): a session needs
-a CUDA context in this process, which takes 527 MiB of the GPU's memory and lists the daemon
-as a compute process there (the NVML sampler leaves its own pid out).
+a CUDA context in its process, which takes 527 MiB of the GPU's memory.
+
+Run as ``python -m gpuflops.sampler.cupti --bus BUS --period S``, this module is the PM worker
+of one GPU (sampler/pm_worker.py says why and speaks its protocol): it opens the session,
+prints ``{"ready": true}``, then one JSON line per decoded sample until SIGTERM.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
+import json
 import logging
 import os
-from collections.abc import Iterable
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TextIO
 
 from gpuflops.sampler.pm import PM_METRICS, PmDevice, PmError
 
@@ -49,6 +58,17 @@ def _cupti_libraries() -> list[Path]:
     if len(found) != 3:
         raise PmError("not_installed", f"nvidia-cuda-cupti {have} lacks the profiler libraries")
     return found
+
+
+def check_installed() -> None:
+    """Raise PmError unless cupti-python and a matching CUPTI are installed; imports neither
+    (the daemon asks this, its PM workers load them)."""
+    import importlib.util
+
+    _cupti_libraries()
+    for module in ("cupti", "cuda.bindings"):
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            raise PmError("not_installed", f"{module} is not installed")
 
 
 class CuptiOpener:
@@ -99,6 +119,8 @@ class CuptiOpener:
 
 
 class _CuptiSession:
+    pid = None  # in this process (the worker's)
+
     def __init__(self, collector: object, cu: object, dev: object, ctx: object) -> None:
         self._c = collector
         self._cu = cu
@@ -123,3 +145,50 @@ class _CuptiSession:
         finally:
             self._c.disable()  # type: ignore[attr-defined]
             self._cu.cuDevicePrimaryCtxRelease(self._dev)  # type: ignore[attr-defined]
+
+
+def serve(open_session: Callable[[], PmDevice], period_s: float,
+          out: TextIO | None = None) -> int:
+    """The worker loop: open, say ready, stream samples until SIGTERM; errors as one line."""
+    stream = out or sys.stdout
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_a: stop.set())
+
+    def say(obj: object) -> None:
+        stream.write(json.dumps(obj) + "\n")
+        stream.flush()
+
+    try:
+        session = open_session()
+    except PmError as e:
+        say({"error": e.kind, "detail": str(e)})
+        return 1
+    try:
+        say({"ready": True})
+        while not stop.wait(min(0.1, period_s)):
+            for sample in session.read():
+                say(list(sample))
+    except PmError as e:
+        say({"error": e.kind, "detail": str(e)})
+        return 1
+    except BrokenPipeError:  # the daemon went away
+        return 0
+    finally:
+        session.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="PM sampling worker of one GPU (gpuflops daemon)")
+    ap.add_argument("--bus", required=True, help="PCI bus id of the GPU, as NVML spells it")
+    ap.add_argument("--period", type=float, required=True, help="PM sample period in seconds")
+    a = ap.parse_args(argv)
+
+    def open_session() -> PmDevice:
+        return CuptiOpener()(a.bus, a.period)
+
+    return serve(open_session, a.period)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

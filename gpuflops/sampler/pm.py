@@ -87,6 +87,11 @@ class PmWindow:
 class PmDevice(Protocol):
     """One GPU's PM sampling session (the CUPTI boundary; tests fake it)."""
 
+    @property
+    def pid(self) -> int | None:
+        """The worker process holding the session's CUDA context; None: this process."""
+        ...
+
     def read(self) -> list[tuple[int, int, float, float]]:
         """Samples completed since the last read: (start_ns, end_ns, sm_cycles, tensor_cycles)."""
         ...
@@ -228,12 +233,16 @@ class PmSampling:
     def window(self, key: str, t0_s: float, t1_s: float) -> PmWindow | None:
         """PM counts for the interval [t0_s, t1_s] that just ended, or None to fall back.
 
-        Reads the device first, so samples up to about one period before ``t1_s`` are in.
-        Consecutive windows of a device continue where the previous one stopped (at the newest
-        sample it used), so every PM sample is counted once even though the last one of an
-        interval is still open when the interval ends.
+        Reads what the device has delivered, which lags the interval's end by up to a decode
+        period of the worker (~0.1 s) plus one sample. Consecutive windows of a device continue
+        where the previous one stopped (at the newest sample it used), so every PM sample is
+        counted once: an interval's window is [previous end, newest sample end], shifted from
+        the interval by that lag, never losing or repeating a sample. It is used when samples
+        cover at least MIN_COVERAGE of it and it spans at least half the interval; otherwise
+        (a stalled or restarted worker, a hole in the samples) the interval falls back.
         """
         now = self._clock()
+        span = t1_s - t0_s
         with self._lock:
             d = self._devices.get(key)
             if d is None:
@@ -244,7 +253,8 @@ class PmSampling:
             self._read(d, now)
             if d.session is None or not d.samples:
                 return None
-            start = t0_s if d.cursor_s is None else max(d.cursor_s, t0_s - 2 * self._period)
+            # Continue from the previous window unless it ended more than an interval ago.
+            start = t0_s if d.cursor_s is None or d.cursor_s < t0_s - span else d.cursor_s
             end = min(t1_s, d.samples[-1].t1_s)
             covered = cyc = tensor = 0.0
             for s in d.samples:
@@ -257,14 +267,19 @@ class PmSampling:
                 tensor += f * s.tensor_cycles
             while d.samples and d.samples[0].t1_s <= end:
                 d.samples.popleft()
-            d.cursor_s = end
-        span = t1_s - t0_s
-        if span <= 0 or covered < MIN_COVERAGE * span:
+            d.cursor_s = max(end, start)
+        if span <= 0 or end - start < 0.5 * span or covered < MIN_COVERAGE * (end - start):
             with self._lock:
                 self._count(d, "partial_window",
                             f"samples cover {covered:.3f}s of a {span:.3f}s interval")
             return None
         return PmWindow(start, end, covered, cyc, tensor)
+
+    def worker_pids(self) -> set[int]:
+        """Processes that hold PM sessions for us: they run on the GPUs but are no job."""
+        with self._lock:
+            return {p for d in self._devices.values() if d.session is not None
+                    and (p := d.session.pid) is not None}
 
     def status(self) -> dict[str, str | None]:
         """Per GPU key: None while sampling, else why not (a stable kind)."""
@@ -386,8 +401,13 @@ class PmCountedSampler:
     def sample(self) -> list[GpuSample]:
         samples = self._inner.sample()
         self._watch_profilers()
+        workers = self._pm.worker_pids()
         out = []
         for s in samples:
+            if workers and any(p.pid in workers for p in s.processes):
+                s = dataclasses.replace(
+                    s, processes=tuple(p for p in s.processes if p.pid not in workers),
+                    process_util=tuple(u for u in s.process_util if u.pid not in workers))
             w = (self._pm.window(s.key, s.t0_s, s.t1_s)
                  if s.key in self._whole and s.activity is not None else None)
             if w is not None:

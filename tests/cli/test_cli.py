@@ -241,3 +241,24 @@ def test_log_format_json_and_exporter_toolkit_flags(short_dir: Path) -> None:
     lines = [json.loads(line) for line in r.stderr.splitlines() if line.strip()]
     assert lines and all({"ts", "level", "logger", "msg"} <= set(x) for x in lines)
     assert any(x["msg"].startswith("serving /custom on 127.0.0.1:0") for x in lines)
+
+
+def test_without_the_central_extra_only_its_commands_are_unavailable() -> None:
+    """psycopg and cryptography are the optional `central` extra: the image of a plain
+    `pip install gpuflops` must still run every other command."""
+    script = (
+        "import sys\n"
+        "sys.modules.update(cryptography=None, psycopg=None)  # import raises ImportError\n"
+        "from click.testing import CliRunner\n"
+        "from gpuflops.cli import main\n"
+        "r = CliRunner()\n"
+        "for cmd in ('daemon', 'record', 'status', 'run', 'estimate', 'verify', 'report'):\n"
+        "    res = r.invoke(main, [cmd, '--help'])\n"
+        "    assert res.exit_code == 0, (cmd, res.output)\n"
+        "for cmd in ('decide', 'gate', 'central'):\n"
+        "    res = r.invoke(main, [cmd, '--program', 'p'])\n"
+        "    assert res.exit_code == 1 and 'needs gpuflops[central]' in res.output, res.output\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       env=_env(), timeout=60, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

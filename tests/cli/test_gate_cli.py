@@ -22,8 +22,20 @@ def fleet(central: CentralDb, tmp_path: Path) -> Fleet:
 
 
 def _total(fleet: Fleet) -> float:
-    return math.fsum(v[0] for p in fleet.ledgers.values() for k, v in local_jobs(p).items()
-                     if k[1] == "prog")
+    """The program's compliance figure over the node ledgers, under the default policy."""
+    from gpuflops.compliance.programs import job_inputs
+    from gpuflops.compliance.reconcile import reconcile_job
+    from gpuflops.ledger.store import Ledger
+
+    total = []
+    for path in fleet.ledgers.values():
+        led = Ledger.open(path, clock=lambda: 0.0, readonly=True)
+        try:
+            inputs = job_inputs(led, led.totals(), led.job_events("prog"), "prog")
+        finally:
+            led.close()
+        total += [reconcile_job(i).compliance_flops for i in inputs]
+    return math.fsum(total)
 
 
 def test_gate_refuses_at_the_level_and_passes_after_a_recorded_decision(

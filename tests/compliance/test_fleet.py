@@ -3,6 +3,7 @@ report, program definitions and decisions, and `verify --central` against tamper
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -11,15 +12,18 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from gpuflops.compliance.fleet import build_central_report, load_program
+from gpuflops.compliance import programs
+from gpuflops.compliance.fleet import build_central_report, job_inputs, load_program
 from gpuflops.compliance.journal import check_journal, journal_rows, new_record
+from gpuflops.compliance.reconcile import reconcile_job
 from gpuflops.compliance.thresholds import ProgramsConfig
 from gpuflops.ledger.central import CentralStore
 from gpuflops.ledger.central_read import CentralReader
 from gpuflops.ledger.central_verify import verify_central
+from gpuflops.ledger.chain import canonical_json, record_hash
 from gpuflops.ledger.rollup import rollup_signing_message
 from gpuflops.ledger.signing import SigningKey, generate_key
-from gpuflops.ledger.store import canonical_json, record_hash
+from gpuflops.ledger.store import Ledger
 from tests.central_fixtures import CentralDb
 from tests.ledger.fleet_helpers import Fleet, local_jobs, ship_fleet
 
@@ -57,6 +61,44 @@ def test_program_totals_over_nodes_and_clusters_equal_the_node_ledgers(fleet: Fl
     assert {a["job"]: a["nodes"] for a in doc["attempts"]}["train-a"] == ["a"]
     assert doc["coverage"]["gaps"] and {g["node"] for g in doc["coverage"]["gaps"]} <= {"a", "b", "c"}
     assert doc["series"][-1]["cumulative_flops"] == doc["totals"]["measured_flops"]
+    # The v3 figures, built by the node report's code: per job and summed.
+    assert doc["totals"]["hardware_flops"] == sum(j["hardware_flops"] for j in doc["jobs"]) > 0
+    assert all(j["basis_used"] and "band" in j and "half_rate_fraction" in j for j in doc["jobs"])
+    # Every node's shipped daemon starts name no counter source: they read NVML, as a node's
+    # own report says of the same ledger.
+    assert doc["method"]["counter_sources"] == ["nvml"]
+
+
+def test_central_reconciliation_of_one_node_equals_the_nodes_own(fleet: Fleet) -> None:
+    """Per ledger, the central job inputs carry the node's every figure (HMMA FLOPs and the
+    latest half-rate claim included) and reconcile to the node's result, bit for bit; over
+    ledgers, the hardware figure is the sum of each node's."""
+    claimed = 0
+    hardware: dict[str, list[float]] = {}
+    with fleet.central.store("gf_read") as store:
+        reader = _reader(store)
+        rows = reader.program_jobs("prog")
+        everywhere = {(i.job, i.program): i for i in job_inputs(reader, rows, {}, matched=False)}
+        for node, lid in fleet.ids.items():
+            central = {(i.job, i.program): i for i in job_inputs(
+                reader, [r for r in rows if r.ledger_id == lid], {}, matched=False)}
+            led = Ledger.open(fleet.ledgers[node], clock=time.time, readonly=True)
+            try:
+                local = {(i.job, i.program): dataclasses.replace(
+                    i, matched_measured_flops=None, metadata={})
+                    for i in programs.job_inputs(led, led.totals(), [], "prog")}
+            finally:
+                led.close()
+            assert central == local
+            claimed += sum(i.half_rate_fraction is not None and i.hmma_flops > 0
+                           for i in local.values())
+            for k, i in local.items():
+                assert reconcile_job(central[k]) == reconcile_job(i)
+                hardware.setdefault(k[0], []).append(reconcile_job(i).hardware_flops)
+    assert claimed > 0  # the claims and tensor FLOPs were exercised
+    for (job, _p), i in everywhere.items():
+        assert math.isclose(reconcile_job(i).hardware_flops, math.fsum(hardware[job]),
+                            rel_tol=1e-12)
 
 
 def test_definitions_and_decisions_are_signed_and_a_forged_one_is_caught(
@@ -161,9 +203,10 @@ def test_verify_central_names_node_and_seq_of_tampering(fleet: Fleet, tmp_path: 
         assert f"FAILED: node b (cluster c1, ledger {fleet.ids['b']}) seq 5: hash" in r.stderr
 
 
-def test_tampered_derived_totals_are_caught(fleet: Fleet) -> None:
+@pytest.mark.parametrize("column", ["measured_flops", "hmma_flops"])
+def test_tampered_derived_totals_are_caught(fleet: Fleet, column: str) -> None:
     with fleet.central.admin() as admin:
-        admin.execute("UPDATE gpuflops.job_totals SET measured_flops = measured_flops - 1"
+        admin.execute(f"UPDATE gpuflops.job_totals SET {column} = {column} - 1"
                       " WHERE ledger_id = %s AND program = 'prog'", (fleet.ids["c"],))
         result = verify_central(_reader(admin))
     assert [f.node for f in result.faults] == ["c"] and "job_totals" in result.faults[0].reason

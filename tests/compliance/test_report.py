@@ -302,3 +302,12 @@ def test_html_measured_over_analytic_column_matches_the_totals(state_dir: Path) 
         measured, analytic, shown = float(cells[1]), float(cells[2]), cells[4]
         # The cells show 4 significant digits; the ratio agrees with them to that precision.
         assert float(shown) == pytest.approx(measured / analytic, rel=2e-3), cells
+
+
+def test_html_shows_the_hardware_figure_basis_and_band(state_dir: Path) -> None:
+    doc = json.loads(_cli("--program", "llama-ft", "--state-dir", str(state_dir)).stdout)
+    page = render_html(doc)
+    jobs = page.split("<h2>Jobs</h2>")[1].split("<h2>")[0]
+    assert "analytic_confirmed" in jobs and "± 15%" in jobs  # confirmed within the agreement
+    assert "± 15%" in page.split("<h2>Jobs</h2>")[0]  # the program's band beside its total
+    assert "Cycle counters: not recorded" in page  # the fixture's ledger has no daemon session

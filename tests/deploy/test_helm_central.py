@@ -37,9 +37,9 @@ def test_daemons_ship_with_a_password_file_never_in_argv() -> None:
     assert mounts["central"]["mountPath"] == "/etc/gpuflops/central"
     vols = {v["name"]: v for v in pod["volumes"]}
     assert vols["central"]["secret"]["secretName"] == "gpuflops-central"
-    from gpuflops.cli import daemon
+    from gpuflops.cli.daemon import daemon_command
 
-    assert {a for a in args if a.startswith("--")} - _flags(daemon) == set()
+    assert {a for a in args if a.startswith("--")} - _flags(daemon_command) == set()
 
 
 def test_central_serve_deployment_validates_and_selects_only_itself() -> None:

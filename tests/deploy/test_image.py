@@ -71,7 +71,7 @@ def test_containerfile_builds_and_runs_the_daemon(tmp_path: Path, made: list[str
     context.mkdir()
     shutil.copy(REPO / "Containerfile", context / "Containerfile")
     _run(sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(context / "wheels"),
-         str(REPO), timeout=600)
+         f"{REPO}[central]", timeout=600)
     image = f"localhost/gpuflops-test:{tag}"
     _run(buildah, "build", "--quiet", "--isolation", "chroot", "--build-arg", f"BASE={base}",
          "-f", "Containerfile", "-t", image, ".", cwd=context, timeout=900)
@@ -82,6 +82,10 @@ def test_containerfile_builds_and_runs_the_daemon(tmp_path: Path, made: list[str
     version = _run(buildah, "run", "--isolation", "chroot", run_ctr, "--",
                    "/opt/gpuflops/bin/gpuflops", "--version")
     assert version.strip() == f"gpuflops, version {__version__}"
+    # The chart's `central serve` Deployment runs this image: the central extra is in it.
+    serve = _run(buildah, "run", "--isolation", "chroot", run_ctr, "--",
+                 "/opt/gpuflops/bin/gpuflops", "central", "serve", "--help")
+    assert "--central" in serve
     demo = subprocess.run(
         [buildah, "run", "--isolation", "chroot", run_ctr, "--", "/opt/gpuflops/bin/gpuflops",
          "daemon", "--demo", "--no-loop", "--speed", "1000", "--no-socket", "--no-ledger",

@@ -146,7 +146,8 @@ def ledger_view(path: Path) -> dict[str, Any]:
             "head_seq": t.head_seq,
             "jobs": {(k.job, k.program): (v.measured_flops, v.analytic_flops, v.tokens,
                                           v.recompute_flops, v.estimate_t0_s, v.estimate_t1_s,
-                                          v.first_t_s, v.last_t_s) for k, v in t.jobs.items()},
+                                          v.first_t_s, v.last_t_s, v.hmma_flops,
+                                          v.half_rate_fraction) for k, v in t.jobs.items()},
             "gaps": sorted((g.seq, g.gpu, g.uuid, g.t0_s, g.t1_s, g.reason) for g in led.gaps()),
         }
     finally:

@@ -8,7 +8,6 @@ of every node ledger exactly once: job totals bit for bit, every gap, every head
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -137,8 +136,11 @@ def test_kill9_daemons_and_postgres_and_an_outage_lose_nothing(pg_own: PgCluster
         doc = json.loads(rep.stdout)
         expected = {f"job-{k}": v["jobs"][(f"job-{k}", PROGRAM)][0] for k, v in local.items()}
         assert {j["job"]: j["measured_flops"] for j in doc["jobs"]} == expected
+        # The program total is the plain sum over its jobs in report order (thresholds.py's
+        # program_status, as in a node's report); each job's figure is the exact sum over its
+        # ledgers. A second check against math.fsum of the jobs contradicted this one whenever
+        # the three-term sum rounds differently (it did in a run here: ...4542e17 vs ...45422e17).
         assert doc["totals"]["measured_flops"] == sum(expected[k] for k in sorted(expected))
-        assert doc["totals"]["measured_flops"] == math.fsum(expected.values())
         figures.update(records={k: v["head_seq"] for k, v in local.items()},
                        total_flops=doc["totals"]["measured_flops"],
                        wall_s=round(time.time() - started, 1))

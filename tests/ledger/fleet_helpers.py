@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from gpuflops.ledger.central import CentralStore
+from gpuflops.ledger.records import NODE
 from gpuflops.ledger.ship import RawChainReader, Shipper
 from gpuflops.ledger.signing import SigningKey, generate_key
-from gpuflops.ledger.store import NODE, FlopsRow, Ledger
+from gpuflops.ledger.store import Ledger
+from gpuflops.model import FlopsRow
 from tests.central_fixtures import CentralDb
 
 T0 = 1_760_000_000.0
@@ -21,7 +23,7 @@ JOBS = [("job-a", "prog"), ("job-b", "prog"), ("job-c", "other"), ("unattributed
 
 def fill(ledger: Ledger, rng: random.Random, n: int, t0: float) -> float:
     """Append ``n`` varied records (intervals of several jobs and GPUs, registrations,
-    estimates, ends, gaps, sessions); returns the time after the last one."""
+    estimates, half-rate claims, ends, gaps, sessions); returns the time after the last one."""
     t = t0
     for _ in range(n):
         r = rng.random()
@@ -37,9 +39,13 @@ def fill(ledger: Ledger, rng: random.Random, n: int, t0: float) -> float:
                 "analytic_flops": rng.uniform(1e12, 1e15), "tokens": float(rng.randint(1, 9999)),
                 "recompute_flops": rng.uniform(0, 1e13), "window_t0_s": w0, "window_t1_s": t},
                 t)
-        elif r < 0.86 and program != "unattributed":
+        elif r < 0.84 and program != "unattributed":
             ledger.append_job_event(rng.choice(["register", "end"]), job, program,
                                     {"attempt": rng.randint(1, 3), "node": "n1", "rank": 0}, t)
+        elif r < 0.86 and program != "unattributed":
+            ledger.append_job_event("claim", job, program, {
+                "kind": "half_rate_tensor_fraction", "value": rng.choice([0.0, 0.25, rng.random()]),
+                "sampled_steps": 1, "evidence": "test"}, t)
         elif r < 0.93:
             ledger.append_gap(t - 1.0, t, rng.choice(["gpm_read", "timeout"]), [("0", "GPU-0")])
         else:
@@ -49,12 +55,12 @@ def fill(ledger: Ledger, rng: random.Random, n: int, t0: float) -> float:
 
 
 def local_jobs(path: Path) -> dict[tuple[str, str], tuple[Any, ...]]:
-    """Every column of a node ledger's job_totals."""
+    """Every column of a node ledger's job_totals, in ``JobCum.row()`` order."""
     led = Ledger.open(path, clock=time.time, readonly=True)
     try:
         return {(k.job, k.program): (v.measured_flops, v.analytic_flops, v.tokens,
                                      v.recompute_flops, v.estimate_t0_s, v.estimate_t1_s,
-                                     v.first_t_s, v.last_t_s)
+                                     v.first_t_s, v.last_t_s, v.hmma_flops, v.half_rate_fraction)
                 for k, v in led.totals().jobs.items()}
     finally:
         led.close()

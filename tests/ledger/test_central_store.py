@@ -7,8 +7,8 @@ import uuid
 import pytest
 
 from gpuflops.ledger.central import CentralConfig, CentralError, CentralStore, Registration
+from gpuflops.ledger.chain import GENESIS_PREV_HASH, canonical_json, record_hash
 from gpuflops.ledger.rollup import JobCum, RawRecord, Replica, RollupBuilder
-from gpuflops.ledger.store import GENESIS_PREV_HASH, canonical_json, record_hash
 from tests.central_fixtures import CentralDb
 
 
@@ -61,13 +61,14 @@ def test_ship_role_appends_and_cannot_update_or_delete(central: CentralDb) -> No
                 ship.execute(sql)
             assert err.value.kind == "privilege", sql
     with central.admin() as admin:
-        rows = admin.fetch("SELECT measured_flops FROM gpuflops.job_totals WHERE ledger_id = %s",
-                           (ledger,))
+        rows = admin.fetch("SELECT measured_flops, hmma_flops FROM gpuflops.job_totals"
+                           " WHERE ledger_id = %s", (ledger,))
     replica = Replica()
     for r in _raw_chain(60):
         import json
         replica.apply(r.kind, json.loads(r.content))
-    assert rows == [(replica.jobs[("job1", "prog")].measured_flops,)]
+    cum = replica.jobs[("job1", "prog")]
+    assert rows == [(cum.measured_flops, cum.hmma_flops)] and cum.hmma_flops > 0
 
 
 @pytest.mark.parametrize("what", ["duplicate", "fork", "bad_link", "bad_hash", "gap_in_raw"])
@@ -112,5 +113,9 @@ def test_password_in_url_is_refused() -> None:
 
 
 def test_job_cum_roundtrip() -> None:
-    key, cum = JobCum.from_row(["j", "p", 1.0, 2.0, 3.0, 4.0, None, None, 5.0, 6.0])
-    assert key == ("j", "p") and cum.row("j", "p") == ["j", "p", 1.0, 2.0, 3.0, 4.0, None, None, 5.0, 6.0]
+    row = ["j", "p", 1.0, 2.0, 3.0, 4.0, None, None, 5.0, 6.0, 0.5, 0.25]
+    key, cum = JobCum.from_row(row)
+    assert key == ("j", "p") and cum.row("j", "p") == row
+    # A rollup shipped before the v4 columns: no HMMA FLOPs, no claim.
+    _key, old = JobCum.from_row(row[:10])
+    assert old.row("j", "p") == [*row[:10], 0.0, None]

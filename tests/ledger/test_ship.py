@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from gpuflops.ledger.central import CentralError
+from gpuflops.ledger.chain import GENESIS_PREV_HASH, canonical_json, record_hash
 from gpuflops.ledger.ship import RawChainReader, Shipper
 from gpuflops.ledger.signing import generate_key, load_or_generate
-from gpuflops.ledger.store import GENESIS_PREV_HASH, Ledger, canonical_json, record_hash
+from gpuflops.ledger.store import Ledger
 from tests.central_fixtures import CentralDb
 from tests.ledger.fleet_helpers import central_gaps, central_jobs, fill, local_gaps, local_jobs
 
@@ -80,6 +81,8 @@ def test_shipped_figures_are_bit_identical_to_the_node_ledger(central: CentralDb
         ledger_id = st.ledger_id
         assert ledger_id is not None
         assert central_jobs(store, ledger_id) == local_jobs(path)  # every column, every bit
+        # ... the v4 ones included: tensor-pipe FLOPs and the latest half-rate claim.
+        assert any(v[8] > 0 and v[9] is not None for v in local_jobs(path).values())
         assert central_gaps(store, ledger_id) == local_gaps(path)
         n_events = store.fetch("SELECT count(*) FROM gpuflops.events WHERE ledger_id = %s",
                                (ledger_id,))[0][0]

@@ -35,6 +35,8 @@ class Clock:
 class Replayed:
     """A PmDevice whose samples complete on the recorded timeline of the fake clock."""
 
+    pid = None
+
     def __init__(self, samples: list[list[float]], clock: Clock) -> None:
         self._samples = samples
         self._clock = clock
@@ -303,3 +305,95 @@ def test_daemon_falls_back_to_nvml_clock_without_cupti(monkeypatch: pytest.Monke
     chosen.close()
     with pytest.raises(SamplerError, match="--counters cupti"):
         build_sampler(Settings(backend="nvml", counters="cupti"))
+
+
+# ---------------------------------------------------------------- worker processes
+
+
+def _opener(mode: str, **kw: float):  # type: ignore[no-untyped-def]
+    import sys
+
+    from gpuflops.sampler.pm_worker import WorkerOpener
+
+    script = Path(__file__).with_name("pm_fake_worker.py")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return WorkerOpener([sys.executable, str(script), mode], env=env, **kw)
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_process_streams_its_samples_and_is_ended_on_close() -> None:
+    import time
+
+    session = _opener("replay")("00000000:18:00.0", 0.01)
+    assert session.pid is not None
+    time.sleep(1.0)
+    got = session.read()
+    assert len(got) > 50  # 10 ms samples for about a second
+    assert all(s1 > s0 for s0, s1, _c, _t in got)
+    session.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(session.pid, 0)
+
+
+@pytest.mark.timeout(60)
+def test_pm_windows_from_a_worker_process_count_the_recorded_cycles() -> None:
+    import time
+
+    pm = PmSampling({"0": "00000000:18:00.0"}, _opener("replay"), period_s=0.01)
+    pm.start()
+    assert len(pm.worker_pids()) == 1
+    t0 = time.time()
+    time.sleep(0.6)
+    w = pm.window("0", t0, time.time())
+    assert w is not None and w.covered_s > 0.5 and w.sm_cycles > 0
+    pm.close()
+    assert pm.worker_pids() == set()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("mode", "kind"), [("refuse", "counters_unavailable"),
+                                            ("hang", "worker_start_timeout")])
+def test_a_worker_that_cannot_sample_is_a_clear_error(mode: str, kind: str) -> None:
+    with pytest.raises(PmError) as e:
+        _opener(mode, start_timeout_s=2.0)("bus", 0.01)
+    assert e.value.kind == kind
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_dies_falls_back_and_one_that_will_not_stop_is_killed() -> None:
+    import time
+
+    crash = _opener("crash")("bus", 0.01)
+    time.sleep(1.5)
+    with pytest.raises(PmError) as e:
+        while True:  # what it sent before dying comes first
+            crash.read()
+            time.sleep(0.05)
+    assert e.value.kind == "worker_exited" and "(3)" in str(e.value)
+    crash.close()
+    deaf = _opener("deaf")("bus", 0.01)
+    t = time.monotonic()
+    deaf.close()  # ignores SIGTERM: killed after the grace period, never waited on for long
+    assert time.monotonic() - t < 6
+    assert deaf.pid is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(deaf.pid, 0)
+
+
+def test_a_lagging_worker_still_counts_every_cycle_once(recorded: dict) -> None:
+    # A worker decodes every 0.1 s and the pipe adds latency: the newest sample can be ~0.15 s
+    # behind the interval's end. Windows then trail the intervals; none falls back, none loses
+    # or repeats a sample.
+    global LAG_NS
+    saved, LAG_NS = LAG_NS, 150_000_000
+    try:
+        wins, pm = _windows(recorded)
+    finally:
+        LAG_NS = saved
+    assert all(w is not None for _a, _b, w in wins[1:])
+    got = sum(w.tensor_cycles for _a, _b, w in wins if w is not None)
+    first_end = wins[0][1]
+    want = sum(s[3] for s in recorded["samples"] if s[0] / 1e9 >= first_end - 0.5 - 0.02
+               and s[1] / 1e9 <= wins[-1][1] - 0.15)
+    assert got == pytest.approx(want, rel=5e-3)
+    assert ("0", "pm_partial_window") not in pm.errors
