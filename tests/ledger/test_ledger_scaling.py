@@ -123,7 +123,7 @@ def test_a_version_1_ledger_is_migrated_in_the_chain(tmp_path: Path) -> None:
     finally:
         led.close()
     con = sqlite3.connect(path)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     names = {n for (n,) in con.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"job_intervals_job_t0", "job_events_kind", "gaps_t1"} <= names
     con.close()
