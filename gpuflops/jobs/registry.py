@@ -103,18 +103,13 @@ class JobRegistry:
     # -- helpers ---------------------------------------------------------------------------
 
     def _find_locked(self, job_id: str) -> LiveJob | None:
-        """The job in memory, else as the ledger recorded it (an open one comes back to memory)."""
+        """The job in memory, else as the ledger recorded it (not yet back in memory: only a
+        uid that may write to it brings it back, in ``_owned``)."""
         job = self._jobs.get(job_id)
         if job is not None or self._history is None:
             return job
         known = self._history.known_job(job_id)
-        if known is None:
-            return None
-        job = LiveJob.restored(known)
-        if job.state == "open":
-            self._count_open_locked(job.owner_uid, +1)
-            self._jobs[job_id] = job
-        return job
+        return None if known is None else LiveJob.restored(known)
 
     def _count_open_locked(self, uid: int, delta: int) -> None:
         if delta > 0:
@@ -143,6 +138,9 @@ class JobRegistry:
             raise ProtocolError(
                 ErrorCode.FORBIDDEN, f"job {job_id!r} belongs to uid {job.owner_uid}"
             )
+        if job.state == "open" and job_id not in self._jobs:  # back from the ledger
+            self._count_open_locked(job.owner_uid, +1)
+            self._jobs[job_id] = job
         job.active_s = self._monotonic()
         return job
 
@@ -271,8 +269,8 @@ class JobRegistry:
                 try:
                     job = self._open(job_id, peer)
                 except ProtocolError as exc:
-                    refused = self._jobs.get(job_id)
-                    if exc.code == ErrorCode.FORBIDDEN and refused is not None:
+                    refused = self._find_locked(job_id) if exc.code == ErrorCode.FORBIDDEN else None
+                    if refused is not None:
                         self._refuse(refused, peer, "forbidden", flops, tokens, exc.detail)
                     raise
                 if client is not None and seq is not None:

@@ -205,15 +205,17 @@ def test_many_programs_do_not_stall_sampling(tmp: Path) -> None:
                                     "tokens": 1}).encode() + b"\n")
             f.flush()
             assert all(json.loads(f.readline())["ok"] for _ in range(3000))
-        deadline = time.monotonic() + 8
-        while time.monotonic() < deadline:
+        started = time.monotonic()
+        programs: set[str] = set()
+        # Until every program has been evaluated, and a few seconds of re-evaluations more.
+        while len(programs) < 1500 or time.monotonic() - started < 8:
+            assert time.monotonic() - started < 60, f"{len(programs)} programs evaluated"
             assert d.healthz()[0] == 200
             m = d.metrics() or {}
             last = max(v for _l, v in m["gpuflops_sampler_last_sample_timestamp_seconds"])
             programs = {lab["program"] for lab, _v in m.get("gpuflops_program_flops_total", [])}
             # At 20x replay speed sample times run ahead of the clock, never behind it.
-            assert last > time.time() - 2.0
+            assert last > time.time() - 3.0
             time.sleep(0.5)
-        assert len(programs) == 1500
     finally:
         d.stop()
