@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
@@ -34,6 +35,7 @@ FORWARDED_SIGNALS = (
 )
 _SI_USER_MAX = 0  # si_code <= 0: sent by a process (kill, tkill, sigqueue); > 0: by the kernel
 _KEEPALIVE_S = 2.0
+_PING_EVERY_S = 30.0  # well inside the daemon's socket_idle_s (120 s by default)
 _REFUSED = frozenset({ErrorCode.CONFLICT, ErrorCode.FORBIDDEN, ErrorCode.JOB_ENDED,
                       ErrorCode.BAD_FIELD})
 
@@ -48,6 +50,7 @@ class _Session:
         self.sock: socket.socket | None = None
         self.last_error: str | None = None
         self.refused: dict[str, Any] | None = None
+        self.sent_s = time.monotonic()
 
     def connect(self) -> bool:
         """Connect and register; False (with last_error or refused set) when that failed."""
@@ -76,6 +79,7 @@ class _Session:
         """Send one message and return its reply, or None (connection closed) on failure."""
         if self.sock is None:
             return None
+        self.sent_s = time.monotonic()
         try:
             self.sock.sendall(protocol.encode(msg))
             data = b""
@@ -200,3 +204,5 @@ def _supervise(
             return exit_status(returncode)
         if info is None and not session.alive() and session.refused is None:
             session.connect()  # daemon restarted: register again so the tree stays attributed
+        elif info is None and time.monotonic() - session.sent_s > _PING_EVERY_S:
+            session.request({"v": 1, "op": "ping"})  # the daemon closes silent connections
