@@ -8,7 +8,7 @@ Run on a two-GPU H200 machine from the repository root (cupti-python carried as 
 
 Every job is built from a config (no downloads), trains with bf16 autocast as a new user's
 Trainer job would (``bf16=True``), and publishes its analytic estimate through the HF callback.
-Jobs run two at a time, one per GPU; the DDP job takes both.
+Jobs run one per GPU at a time; the DDP job takes two GPUs (skipped on a one-GPU machine).
 
 Three figures per job, against two truths:
 - ``measured``: the daemon's hardware figure for the job (``gpuflops_job_measured_flops``);
@@ -261,13 +261,27 @@ def _job_cmd(name: str, mode: str, out: Path, sock: str | None) -> list[str]:
     return [PY, *me]
 
 
+def _gpu_count() -> int:
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        return int(pynvml.nvmlDeviceGetCount())
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def _batches(names: list[str]) -> Iterator[list[tuple[str, str]]]:
-    """(job, CUDA_VISIBLE_DEVICES) groups that run at once: singles in pairs, DDP alone."""
+    """(job, CUDA_VISIBLE_DEVICES) groups that run at once: one single-GPU job per GPU, DDP
+    alone; a DDP job wider than the machine is skipped (said in the log)."""
+    ngpu = _gpu_count()
     singles = [n for n in names if JOBS[n].world == 1]
-    for i in range(0, len(singles), 2):
-        yield [(n, str(g)) for g, n in enumerate(singles[i:i + 2])]
+    for i in range(0, len(singles), ngpu):
+        yield [(n, str(g)) for g, n in enumerate(singles[i:i + ngpu])]
     for n in names:
-        if JOBS[n].world > 1:
+        if JOBS[n].world > ngpu:
+            log(f"{n} needs {JOBS[n].world} GPUs, this machine has {ngpu}: skipped")
+        elif JOBS[n].world > 1:
             yield [(n, ",".join(str(g) for g in range(JOBS[n].world)))]
 
 

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TextIO
@@ -26,6 +27,10 @@ from typing import TextIO
 from gpuflops.sampler.pm import PM_METRICS, PmDevice, PmError
 
 log = logging.getLogger(__name__)
+
+# Seconds between decodes. Each decode builds a counter-data image and a metric evaluator
+# (cupti-python's CounterData), which is most of the worker's CPU time.
+DECODE_S = 0.1
 
 
 def _preload(paths: Iterable[Path]) -> None:
@@ -127,10 +132,10 @@ class _CuptiSession:
         self._dev = dev
         self._ctx = ctx
 
-    def read(self) -> list[tuple[int, int, float, float]]:
+    def read(self, max_samples: int = 4096) -> list[tuple[int, int, float, float]]:
         self._cu.cuCtxSetCurrent(self._ctx)  # type: ignore[attr-defined]
         try:
-            data = self._c.decode(max_samples=4096)  # type: ignore[attr-defined]
+            data = self._c.decode(max_samples=max_samples)  # type: ignore[attr-defined]
             return [(int(s.start_timestamp), int(s.end_timestamp), float(s.metric_values[0]),
                      float(s.metric_values[1])) for s in data]
         except Exception as e:  # cuptiError (see above), MemoryError on buffer overflow
@@ -148,9 +153,17 @@ class _CuptiSession:
 
 
 def serve(open_session: Callable[[], PmDevice], period_s: float,
-          out: TextIO | None = None) -> int:
-    """The worker loop: open, say ready, stream samples until SIGTERM; errors as one line."""
+          out: TextIO | None = None, decode_s: float | None = None,
+          stats: TextIO | None = None) -> int:
+    """The worker loop: open, say ready, stream samples until SIGTERM; errors as one line.
+
+    Samples are decoded every ``decode_s`` (default: every sample period, at most 0.1 s).
+    ``stats`` (when given) gets one JSON line at exit with the decode count and the CPU seconds
+    spent decoding (benchmarks/pm_worker_cost.py).
+    """
     stream = out or sys.stdout
+    reads = samples = 0
+    read_cpu_s = cpu_ready = 0.0
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_a: stop.set())
 
@@ -165,8 +178,14 @@ def serve(open_session: Callable[[], PmDevice], period_s: float,
         return 1
     try:
         say({"ready": True})
-        while not stop.wait(min(0.1, period_s)):
-            for sample in session.read():
+        cpu_ready = time.process_time()
+        every = decode_s if decode_s is not None else min(DECODE_S, period_s)
+        while not stop.wait(every):
+            c0 = time.process_time()
+            got = session.read()
+            read_cpu_s += time.process_time() - c0
+            reads, samples = reads + 1, samples + len(got)
+            for sample in got:
                 say(list(sample))
     except PmError as e:
         say({"error": e.kind, "detail": str(e)})
@@ -175,6 +194,11 @@ def serve(open_session: Callable[[], PmDevice], period_s: float,
         return 0
     finally:
         session.close()
+        if stats is not None:
+            stats.write(json.dumps({"reads": reads, "samples": samples,
+                                    "read_cpu_s": read_cpu_s,
+                                    "cpu_since_ready_s": time.process_time() - cpu_ready}) + "\n")
+            stats.flush()
     return 0
 
 
@@ -182,12 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="PM sampling worker of one GPU (gpuflops daemon)")
     ap.add_argument("--bus", required=True, help="PCI bus id of the GPU, as NVML spells it")
     ap.add_argument("--period", type=float, required=True, help="PM sample period in seconds")
+    ap.add_argument("--decode-every", type=float, default=None,
+                    help="seconds between decodes of the hardware buffer (default: the sample "
+                    f"period, at most {DECODE_S} s)")
+    ap.add_argument("--stats", action="store_true", help="print decode statistics to stderr "
+                    "at exit")
     a = ap.parse_args(argv)
 
     def open_session() -> PmDevice:
         return CuptiOpener()(a.bus, a.period)
 
-    return serve(open_session, a.period)
+    return serve(open_session, a.period, decode_s=a.decode_every,
+                 stats=sys.stderr if a.stats else None)
 
 
 if __name__ == "__main__":
