@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device call on an H200 machine: the PM worker's cost by decode cadence, then the daemon's
-# overhead at its defaults (PM workers included) and its yielding to Nsight Compute.
+# One device call on an H200 machine: the PM worker's cost by request cadence, then the daemon's
+# overhead at its defaults (PM workers included) and its yielding to Nsight Compute, then the
+# overhead with NVML's clock only (--counters nvml), to tell PM sampling's share.
 #   OUT=... bash benchmarks/run_h200_overhead.sh      (from the repository root, wheels in .whl/)
 set -u
 : "${OUT:?}"
@@ -10,7 +11,10 @@ export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1
 # cupti-python 13.3 wants its own CUPTI, not the 13.0 one torch's environment carries.
 export LD_LIBRARY_PATH=/tmp/site/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
 nvidia-smi --query-gpu=name,driver_version,power.limit,compute_mode --format=csv | tee "$OUT/gpus.txt"
-timeout 120 python3 benchmarks/pm_worker_cost.py --out "$OUT" --seconds 10 \
-  --decode "${COST_DECODE:-0.1,0.25,0.5,1.0}" 2>&1 | tee "$OUT/cost-log.txt"
-timeout 300 python3 benchmarks/pm_overhead.py --out "$OUT" --blocks "${OH_BLOCKS:-8}" \
+timeout 100 python3 benchmarks/pm_worker_cost.py --out "$OUT" --seconds 12 \
+  --requests "${COST_REQUESTS:-0.5,0.1}" 2>&1 | tee "$OUT/cost-log.txt"
+timeout 260 python3 benchmarks/pm_overhead.py --out "$OUT/defaults" --blocks "${OH_BLOCKS:-8}" \
   --block-s 12 --settle-s 4 2>&1 | tee "$OUT/overhead-log.txt"
+[ -n "${OH_NVML:-1}" ] && timeout 150 python3 benchmarks/pm_overhead.py --out "$OUT/nvml" \
+  --skip-profiler --daemon-args "--counters nvml" --blocks "${OH_BLOCKS:-8}" --block-s 12 \
+  --settle-s 4 2>&1 | tee "$OUT/overhead-nvml-log.txt"

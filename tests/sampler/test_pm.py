@@ -397,3 +397,22 @@ def test_a_lagging_worker_still_counts_every_cycle_once(recorded: dict) -> None:
                and s[1] / 1e9 <= wins[-1][1] - 0.15)
     assert got == pytest.approx(want, rel=5e-3)
     assert ("0", "pm_partial_window") not in pm.errors
+
+
+@pytest.mark.timeout(60)
+def test_a_read_asks_the_worker_to_decode_and_gets_the_samples_up_to_now() -> None:
+    import time
+
+    # The fake worker's own idle decode comes after 1 s: samples within 0.3 s can only be the
+    # answer to the read's request.
+    session = _opener("replay")("00000000:18:00.0", 0.01)
+    try:
+        time.sleep(0.3)
+        t = time.time()
+        got = session.read()
+        assert len(got) >= 20
+        assert got[-1][1] / 1e9 > t - 0.1  # up to the request, not an old batch
+        again = session.read()
+        assert all(s0 >= got[-1][1] for s0, _s1, _c, _t in again)  # nothing twice
+    finally:
+        session.close()
