@@ -29,8 +29,8 @@ def _run(resolve, declared_precision, limit=400):  # type: ignore[no-untyped-def
 
 
 def test_declared_precision_of_the_only_job_sets_the_hmma_rate() -> None:
-    bf16 = _run(lambda pid: ("j", "p"), lambda j, p: "bf16")
-    fp8 = _run(lambda pid: ("j", "p"), lambda j, p: "fp8")
+    bf16 = _run(lambda pid, _uuid: ("j", "p"), lambda j, p: "bf16")
+    fp8 = _run(lambda pid, _uuid: ("j", "p"), lambda j, p: "fp8")
     hb = sum(v for (g, pipe, prec), v in bf16.gpu_flops.items() if pipe == "hmma")
     as_fp8 = fp8.gpu_flops[("0", "hmma", "fp8")]
     # Intervals in which no process was listed yet keep the configured precision.
@@ -50,7 +50,7 @@ def _shared_run(declared: dict[str, str]) -> set[str]:
     gpus = list(header.gpus)
     totals = Totals(gpus)
     p = Pipeline(gpus, Integrator(), ProcessAttributor(),
-                 Labeler(lambda pid: jobs.get(pid, ("unattributed", "unattributed")),
+                 Labeler(lambda pid, _uuid: jobs.get(pid, ("unattributed", "unattributed")),
                          lambda j, _p: declared.get(j)),
                  CountingSink(), totals)
     for iv in shared:
@@ -73,7 +73,7 @@ def test_counters_rise_only_with_what_the_ledger_committed(tmp_path: Path) -> No
     snap = None
     try:
         p = Pipeline(list(header.gpus), Integrator(), ProcessAttributor(),
-                     Labeler(lambda pid: ("j", "p")), sink, totals)
+                     Labeler(lambda _pid, _uuid: ("j", "p")), sink, totals)
         for iv in intervals[:300]:
             p.step(list(iv.samples))
         p.flush()
