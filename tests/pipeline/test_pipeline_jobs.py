@@ -41,6 +41,17 @@ def test_declared_precision_of_the_only_job_sets_the_hmma_rate() -> None:
     assert fp8.job_flops[("j", "p")] > 0
 
 
+def test_the_labeler_is_asked_with_the_unit_the_work_ran_on() -> None:
+    asked: set[str] = set()
+
+    def resolve(pid: int, uuid: str) -> tuple[str, str]:
+        asked.add(uuid)  # PodResources maps this unit to a pod (docs/attribution.md)
+        return "j", "p"
+
+    _run(resolve, lambda j, p: "bf16")
+    assert asked == {g.uuid for g in demo_trace()[0].gpus}
+
+
 def _shared_run(declared: dict[str, str]) -> set[str]:
     header, intervals, _ = demo_trace()
     shared = [iv for iv in intervals if len(iv.samples[0].processes) > 1]
