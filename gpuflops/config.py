@@ -34,6 +34,8 @@ LOG_LEVELS: Mapping[str, int] = {"debug": logging.DEBUG, "info": logging.INFO,
 LOG_FORMATS = ("logfmt", "json")
 DEMO_TRACE = "h100-demo.jsonl.gz"  # shipped in gpuflops/data; `--demo` and the replay default
 # The H100 accuracy figures measured in docs/accuracy.md, the audit report's default.
+# Where the kubelet serves its PodResources API; the chart mounts its directory read-only.
+KUBELET_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 DEFAULT_DCGM_ENDPOINT = "localhost:5555"  # host:port, unix:///path, or "embedded"
 # Where DCGM's Python bindings live when no directory is configured.
 DEFAULT_DCGM_BINDINGS: tuple[Path, ...] = (
@@ -144,6 +146,9 @@ class Settings:
     kubelet_url: str | None = None
     kubelet_ca_file: str | None = None
     kubelet_insecure_tls: bool = False
+    # The kubelet's PodResources socket (KUBELET_POD_RESOURCES_SOCKET): GPU -> pod when /pods
+    # is off or fails (docs/attribution.md); None: not used. Needs the kubernetes extra.
+    pod_resources_socket: str | None = None
     dcgm_endpoint: str = DEFAULT_DCGM_ENDPOINT
     dcgm_bindings: tuple[str, ...] = ()  # where DCGM's Python bindings live; () = known places
     # Fleet tier (docs/fleet.md): ship the ledger to PostgreSQL. The URL never holds a password.

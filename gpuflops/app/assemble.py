@@ -321,12 +321,21 @@ def _labeler(s: Settings, jobs: JobRegistry, clock: Callable[[], float]) -> Labe
                 verify_tls=not s.kubelet_insecure_tls,
             ),
         )
+    pod_resources = None
+    if s.pod_resources_socket:
+        try:  # grpcio and protobuf come with the kubernetes extra; imported only here
+            from gpuflops.identity.podresources import PodResourcesClient, grpc_list
+        except ImportError as e:
+            raise RuntimeError(f"pod_resources_socket needs grpcio and protobuf ({e}): "
+                               "pip install 'gpuflops[kubernetes]'") from None
+        pod_resources = PodResourcesClient(grpc_list(s.pod_resources_socket))
     mapper = JobMapper(order=s.job_sources, socket_lookup=from_socket, kubelet=kubelet,
+                       pod_resources=pod_resources,
                        authorize=lambda ref, uid, groups: jobs.may_attribute(
                            ref.job, ref.program, uid, groups))
 
-    def resolve(pid: int) -> tuple[str, str]:
-        ref = mapper.resolve(pid)
+    def resolve(key: tuple[int, str]) -> tuple[str, str]:
+        ref = mapper.resolve(*key)
         return ref.job, ref.program
 
     def declared_precision(job: str) -> str | None:
@@ -334,7 +343,8 @@ def _labeler(s: Settings, jobs: JobRegistry, clock: Callable[[], float]) -> Labe
         return None if snap is None else normalize_precision(snap.metadata.get("precision"))
 
     declared = Memo(declared_precision, clock)
-    return Labeler(Memo(resolve, clock), lambda job, _program: declared(job))
+    job_of = Memo(resolve, clock)
+    return Labeler(lambda pid, uuid: job_of((pid, uuid)), lambda job, _program: declared(job))
 
 
 def _open_ledger(s: Settings, clock: Callable[[], float]) -> tuple[Ledger, str | None]:

@@ -15,6 +15,7 @@ from gpuflops.config import (
     DEFAULT_SOCKET_PATH,
     DEFAULT_STATE_DIR,
     DEFAULT_TELEMETRY_PATH,
+    KUBELET_POD_RESOURCES_SOCKET,
     Settings,
     SettingsError,
     resolve_settings,
@@ -61,6 +62,9 @@ from gpuflops.config import (
               help="Kubelet /pods URL for pod names, e.g. https://$NODE_IP:10250/pods.")
 @click.option("--kubelet-ca", "kubelet_ca_file", default=None, help="CA bundle for the kubelet's TLS.")
 @click.option("--kubelet-insecure-tls", is_flag=True, help="Do not verify the kubelet's certificate.")
+@click.option("--pod-resources-socket", default=None, metavar="PATH",
+              help="Kubelet PodResources socket: pod names by GPU where /pods is off or fails, "
+                   f"e.g. {KUBELET_POD_RESOURCES_SOCKET} (needs gpuflops[kubernetes]).")
 @click.option("--central", "central_url", default=None, metavar="URL",
               help="Ship the ledger to this PostgreSQL (libpq URL, no password; docs/fleet.md).")
 @click.option("--central-password-file", type=click.Path(dir_okay=False, exists=True), default=None,

@@ -2,8 +2,9 @@
 torchrun or systemd, in a configurable order; anything else goes to the explicit unattributed job.
 
 Only this module reads /proc/<pid>/{stat,cgroup,environ} for attribution, and only
-``KubeletClient`` (kubelet.py) talks to the kubelet; both take their root, clock and transport
-through the constructor. See docs/attribution.md ("Process → job mapping") for layouts and rules.
+``KubeletClient`` (kubelet.py) and ``PodResourcesClient`` (podresources.py) talk to the kubelet;
+they take their root, clock and transport through the constructor. See docs/attribution.md
+("Process → job mapping") for layouts and rules.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from gpuflops.identity.cgroup import (
     DEFAULT_SYSTEMD_IGNORE,
@@ -33,6 +35,9 @@ from gpuflops.identity.cgroup import (
 )
 from gpuflops.identity.kubelet import KubeletClient
 from gpuflops.model import UNATTRIBUTED
+
+if TYPE_CHECKING:  # podresources.py imports grpc, which only its optional extra installs
+    from gpuflops.identity.podresources import PodResourcesClient
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +139,7 @@ class JobMapper:
         proc_root: Path = Path("/proc"),
         order: Sequence[str] = DEFAULT_ORDER,
         kubelet: KubeletClient | None = None,
+        pod_resources: PodResourcesClient | None = None,
         socket_lookup: Callable[[int], JobIdentity | None] | None = None,
         authorize: Authorize | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -145,6 +151,7 @@ class JobMapper:
         self._proc = proc_root
         self._order = validate_order(order)
         self._kubelet = kubelet
+        self._pod_resources = pod_resources
         self._socket_lookup = socket_lookup
         self._authorize = authorize
         self._clock = clock
@@ -156,7 +163,8 @@ class JobMapper:
         self._cache: dict[int, _Entry] = {}
         self._pruned_at = clock()
         self._counts: dict[str, int] = {}
-        self._sources: dict[str, Callable[[_ProcView], tuple[JobIdentity | None, bool]]] = {
+        self._sources: dict[str, Callable[[_ProcView, str | None],
+                                          tuple[JobIdentity | None, bool]]] = {
             "env": self._from_env,
             "kubernetes": self._from_kubernetes,
             "slurm": self._from_slurm,
@@ -175,20 +183,25 @@ class JobMapper:
         if self._kubelet is not None:
             counts["kubelet_requests"] = self._kubelet.requests
             counts["kubelet_errors"] = self._kubelet.errors
+        if self._pod_resources is not None:
+            pr = self._pod_resources
+            counts.update(pod_resources_requests=pr.requests, pod_resources_errors=pr.errors,
+                          pod_resources_shared=pr.shared, pod_resources_conflicts=pr.conflicts)
         return counts
 
-    def resolve(self, pid: int) -> JobIdentity:
-        """The job ``pid`` works for; ``UNATTRIBUTED_IDENTITY`` when no source knows."""
+    def resolve(self, pid: int, gpu: str | None = None) -> JobIdentity:
+        """The job ``pid`` works for; ``UNATTRIBUTED_IDENTITY`` when no source knows. ``gpu`` is
+        the UUID of the unit (GPU or MIG device) the work ran on: PodResources maps it to a pod."""
         with self._lock:
             now = self._clock()
             self._prune(now)
-            ref = self._resolve(pid, now)
+            ref = self._resolve(pid, gpu, now)
             self._count("unattributed" if ref.source == "none" else f"resolved_{ref.source}")
             return ref
 
     # -- cache ---------------------------------------------------------------------------------
 
-    def _resolve(self, pid: int, now: float) -> JobIdentity:
+    def _resolve(self, pid: int, gpu: str | None, now: float) -> JobIdentity:
         entry = self._cache.get(pid)
         stat = self._read_stat(self._proc / str(pid))
         fresh = (
@@ -217,7 +230,7 @@ class JobMapper:
             elif source in entry.results:
                 ref = entry.results[source]
             else:
-                ref, final = self._run_source(source, entry.view)
+                ref, final = self._run_source(source, entry.view, gpu)
                 if final:
                     entry.results[source] = ref
             if ref is not None and source != "socket" and entry is not None \
@@ -244,9 +257,10 @@ class JobMapper:
                       ref.source)
         return False
 
-    def _run_source(self, source: str, view: _ProcView) -> tuple[JobIdentity | None, bool]:
+    def _run_source(self, source: str, view: _ProcView,
+                    gpu: str | None) -> tuple[JobIdentity | None, bool]:
         try:
-            return self._sources[source](view)
+            return self._sources[source](view, gpu)
         except Exception as e:  # a parser bug must cost one answer, not the daemon
             self._problem("source_error", "source %s failed for pid %d: %r", source, view.pid, e)
             return None, False
@@ -323,13 +337,13 @@ class JobMapper:
             return None
         return JobIdentity(job, sanitize_label(ref.program) or job, "socket", ref.details)
 
-    def _from_env(self, view: _ProcView) -> tuple[JobIdentity | None, bool]:
+    def _from_env(self, view: _ProcView, _gpu: str | None) -> tuple[JobIdentity | None, bool]:
         job = sanitize_label(view.env.get("GPUFLOPS_JOB", "")) if view.env else ""
         if not job:
             return None, True
         return JobIdentity(job, _program(view.env) or job, "env", {}), True
 
-    def _from_kubernetes(self, view: _ProcView) -> tuple[JobIdentity | None, bool]:
+    def _from_kubernetes(self, view: _ProcView, gpu: str | None) -> tuple[JobIdentity | None, bool]:
         pod = find_pod(view.cgroups)
         if pod is None:
             return None, True
@@ -342,10 +356,19 @@ class JobMapper:
             "conmon": "true" if pod.conmon else None,
         }
         if info is None:
-            job = sanitize_label(f"k8s/pod/{pod.pod_uid}")
+            held = None
+            if self._pod_resources is not None and gpu:
+                held = self._pod_resources.holder(gpu, pod.pod_uid)
+            # No labels from PodResources: the program comes from the job socket or the env.
+            job = sanitize_label(f"k8s/{held.namespace}/{held.pod}" if held is not None
+                                 else f"k8s/pod/{pod.pod_uid}")
+            if held is not None:
+                details.update(namespace=held.namespace, pod=held.pod, container=held.container,
+                               pod_source="pod-resources")
             ref = JobIdentity(job, _program(view.env) or job, "kubernetes", _details(details))
-            # Not cached: once the kubelet answers, the pod's name replaces its UID.
-            return ref, self._kubelet is None
+            # Not cached: once the kubelet answers, the pod's name replaces its UID; and a
+            # PodResources answer depends on the GPU asked about.
+            return ref, self._kubelet is None and self._pod_resources is None
         group = info.labels.get(JOB_LABEL) or info.annotations.get(JOB_LABEL)
         job = sanitize_label(f"k8s/{info.namespace}/{group or info.name}")
         named = info.labels.get(PROGRAM_LABEL) or info.annotations.get(PROGRAM_LABEL)
@@ -357,7 +380,7 @@ class JobMapper:
         program = _program(None, named) or _program(view.env) or job
         return JobIdentity(job, program, "kubernetes", _details(details)), True
 
-    def _from_slurm(self, view: _ProcView) -> tuple[JobIdentity | None, bool]:
+    def _from_slurm(self, view: _ProcView, _gpu: str | None) -> tuple[JobIdentity | None, bool]:
         cg = find_slurm(view.cgroups)
         env = view.env or {}
         env_job = env.get("SLURM_JOB_ID", "").strip()
@@ -382,7 +405,7 @@ class JobMapper:
         program = _program(view.env, trusted_env.get("SLURM_JOB_NAME")) or job
         return JobIdentity(job, program, "slurm", details), True
 
-    def _from_torchrun(self, view: _ProcView) -> tuple[JobIdentity | None, bool]:
+    def _from_torchrun(self, view: _ProcView, _gpu: str | None) -> tuple[JobIdentity | None, bool]:
         env = view.env or {}
         if "TORCHELASTIC_RUN_ID" not in env:
             return None, True
@@ -418,7 +441,7 @@ class JobMapper:
             ppid = stat.ppid
         return None
 
-    def _from_systemd(self, view: _ProcView) -> tuple[JobIdentity | None, bool]:
+    def _from_systemd(self, view: _ProcView, _gpu: str | None) -> tuple[JobIdentity | None, bool]:
         unit = find_systemd_unit(view.cgroups, self._systemd_ignore)
         if unit is None:
             return None, True

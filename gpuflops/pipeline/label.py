@@ -15,7 +15,8 @@ from typing import Generic, TypeVar
 from gpuflops.model import UNATTRIBUTED, AttributedInterval, FlopsRow, GpuSample
 from gpuflops.rates import HMMA_PRECISIONS
 
-JobOf = Callable[[int], tuple[str, str]]  # pid -> (job, program)
+# (pid, UUID of the GPU or MIG device the work ran on) -> (job, program)
+JobOf = Callable[[int, str], tuple[str, str]]
 DeclaredPrecision = Callable[[str, str], str | None]  # (job, program) -> declared HMMA precision
 
 K = TypeVar("K")
@@ -54,19 +55,20 @@ class Labeler:
         self._job_of = job_of
         self._declared = declared_precision
 
-    def job(self, pid: int | None) -> tuple[str, str]:
-        """(job, program) of a process; unattributed work (pid None) is its own pseudo-job."""
+    def job(self, pid: int | None, uuid: str) -> tuple[str, str]:
+        """(job, program) of a process working on unit ``uuid``; unattributed work (pid None)
+        is its own pseudo-job."""
         if pid is None or self._job_of is None:
             return UNATTRIBUTED, UNATTRIBUTED
-        return self._job_of(pid)
+        return self._job_of(pid, uuid)
 
-    def hmma_precision(self, sample: GpuSample) -> str | None:
-        """The HMMA precision every job on this unit declared, if they agree."""
+    def hmma_precision(self, sample: GpuSample, uuid: str) -> str | None:
+        """The HMMA precision every job on this unit (``uuid``) declared, if they agree."""
         if self._declared is None or not sample.processes or not sample.activity:
             return None
         found = set()
         for p in sample.processes:
-            job, program = self.job(p.pid)
+            job, program = self.job(p.pid, uuid)
             found.add(self._declared(job, program) if job != UNATTRIBUTED else None)
         if len(found) == 1:
             (only,) = found
@@ -77,7 +79,7 @@ class Labeler:
         """One ledger row per share of a settled interval, labelled with its job."""
         rows = []
         for share in item.shares:
-            job, program = self.job(share.pid)
+            job, program = self.job(share.pid, uuid)
             rows.append(
                 FlopsRow(item.key, uuid, share.pipe.value, share.precision, job, program,
                          share.pid, share.flops, share.comm)

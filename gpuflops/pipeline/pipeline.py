@@ -140,7 +140,7 @@ class Pipeline:
             if info is None:
                 log.warning("sample for unknown unit %r ignored", s.key)
                 continue
-            flops = self.integrator.integrate(info, s, self._labeler.hmma_precision(s))
+            flops = self.integrator.integrate(info, s, self._labeler.hmma_precision(s, info.uuid))
             self._counters.record_live(s, flops)
             if flops.gap_reason is not None:
                 self._sink.on_gap(info.key, info.uuid, flops.t0_s, flops.t1_s, flops.gap_reason)

@@ -48,7 +48,7 @@ def _registry() -> tuple[CollectorRegistry, Totals]:
                      unavailable_reason="GPM not supported on this ampere GPU")
     totals = Totals([INFO, no_gpm])
     p = Pipeline([INFO, no_gpm], Integrator(), ProcessAttributor(),
-                 Labeler(lambda _pid: ("ft-1", "llama-ft")), CountingSink(), totals)
+                 Labeler(lambda _pid, _uuid: ("ft-1", "llama-ft")), CountingSink(), totals)
     for iv in _INTERVALS:
         s = iv.samples[0]
         if s.t0_s > SHARED_T1 - 3:

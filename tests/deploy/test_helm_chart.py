@@ -29,6 +29,7 @@ EVERYTHING_ON = {
     "prometheusRule": {"enabled": True},
     "grafanaDashboards": {"enabled": True},
     "webConfig": {"enabled": True, "secretName": "gpuflops-web", "tls": True},
+    "podResources": {"enabled": True},
 }
 # Defaults in gpuflops.rules.yml the chart substitutes (templates/prometheusrule.yaml).
 SUBSTITUTED = {
@@ -125,6 +126,32 @@ def test_kubelet_lookup_gets_only_nodes_proxy_get_and_the_node_ip() -> None:
     off = objects({"kubelet": {"enabled": False}})["DaemonSet"]["spec"]["template"]["spec"]
     assert "--kubelet-url" not in off["containers"][0]["args"]
     assert off["automountServiceAccountToken"] is False
+
+
+def test_pod_resources_mount_the_kubelet_socket_read_only_without_rbac() -> None:
+    kv = require_module("kubernetes_validate", "kubernetes-validate")
+    found = objects({"podResources": {"enabled": True}, "kubelet": {"enabled": False}})
+    assert set(found) == {"DaemonSet", "Service", "ConfigMap", "ServiceAccount"}  # no ClusterRole
+    pod = found["DaemonSet"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    socket = args[args.index("--pod-resources-socket") + 1]
+    assert socket == "/var/lib/kubelet/pod-resources/kubelet.sock"
+    assert "--kubelet-url" not in args and pod["automountServiceAccountToken"] is False
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "pod-resources"]
+    assert mount == {"name": "pod-resources", "mountPath": str(Path(socket).parent),
+                     "readOnly": True}
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "pod-resources"]
+    assert volume["hostPath"] == {"path": "/var/lib/kubelet/pod-resources", "type": "Directory"}
+    for version in KUBE_VERSIONS:
+        kv.validate(found["DaemonSet"], version, strict=True)
+    moved = objects({"podResources": {"enabled": True, "hostPath": "/data/kubelet/pod-resources"}})
+    volumes = moved["DaemonSet"]["spec"]["template"]["spec"]["volumes"]
+    assert {"path": "/data/kubelet/pod-resources", "type": "Directory"} in [
+        v.get("hostPath") for v in volumes]
+    off = objects()["DaemonSet"]["spec"]["template"]["spec"]
+    assert "--pod-resources-socket" not in off["containers"][0]["args"]
+    assert all(v["name"] != "pod-resources" for v in off["volumes"])
 
 
 def test_daemonset_has_the_access_attribution_needs() -> None:
@@ -253,15 +280,16 @@ def _daemon_flags() -> set[str]:
 
 def test_chart_and_unit_pass_only_flags_the_daemon_accepts() -> None:
     flags = _daemon_flags()
-    values = {"kubelet": {"insecureSkipVerify": True}, "webConfig": {"enabled": True,
-                                                                     "secretName": "s"}}
+    values = {"kubelet": {"insecureSkipVerify": True}, "podResources": {"enabled": True},
+              "webConfig": {"enabled": True, "secretName": "s"}}
     (container,) = objects(values)["DaemonSet"]["spec"]["template"]["spec"]["containers"]
     assert container["args"][0] == "daemon"
     used = {a for a in container["args"] if a.startswith("--")}
     unit = (REPO / "systemd" / "gpuflops.service").read_text()
     used |= {tok for tok in unit.split() if tok.startswith("--")}
     assert used - flags == set()
-    assert {"--kubelet-url", "--kubelet-insecure-tls", "--web-config", "--socket-group"} <= used
+    assert {"--kubelet-url", "--kubelet-insecure-tls", "--web-config", "--socket-group",
+            "--pod-resources-socket"} <= used
 
 
 def test_values_schema_refuses_misspelt_and_mistyped_values() -> None:
@@ -269,7 +297,8 @@ def test_values_schema_refuses_misspelt_and_mistyped_values() -> None:
     for bad, says in (({"serviceMonitor": {"enabld": True}}, "enabld"),
                       ({"daemon": {"port": "9450"}}, "/daemon/port"),
                       ({"prometheusRule": {"unattributedShare": 2}}, "unattributedShare"),
-                      ({"extraEnv": {"A": "b"}}, "/extraEnv")):
+                      ({"extraEnv": {"A": "b"}}, "/extraEnv"),
+                      ({"podResources": {"hostPath": "var/lib/kubelet"}}, "hostPath")):
         with pytest.raises(helm.HelmError, match=says):
             render(bad)
     schema = json.loads((CHART / "values.schema.json").read_text())

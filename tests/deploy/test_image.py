@@ -71,7 +71,7 @@ def test_containerfile_builds_and_runs_the_daemon(tmp_path: Path, made: list[str
     context.mkdir()
     shutil.copy(REPO / "Containerfile", context / "Containerfile")
     _run(sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(context / "wheels"),
-         f"{REPO}[central]", timeout=600)
+         f"{REPO}[central,kubernetes]", timeout=600)
     image = f"localhost/gpuflops-test:{tag}"
     _run(buildah, "build", "--quiet", "--isolation", "chroot", "--build-arg", f"BASE={base}",
          "-f", "Containerfile", "-t", image, ".", cwd=context, timeout=900)
@@ -86,6 +86,12 @@ def test_containerfile_builds_and_runs_the_daemon(tmp_path: Path, made: list[str
     serve = _run(buildah, "run", "--isolation", "chroot", run_ctr, "--",
                  "/opt/gpuflops/bin/gpuflops", "central", "serve", "--help")
     assert "--central" in serve
+    # And the chart's podResources option needs the kubernetes extra's grpcio and protobuf.
+    grpc_ok = _run(buildah, "run", "--isolation", "chroot", run_ctr, "--",
+                   "/opt/gpuflops/bin/python", "-c",
+                   "from gpuflops.identity.podresources import message_classes as m; "
+                   "print(sorted(m()))")
+    assert "ListPodResourcesResponse" in grpc_ok
     demo = subprocess.run(
         [buildah, "run", "--isolation", "chroot", run_ctr, "--", "/opt/gpuflops/bin/gpuflops",
          "daemon", "--demo", "--no-loop", "--speed", "1000", "--no-socket", "--no-ledger",

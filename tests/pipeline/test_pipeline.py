@@ -38,7 +38,7 @@ def test_pipeline_end_to_end_over_the_demo_trace() -> None:
     jobs = {458: ("job-a", "prog"), 1470: ("job-b", "prog")}
     p = Pipeline(
         [INFO], Integrator(), ProcessAttributor(),
-        Labeler(lambda pid: jobs.get(pid, (UNATTRIBUTED, UNATTRIBUTED))), sink, totals,
+        Labeler(lambda pid, _uuid: jobs.get(pid, (UNATTRIBUTED, UNATTRIBUTED))), sink, totals,
     )
     for iv in _INTERVALS:
         p.step(list(iv.samples))
@@ -75,7 +75,7 @@ def test_pipeline_uses_the_jobs_declared_precision() -> None:
         totals = Totals([INFO])
         p = Pipeline(
             [INFO], Integrator(), ProcessAttributor(),
-            Labeler(lambda _pid: ("job", "prog"), lambda _j, _p: declared), CountingSink(), totals,
+            Labeler(lambda _pid, _uuid: ("job", "prog"), lambda _j, _p: declared), CountingSink(), totals,
         )
         for s in window:
             p.step([s])

@@ -29,8 +29,8 @@ def _run(resolve, declared_precision, limit=400):  # type: ignore[no-untyped-def
 
 
 def test_declared_precision_of_the_only_job_sets_the_hmma_rate() -> None:
-    bf16 = _run(lambda pid: ("j", "p"), lambda j, p: "bf16")
-    fp8 = _run(lambda pid: ("j", "p"), lambda j, p: "fp8")
+    bf16 = _run(lambda pid, _uuid: ("j", "p"), lambda j, p: "bf16")
+    fp8 = _run(lambda pid, _uuid: ("j", "p"), lambda j, p: "fp8")
     hb = sum(v for (g, pipe, prec), v in bf16.gpu_flops.items() if pipe == "hmma")
     as_fp8 = fp8.gpu_flops[("0", "hmma", "fp8")]
     # Intervals in which no process was listed yet keep the configured precision.
@@ -39,6 +39,17 @@ def test_declared_precision_of_the_only_job_sets_the_hmma_rate() -> None:
     assert as_fp8 > 0.95 * 2 * hb
     assert abs(as_fp8 / 2 + left_bf16 - hb) < 1e-9 * hb  # FP8 is twice the BF16 rate on Hopper
     assert fp8.job_flops[("j", "p")] > 0
+
+
+def test_the_labeler_is_asked_with_the_unit_the_work_ran_on() -> None:
+    asked: set[str] = set()
+
+    def resolve(pid: int, uuid: str) -> tuple[str, str]:
+        asked.add(uuid)  # PodResources maps this unit to a pod (docs/attribution.md)
+        return "j", "p"
+
+    _run(resolve, lambda j, p: "bf16")
+    assert asked == {g.uuid for g in demo_trace()[0].gpus}
 
 
 def _shared_run(declared: dict[str, str]) -> set[str]:
@@ -50,7 +61,7 @@ def _shared_run(declared: dict[str, str]) -> set[str]:
     gpus = list(header.gpus)
     totals = Totals(gpus)
     p = Pipeline(gpus, Integrator(), ProcessAttributor(),
-                 Labeler(lambda pid: jobs.get(pid, ("unattributed", "unattributed")),
+                 Labeler(lambda pid, _uuid: jobs.get(pid, ("unattributed", "unattributed")),
                          lambda j, _p: declared.get(j)),
                  CountingSink(), totals)
     for iv in shared:
@@ -73,7 +84,7 @@ def test_counters_rise_only_with_what_the_ledger_committed(tmp_path: Path) -> No
     snap = None
     try:
         p = Pipeline(list(header.gpus), Integrator(), ProcessAttributor(),
-                     Labeler(lambda pid: ("j", "p")), sink, totals)
+                     Labeler(lambda _pid, _uuid: ("j", "p")), sink, totals)
         for iv in intervals[:300]:
             p.step(list(iv.samples))
         p.flush()
