@@ -111,7 +111,7 @@ class GpuflopsCallback(EstimatingCallback, TrainerCallback):
             return
         self.census = census
         step = self.steps[-1]
-        work = step.flops + step.recompute
+        work = step.flops  # est.total: recomputation already in it
         if not census.usable or work <= 0:
             self._log.warning("gpuflops: kernel census unusable (profiler linked no kernels "
                               "to operators); no claim sent")

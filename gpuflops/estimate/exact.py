@@ -3,6 +3,9 @@
 The only estimator module that imports torch. The counter sees every matmul, convolution and
 fused attention call, forward and backward (recomputation included). It counts the full s×s
 score matrix of fused attention even when the kernel is causal, as the analytic default does.
+A fused kernel's backward is counted with its recomputation of the scores, so executed work
+compares with ``Estimate.total``. On the meta device SDPA runs its math path, whose backward
+reads the saved probabilities: there the count compares with ``total_excluding_recompute``.
 """
 
 from __future__ import annotations

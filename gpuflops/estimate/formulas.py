@@ -38,13 +38,21 @@ class AttentionKernel(str, Enum):
     """How attention's backward runs; fused kernels recompute the scores in the backward."""
 
     # FlashAttention / memory-efficient / torch SDPA kernels keep no s×s matrix, so their
-    # backward recomputes Q·Kᵀ: five score-sized matmuls against two forward (2.5×).
+    # backward recomputes Q·Kᵀ before dP, dV, dQ, dK: five score-sized matmuls against two
+    # forward (2.5×), of which the recomputed Q·Kᵀ (0.5× forward) is recomputation.
     FUSED = "fused"
     # Eager attention saves the probabilities: backward is dP, dV, dQ, dK (2× forward).
     EAGER = "eager"
 
 
-_ATTENTION_BACKWARD = {AttentionKernel.FUSED: 2.5, AttentionKernel.EAGER: 2.0}
+# Attention backward without recomputation (dP, dV, dQ, dK), as a multiple of the forward.
+_ATTENTION_BACKWARD = 2.0
+# What a kernel recomputes in the backward, as a multiple of the attention forward: the scores
+# Q·Kᵀ are one of the forward's two score-sized matmuls. They are activations (the
+# probabilities an eager backward reads from memory), and the Commission's guidelines for GPAI
+# providers (July 2025, Annex A) let recomputation of activations be left out of the compliance
+# figure, as for activation checkpointing. torch's FlopCounterMode does not count it either.
+_ATTENTION_RECOMPUTE = {AttentionKernel.FUSED: 0.5, AttentionKernel.EAGER: 0.0}
 
 
 def causal_fraction(seq_len: int) -> float:
@@ -60,7 +68,10 @@ class Estimate:
 
     ``total = forward + backward + weight_grads + attention + recompute``; forward, backward
     and weight_grads are the parameter matmuls, ``attention`` the score and value matmuls
-    (forward and backward), ``recompute`` the extra forward of checkpointed layers.
+    (forward and backward, without recomputation), ``recompute`` all recomputation of
+    activations: the extra forward of checkpointed layers plus ``attention_recompute``, the
+    scores a fused attention kernel recomputes in its backward.
+    ``total_excluding_recompute = total - recompute`` is the figure the EU guidelines count.
     """
 
     method: str
@@ -73,8 +84,9 @@ class Estimate:
     backward: float  # activation gradients
     weight_grads: float
     attention_forward: float
-    attention: float  # forward + backward of the attention scores (3 or 3.5 × forward)
-    recompute: float
+    attention: float  # forward + backward of the attention scores (3 × forward)
+    attention_recompute: float  # scores a fused kernel recomputes in the backward (0.5 × fwd)
+    recompute: float  # checkpointed layers' extra forward + attention_recompute
     total: float
     total_excluding_recompute: float
     assumptions: tuple[str, ...]
@@ -90,7 +102,7 @@ class Estimate:
         if not math.isfinite(factor) or factor < 0:
             raise SpecError(f"scale factor must be finite and >= 0, got {factor}")
         flops = ("forward", "backward", "weight_grads", "attention_forward", "attention",
-                 "recompute", "total", "total_excluding_recompute")
+                 "attention_recompute", "recompute", "total", "total_excluding_recompute")
         fields: dict[str, Any] = {k: getattr(self, k) * factor for k in flops}
         return Estimate(**{**asdict(self), **fields, "tokens": round(self.tokens * factor),
                            "assumptions": self.assumptions})
@@ -114,7 +126,8 @@ def estimate(spec: ModelSpec, tokens: int, *, seq_len: float, method: Method | s
     overrides what early stop skips (default ``spec.tail_params``): with a LoRA adapter on that
     projection the last matmul is the adapter's B, not the base weight.
     ``attention_kernel``: fused kernels (the default on GPUs) recompute the scores in the
-    backward (2.5× forward), eager attention does not (2×).
+    backward, 0.5× the attention forward on top of the 2× every kernel does; that part is
+    counted in ``recompute``, not in ``attention``. Eager attention recomputes nothing.
     ``micro_batches`` only documents gradient accumulation: the FLOPs depend on tokens alone.
     """
     method = Method(method)
@@ -145,16 +158,17 @@ def estimate(spec: ModelSpec, tokens: int, *, seq_len: float, method: Method | s
     # Per token per layer: Q·Kᵀ and P·V are each 2·s·d_attn multiply-adds.
     attn_fwd_layer = 2.0 * 2.0 * seq_len * spec.attention_dim * attention_fraction
     attention_forward = attn_fwd_layer * spec.attention_layers * tokens
-    attention = (1.0 + _ATTENTION_BACKWARD[kernel]) * attention_forward
+    attention = (1.0 + _ATTENTION_BACKWARD) * attention_forward
+    attention_recompute = _ATTENTION_RECOMPUTE[kernel] * attention_forward
 
-    recompute = 0.0
+    recompute = attention_recompute
     if ckpt:
         layer_work = float(spec.layer_params + a)  # adapters sit on layer matrices
         if checkpoint_early_stop:
             skipped = spec.tail_params if checkpoint_skipped_params is None \
                 else checkpoint_skipped_params
             layer_work -= skipped
-        recompute = ckpt * (2.0 * layer_work * tokens + attention_forward)
+        recompute += ckpt * (2.0 * layer_work * tokens + attention_forward)
 
     total_ex = forward + backward + weight_grads + attention
     assumptions = [
@@ -166,11 +180,14 @@ def estimate(spec: ModelSpec, tokens: int, *, seq_len: float, method: Method | s
         "(also when tied), only routed experts in MoE layers",
         f"attention: 4·s·d_attn·fraction per token per layer forward; "
         f"s={seq_len:g}, d_attn={spec.attention_dim}, layers={spec.attention_layers}, "
-        f"fraction={attention_fraction:g}; {kernel.value} kernel: backward "
-        f"{_ATTENTION_BACKWARD[kernel]:g}× forward"
-        + (" (recomputes the scores)" if kernel is AttentionKernel.FUSED else ""),
+        f"fraction={attention_fraction:g}; backward {_ATTENTION_BACKWARD:g}× forward "
+        f"({kernel.value} kernel)",
         "elementwise work (norms, activations, softmax, loss, optimizer) not counted",
     ]
+    if kernel is AttentionKernel.FUSED:
+        assumptions.append("fused kernels recompute the attention scores in the backward "
+                           "(0.5× forward), counted as recomputation of activations, which the "
+                           "EU guidelines (Annex A) leave out: see total_excluding_recompute")
     if method is Method.QLORA:
         assumptions.append("QLoRA: 4-bit base dequantised to 16-bit before each matmul; "
                            "dequantisation is elementwise and not counted")
@@ -191,8 +208,9 @@ def estimate(spec: ModelSpec, tokens: int, *, seq_len: float, method: Method | s
                     adapter_params=a, trainable_matmul_params=trainable, forward=forward,
                     backward=backward, weight_grads=weight_grads,
                     attention_forward=attention_forward, attention=attention,
-                    recompute=recompute, total=total_ex + recompute,
-                    total_excluding_recompute=total_ex, assumptions=tuple(assumptions))
+                    attention_recompute=attention_recompute, recompute=recompute,
+                    total=total_ex + recompute, total_excluding_recompute=total_ex,
+                    assumptions=tuple(assumptions))
 
 
 def effective_seq_len(lengths: Sequence[int]) -> float:

@@ -170,3 +170,21 @@ def test_declares_the_precision_the_matrix_products_run_at(tmp_path: Path, flags
     transformers.Trainer(model=tiny_llama(), args=args, train_dataset=Tokens(4),
                          callbacks=[callback]).train()
     assert callback.metadata["precision"] == declared
+
+
+def test_half_rate_claim_divides_by_the_step_total_once() -> None:
+    from gpuflops.client.census import Census
+    from gpuflops.client.estimating import StepTally
+
+    # A step's flops are the estimates' totals, recomputation included: adding the
+    # recomputation again (every fused-attention step has some) understated the share.
+    reporter = RecordingReporter()
+    callback = GpuflopsCallback(reporter)
+    callback.facts = inspect_model(tiny_llama("sdpa"))
+    step = StepTally()
+    step.add(callback.facts, 2 * SEQ, SEQ, 1.0)
+    assert step.recompute > 0
+    callback.steps.append(step)
+    callback._claim(Census(matmul_flops=step.flops, half_rate_flops=step.flops / 4,
+                           linked_ops=1))
+    assert reporter.claims == [("half_rate_tensor_fraction", pytest.approx(0.25))]

@@ -45,6 +45,25 @@ def test_correct_estimate_with_checkpointing_is_not_flagged() -> None:
     assert r.analytic_without_recompute_flops == pytest.approx(6 * N * D)
 
 
+@pytest.mark.parametrize("seq", [2048, 10**9])
+def test_fused_attention_recomputation_is_not_checkpointing(seq: int) -> None:
+    from gpuflops.estimate import ModelSpec, estimate
+
+    # A fused kernel's score recomputation is the only recomputation without checkpointing;
+    # at most 1/7 of the total even when attention is all the work (seq 1e9 here).
+    spec = ModelSpec.from_param_count(N, num_layers=32, attention_dim=4096)
+    e = estimate(spec, 10**6, seq_len=seq)
+    assert 0 < e.recompute == e.attention_recompute < e.total / 7
+    r = reconcile_job(job(e.total, e.total, e.recompute, activation_checkpointing=False,
+                          precision="bf16-mixed"))
+    assert not r.flagged, r.findings
+    assert r.compliance_flops == pytest.approx(e.total_excluding_recompute)
+    ckpt = estimate(spec, 10**6, seq_len=seq, activation_checkpointing=True)
+    r = reconcile_job(job(ckpt.total, ckpt.total, ckpt.recompute,
+                          activation_checkpointing=False, precision="bf16-mixed"))
+    assert "recompute_without_checkpointing" in codes(r)
+
+
 def test_fp8_job_measured_at_bf16_rate_reads_half_and_is_corrected_when_declared() -> None:
     r = reconcile_job(job(0.5 * 6 * N * D, 6 * N * D, 0.0, precision="fp8"))
     assert r.ratio == pytest.approx(0.5)
