@@ -279,6 +279,8 @@ def serve(open_session: Callable[[], PmDevice], period_s: float, *,
             ready, _w, _x = select.select(watch, [], [], max(0.0, due - time.monotonic()))
             if req_fd in ready and not os.read(req_fd, 4096):
                 watch = [wake_r]  # requests closed: decode on the idle timer alone
+            if wake_r in ready:
+                os.read(wake_r, 512)  # a signal arrived: SIGTERM sets stop
             if stop.is_set():
                 break
             if ready and req_fd not in ready:

@@ -5,7 +5,8 @@ counters to Nsight Compute froze the whole daemon (its /metrics stopped answerin
 and SIGTERM went unhandled): CUPTI's teardown blocked in the driver while holding Python's global
 lock. A worker (``python -m gpuflops.sampler.cupti``) holds the CUDA context and the PM session
 of one GPU and writes each decoded sample to its stdout as one JSON line; the daemon reads what
-has arrived without ever blocking, and ends the worker with a signal, which always works.
+has arrived, waiting at most REPLY_WAIT_S for it, and ends the worker with a signal, which
+always works.
 
 Protocol. On the worker's stdout: first ``{"ready": true}`` once sampling runs, or ``{"error":
 KIND, "detail": ...}`` and exit. Then, for every line the daemon writes to the worker's stdin (a
@@ -110,12 +111,10 @@ class _WorkerSession:
         raise PmError("worker_start_timeout", f"PM worker not ready after {timeout_s:.0f} s")
 
     def _request(self) -> None:
-        try:
+        # A full pipe (requests it has not read yet already ask for a decode) or a closed one
+        # (the worker has gone: read() finds out from its exit) needs nothing more here.
+        with contextlib.suppress(OSError):
             os.write(self._req, b"\n")
-        except BlockingIOError:
-            pass  # requests it has not read yet already ask for a decode
-        except (BrokenPipeError, OSError):
-            pass  # the worker has gone: read() finds out from its exit
 
     def read(self) -> list[tuple[int, int, float, float]]:
         self._request()
