@@ -122,7 +122,8 @@ def central_or_local_options(fn: F) -> F:
 @click.option("--planned-flops", type=float, default=None, help="FLOPs of the run to start.")
 @click.option("--planned-flops-from", type=click.File("r"), default=None,
               help="`gpuflops estimate --json` output ('-': stdin) to take them from.")
-@click.option("--method", default=None, help="With --planned-flops-from: which method's total.")
+@click.option("--method", default=None, help="With --planned-flops-from: which method's figure "
+              "(its total less recomputation where the program's policy excludes it).")
 @click.option("--level", "levels", type=float, multiple=True,
               help="Gate level, a share of the threshold (repeat) [the program's gate_levels, "
                    "else 0.8 and 1.0].")
@@ -137,12 +138,15 @@ def gate_command(program: str, planned_flops: float | None, planned_flops_from: 
     try:
         if (planned_flops is None) == (planned_flops_from is None):
             raise ValueError("give exactly one of --planned-flops and --planned-flops-from")
-        if planned_flops_from is not None:
-            planned_flops = planned_from_estimate(parse_estimate(planned_flops_from.read()), method)
-        assert planned_flops is not None
         if any(lv <= 0 for lv in levels):
             raise ValueError("--level must be a positive share of the threshold")
         config = load_programs_config(config_path)
+        if planned_flops_from is not None:
+            # What the program's compliance figure will count of the run (its policy).
+            planned_flops = planned_from_estimate(
+                parse_estimate(planned_flops_from.read()), method,
+                exclude_recompute=config.for_program(program).policy.exclude_recompute)
+        assert planned_flops is not None
     except (ValueError, ProgramConfigError) as exc:
         exit_with(EXIT_BAD_INPUT, str(exc))
     pos = position(program, central_url=central_url, central_password_file=central_password_file,

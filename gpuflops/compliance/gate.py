@@ -105,8 +105,11 @@ def evaluate_gate(program: str, compliance_flops: float, planned_flops: float,
                          f"{program} --outcome ... --by ... --note ...")
 
 
-def planned_from_estimate(doc: Mapping[str, Any], method: str | None) -> float:
-    """The total FLOPs of one method in ``gpuflops estimate --json`` output."""
+def planned_from_estimate(doc: Mapping[str, Any], method: str | None,
+                          exclude_recompute: bool = False) -> float:
+    """The FLOPs of one method in ``gpuflops estimate --json`` output: its total, or with
+    ``exclude_recompute`` (the compliance policy's default) its total less activation
+    recomputation, which is what the program's compliance figure will count of the run."""
     estimates = doc.get("estimates") if isinstance(doc, Mapping) else None
     if not isinstance(estimates, Mapping) or not estimates:
         raise ValueError("not the output of `gpuflops estimate --json` (no estimates)")
@@ -117,9 +120,10 @@ def planned_from_estimate(doc: Mapping[str, Any], method: str | None) -> float:
         method = next(iter(estimates))
     if method not in estimates:
         raise ValueError(f"the estimate has no method {method!r} (it has {sorted(estimates)})")
-    total = estimates[method].get("total")
+    key = "total_excluding_recompute" if exclude_recompute else "total"
+    total = estimates[method].get(key)
     if not isinstance(total, int | float) or not math.isfinite(total) or total < 0:
-        raise ValueError(f"estimate {method!r} has no valid total")
+        raise ValueError(f"estimate {method!r} has no valid {key}")
     return float(total)
 
 

@@ -89,8 +89,8 @@ def build_report(program: str, *, ledger: Ledger | None, config: ProgramsConfig,
     meta = merge_metadata(events)
     att: list[Attempt] = attempts(events)
     if prometheus is not None:
-        inputs = prometheus.job_inputs(program, meta)
         start = min([a.first_t_s for a in att] + [now_s - 86400.0])
+        inputs = prometheus.job_inputs(program, meta, start, now_s)
         series = prometheus.series(program, start, now_s)
         source: dict[str, Any] = {"kind": "prometheus", "prometheus_url": prometheus.base_url,
                                   "queries": list(prometheus.queries)}

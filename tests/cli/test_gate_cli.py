@@ -75,6 +75,21 @@ def test_gate_refuses_at_the_level_and_passes_after_a_recorded_decision(
     r = gpuflops("gate", "--program", "prog", "--planned-flops-from", "-", *read, stdin=est.stdout)
     assert r.returncode == 1 and "REFUSED" in r.stderr and "80% gate level" in r.stderr
 
+    # With checkpointing, the estimate's total carries recomputation that the compliance figure
+    # leaves out (the default policy): the gate counts what the program will be charged.
+    ck = ["--params", "1e9", "--layers", "16", "--attention-dim", "2048", "--seq-len", "2048",
+          "--method", "full", "--activation-checkpointing", "--json"]
+    per_token = json.loads(gpuflops("estimate", *ck, "--tokens", "1e9").stdout)["estimates"]["full"]
+    tokens = 0.095 * threshold / (per_token["total_excluding_recompute"] / 1e9)
+    est_ck = gpuflops("estimate", *ck, "--tokens", repr(tokens))
+    full = json.loads(est_ck.stdout)["estimates"]["full"]
+    assert full["total"] > 0.1 * threshold > full["total_excluding_recompute"]
+    r = gpuflops("gate", "--program", "prog", "--planned-flops-from", "-", *read, "--json",
+                 stdin=est_ck.stdout)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["planned_flops"] == pytest.approx(
+        full["total_excluding_recompute"])
+
     r = gpuflops("decide", "--program", "prog", "--outcome", "approved_to_continue",
                  "--up-to-ratio", "0.95", "--by", "alice", "--key", str(key),
                  "--note", "reviewed: stays below the threshold", *decide)

@@ -61,3 +61,8 @@ def test_planned_flops_from_estimate_output() -> None:
     with pytest.raises(ValueError, match="not JSON"):
         parse_estimate("nope")
     assert planned_from_estimate(parse_estimate('{"estimates": {"full": {"total": 5}}}'), None) == 5.0
+    both = parse_estimate('{"estimates": {"full": {"total": 5, "total_excluding_recompute": 4}}}')
+    assert planned_from_estimate(both, None, exclude_recompute=True) == 4.0
+    assert planned_from_estimate(both, None) == 5.0
+    with pytest.raises(ValueError, match="no valid total_excluding_recompute"):
+        planned_from_estimate(doc, "lora", exclude_recompute=True)

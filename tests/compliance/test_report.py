@@ -144,6 +144,9 @@ class _Prom:
             "analytic_tokens": [("ft-1", 1e9), ("ft-1", 1e9), ("ft-2", 5e8)],
             "recompute_flops": [("ft-1", 0.5e19), ("ft-1", 0.5e19), ("ft-2", 0.2e19)],
         }
+        # Per-job gauges, already summed (hardware) or maxed (fraction) across nodes.
+        self.gauges: dict[str, list[tuple[str, float]]] = {
+            "gpuflops_job_hardware_flops": [], "gpuflops_job_half_rate_fraction": []}
         self.seen: list[str] = []
 
     def answer(self, path: str, params: dict[str, str]) -> dict[str, Any]:
@@ -157,6 +160,11 @@ class _Prom:
             vals = [[start + i * step, str(5.4e19 * i / max(1, n - 1))] for i in range(n)]
             return {"status": "success", "data": {"resultType": "matrix",
                                                   "result": [{"metric": {}, "values": vals}]}}
+        for name, rows2 in self.gauges.items():
+            if name in q:
+                return {"status": "success", "data": {"resultType": "vector", "result": [
+                    {"metric": {"job_id": j, "program": "llama-ft"}, "value": [T0, str(v)]}
+                    for j, v in rows2]}}
         for name, rows in self.node_values.items():
             if f"gpuflops_job_{name}_total" in q:
                 sums: dict[str, float] = {}
@@ -213,9 +221,29 @@ def test_prometheus_totals_across_nodes(state_dir: Path, prom: tuple[str, _Prom]
     assert doc["threshold"]["ratio"] == pytest.approx(
         (tot["analytic_flops"] - tot["recompute_flops"]) / 8e19)
     assert doc["threshold"]["level_reached"] == 0.5
-    assert any(q.startswith("sum by (job_id,program)(gpuflops_job_measured_flops_total")
-               for q in fake.seen)
+    assert any(q.startswith("sum by (job_id,program)(max_over_time("
+                            "gpuflops_job_measured_flops_total") for q in fake.seen)
     assert doc["series"][-1]["cumulative_flops"] == pytest.approx(5.4e19)
+
+
+def test_prometheus_report_keeps_the_half_rate_correction(state_dir: Path,
+                                                          prom: tuple[str, _Prom]) -> None:
+    url, fake = prom
+    # ft-2's census put a quarter of its tensor FLOPs on half-rate kernels; its nodes' hardware
+    # figure is 8e18 of the 1e19 measured: the report must reach the same hardware figure.
+    fake.gauges["gpuflops_job_half_rate_fraction"] = [("ft-2", 0.25)]
+    fake.gauges["gpuflops_job_hardware_flops"] = [("ft-1", 4.4e19), ("ft-2", 0.8e19)]
+    ledger = Ledger.open(state_dir / "ledger.sqlite3", clock=lambda: T0, readonly=True)
+    try:
+        doc = build_report("llama-ft", ledger=ledger, config=CONFIG, now_s=T0 + 300,
+                           prometheus=PrometheusSource(url))
+    finally:
+        ledger.close()
+    jobs = {j["job"]: j for j in doc["jobs"]}
+    assert jobs["ft-2"]["hardware_flops"] == pytest.approx(0.8e19)
+    assert jobs["ft-2"]["half_rate_fraction"] == 0.25
+    assert jobs["ft-1"]["hardware_flops"] == pytest.approx(4.4e19)  # no claim: as measured
+    assert jobs["ft-1"]["half_rate_fraction"] is None
 
 
 def test_prometheus_error_is_reported(prom: tuple[str, _Prom]) -> None:
