@@ -87,4 +87,4 @@ def connect(server: JobSocketServer) -> Iterator[Callable[[], Client]]:
 
 
 # A real PostgreSQL for the central store's tests (tests/pgserver.py).
-from tests.central_fixtures import central, pg  # noqa: E402, F401
+from tests.central_fixtures import central, central_tls, pg, pg_tls, tls  # noqa: E402, F401

@@ -1,7 +1,10 @@
 """A throwaway PostgreSQL cluster for tests: Debian's initdb and pg_ctl on a temporary directory.
 
 It listens on a Unix socket in that directory (trust, for the test's admin connections) and on
-127.0.0.1 at a free port (SCRAM passwords, as daemons connect in production). PostgreSQL
+127.0.0.1 at a free port (SCRAM passwords, as daemons connect in production). With ``tls`` the
+TCP port takes TLS connections only (``ssl = on``, ``hostssl`` lines; a connection without TLS is
+rejected by pg_hba), and the logins in ``ServerTls.cert_logins`` authenticate by a client
+certificate signed by the same CA instead of a password. PostgreSQL
 refuses to run as root, so under root (CI) the server runs as the system user
 ``gpuflops-pgtest``, created when missing. ``kill9`` kills the postmaster and every backend with
 SIGKILL, as a crash would.
@@ -19,6 +22,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -64,11 +68,23 @@ def _ensure_user() -> None:
                         PG_USER], check=True, capture_output=True)
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """The server's certificate and key, and the CA that signed them; clients verify the server
+    against ``ca`` and the server verifies client certificates against it."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    cert_logins: tuple[str, ...] = ()  # logins that authenticate by client certificate only
+
+
 class PgCluster:
     """initdb + pg_ctl in a temporary directory; start, stop, kill -9, and DSNs."""
 
-    def __init__(self, bin_dir: Path) -> None:
+    def __init__(self, bin_dir: Path, tls: ServerTls | None = None) -> None:
         self.bin_dir = bin_dir
+        self.tls = tls
         self.root = Path(tempfile.mkdtemp(dir="/tmp", prefix="gfpg"))
         os.chmod(self.root, 0o755)
         self.data = self.root / "data"
@@ -98,8 +114,28 @@ class PgCluster:
                     # Tests kill processes, not machines: the page cache survives, fsync is moot.
                     "fsync = off\nfull_page_writes = off\n"
                     "password_encryption = 'scram-sha-256'\n")
-        (self.data / "pg_hba.conf").write_text(
-            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
+        if self.tls is None:
+            (self.data / "pg_hba.conf").write_text(
+                "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
+        else:
+            self._configure_tls(self.tls)
+
+    def _configure_tls(self, tls: ServerTls) -> None:
+        # The server reads its key as PG_USER and refuses one that others may read.
+        d = self.root / "tls"
+        d.mkdir()
+        for src in (tls.cert, tls.key, tls.ca):
+            shutil.copyfile(src, d / src.name)
+            os.chmod(d / src.name, 0o600 if src == tls.key else 0o644)
+            if self.as_root:
+                shutil.chown(d / src.name, PG_USER, PG_USER)
+        with (self.data / "postgresql.conf").open("a") as f:
+            f.write(f"ssl = on\nssl_cert_file = '{d / tls.cert.name}'\n"
+                    f"ssl_key_file = '{d / tls.key.name}'\nssl_ca_file = '{d / tls.ca.name}'\n")
+        lines = ["local all all trust", "hostnossl all all all reject"]
+        lines += [f"hostssl all {login} 127.0.0.1/32 cert" for login in tls.cert_logins]
+        lines += ["hostssl all all 127.0.0.1/32 scram-sha-256"]
+        (self.data / "pg_hba.conf").write_text("\n".join(lines) + "\n")
 
     def start(self, timeout_s: float = 60.0) -> None:
         r = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t",
@@ -145,6 +181,13 @@ class PgCluster:
         return f"host={self.root} port={self.port} user={ADMIN} dbname={dbname}"
 
     def tcp_url(self, user: str, dbname: str) -> str:
+        """How a daemon connects: without TLS, or with the server verified (verify-full)."""
+        if self.tls is None:
+            return self.plain_url(user, dbname)
+        return (f"postgresql://{user}@127.0.0.1:{self.port}/{dbname}"
+                f"?sslmode=verify-full&sslrootcert={self.tls.ca}")
+
+    def plain_url(self, user: str, dbname: str) -> str:
         return f"postgresql://{user}@127.0.0.1:{self.port}/{dbname}?sslmode=disable"
 
     def psql(self, sql: str, dbname: str = "postgres") -> str:
