@@ -14,7 +14,7 @@ from gpuflops.jobs.registry import JobRegistry
 from gpuflops.jobs.server import JobSocketServer, ServerLimits
 from gpuflops.model import GpuInfo
 from tests.jobs.jobsock_client import Client
-from tests.support import DEMO_TRACE, DemoTrace, FakeClock, demo_trace, fake_gpus
+from tests.support import DEMO_TRACE, DemoTrace, FakeClock, demo_trace, fake_gpus, short_tmpdir
 
 
 @pytest.fixture
@@ -88,3 +88,10 @@ def connect(server: JobSocketServer) -> Iterator[Callable[[], Client]]:
 
 # A real PostgreSQL for the central store's tests (tests/pgserver.py).
 from tests.central_fixtures import central, central_tls, pg, pg_tls, tls  # noqa: E402, F401
+
+
+@pytest.fixture
+def tmp_short() -> Iterator[Path]:
+    """A temporary directory short enough for Unix socket paths."""
+    with short_tmpdir() as d:
+        yield d

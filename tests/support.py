@@ -6,7 +6,11 @@ fake GPUs. Import it as ``tests.support``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from gpuflops.model import GpuInfo
@@ -47,3 +51,13 @@ class FakeClock:
 def fake_gpus(n: int = 2) -> list[GpuInfo]:
     """``n`` H100s ("0", "1", ...; uuids GPU-a, GPU-b, ...) with 132 SMs each."""
     return [GpuInfo(str(i), i, f"GPU-{chr(ord('a') + i)}", "H100", "hopper", 132) for i in range(n)]
+
+
+@contextlib.contextmanager
+def short_tmpdir() -> Iterator[Path]:
+    """A directory under /tmp short enough for Unix socket paths (108-byte limit)."""
+    path = tempfile.mkdtemp(dir="/tmp", prefix="gfe2e")
+    try:
+        yield Path(path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -10,21 +10,14 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import bcrypt
 import pytest
 
 from gpuflops.ledger.store import Ledger
-from tests.e2e.promserver import daemon, short_tmpdir, wait_for
+from tests.e2e.promserver import daemon, wait_for
 from tests.e2e.test_tls_scrape import _pki
-
-
-@pytest.fixture
-def tmp_short() -> Iterator[Path]:
-    with short_tmpdir() as d:
-        yield d
 
 
 def _status(url: str, ca: Path, password: str | None = None) -> int:

@@ -202,14 +202,18 @@ def prom() -> Iterator[tuple[str, _Prom]]:
     thread.join()
 
 
-def test_prometheus_totals_across_nodes(state_dir: Path, prom: tuple[str, _Prom]) -> None:
-    url, fake = prom
+def _prometheus_report(state_dir: Path, url: str) -> dict[str, Any]:
     ledger = Ledger.open(state_dir / "ledger.sqlite3", clock=lambda: T0, readonly=True)
     try:
-        doc = build_report("llama-ft", ledger=ledger, config=CONFIG, now_s=T0 + 300,
-                           prometheus=PrometheusSource(url))
+        return build_report("llama-ft", ledger=ledger, config=CONFIG, now_s=T0 + 300,
+                            prometheus=PrometheusSource(url))
     finally:
         ledger.close()
+
+
+def test_prometheus_totals_across_nodes(state_dir: Path, prom: tuple[str, _Prom]) -> None:
+    url, fake = prom
+    doc = _prometheus_report(state_dir, url)
     jsonschema.validate(doc, _schema())
     assert doc["source"]["kind"] == "prometheus"
     assert doc["totals"]["measured_flops"] == pytest.approx(5.4e19)
@@ -233,12 +237,7 @@ def test_prometheus_report_keeps_the_half_rate_correction(state_dir: Path,
     # figure is 8e18 of the 1e19 measured: the report must reach the same hardware figure.
     fake.gauges["gpuflops_job_half_rate_fraction"] = [("ft-2", 0.25)]
     fake.gauges["gpuflops_job_hardware_flops"] = [("ft-1", 4.4e19), ("ft-2", 0.8e19)]
-    ledger = Ledger.open(state_dir / "ledger.sqlite3", clock=lambda: T0, readonly=True)
-    try:
-        doc = build_report("llama-ft", ledger=ledger, config=CONFIG, now_s=T0 + 300,
-                           prometheus=PrometheusSource(url))
-    finally:
-        ledger.close()
+    doc = _prometheus_report(state_dir, url)
     jobs = {j["job"]: j for j in doc["jobs"]}
     assert jobs["ft-2"]["hardware_flops"] == pytest.approx(0.8e19)
     assert jobs["ft-2"]["half_rate_fraction"] == 0.25

@@ -11,12 +11,10 @@ import gzip
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import urllib.error
@@ -64,16 +62,6 @@ def wait_for(what: str, check: Callable[[], Any], timeout_s: float, period_s: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}; last: {last!r}")
         time.sleep(period_s)
-
-
-@contextlib.contextmanager
-def short_tmpdir() -> Iterator[Path]:
-    """A directory under /tmp short enough for Unix socket paths (108-byte limit)."""
-    path = tempfile.mkdtemp(dir="/tmp", prefix="gfe2e")
-    try:
-        yield Path(path)
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _stop(proc: subprocess.Popen[Any], timeout_s: float = 15.0) -> int:

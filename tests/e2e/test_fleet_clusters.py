@@ -18,13 +18,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.central_fixtures import CentralDb
 from tests.deploy.tooling import REPO
 from tests.e2e.fleet_harness import Node, gpuflops, job_process, ledger_view, node_trace
-from tests.e2e.promserver import _env, short_tmpdir, wait_for
+from tests.e2e.promserver import _env, wait_for
 
 PROGRAM = "fleet-ft"
 
@@ -72,10 +71,6 @@ def _stable(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@pytest.fixture
-def tmp_short() -> Iterator[Path]:
-    with short_tmpdir() as d:
-        yield d
 
 
 def test_two_clusters_one_report_and_a_deleted_node_changes_nothing(

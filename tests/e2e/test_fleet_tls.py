@@ -14,23 +14,18 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.central_fixtures import PASSWORD, CentralDb, ClientTls
 from tests.e2e.fleet_harness import Node, gpuflops, job_process, ledger_view, node_trace
-from tests.e2e.promserver import short_tmpdir, wait_for
+from tests.e2e.promserver import wait_for
 
 PROGRAM = "tls-ft"
 CONNECT_ERRORS = 'gpuflops_central_ship_errors_total{"kind": "connect"}'
 
 
-@pytest.fixture
-def tmp_short() -> Iterator[Path]:
-    with short_tmpdir() as d:
-        yield d
 
 
 def _central_view(db: CentralDb) -> tuple[int, dict[tuple[str, str], tuple[object, ...]]]:

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,6 @@ from tests.e2e.promserver import (
     daemon,
     prometheus,
     require_prometheus,
-    short_tmpdir,
     start_job,
     wait_for,
 )
@@ -60,10 +58,6 @@ ESTIMATES = {
 REL = 1e-9
 
 
-@pytest.fixture
-def tmp_short() -> Iterator[Path]:
-    with short_tmpdir() as d:
-        yield d
 
 
 def _ledger_figures(d: DaemonProc, programs: Path) -> dict[str, Any]:

@@ -10,7 +10,6 @@ PromQL totals must equal the ledger's, and every dashboard panel must return dat
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ from tests.e2e.promserver import (
     prometheus,
     require_prometheus,
     rules_every_second,
-    short_tmpdir,
     start_job,
     wait_for,
 )
@@ -55,10 +53,6 @@ NO_DATA_EXPECTED: dict[str, str] = {}  # (the gap segment's recorded errors feed
 REL = 1e-9  # float summation order differs between the daemon's counters and SQLite's sums
 
 
-@pytest.fixture
-def tmp_short() -> Iterator[Path]:
-    with short_tmpdir() as d:
-        yield d
 
 
 def _ledger(path: Path) -> Ledger:

@@ -10,13 +10,12 @@ import sys
 import textwrap
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.promserver import _env, daemon, short_tmpdir, wait_for
+from tests.e2e.promserver import _env, daemon, wait_for
 from tests.support import ROOT
 
 JOBS = 3000
@@ -43,10 +42,6 @@ _CLIENT = textwrap.dedent("""
 """)
 
 
-@pytest.fixture
-def tmp_short() -> Iterator[Path]:
-    with short_tmpdir() as d:
-        yield d
 
 
 def _scrape(port: int) -> tuple[dict[str, list[dict[str, str]]], int]:

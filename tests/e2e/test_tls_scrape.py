@@ -13,7 +13,6 @@ import ipaddress
 import ssl
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import bcrypt
@@ -23,16 +22,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.e2e.promserver import daemon, healthz, prometheus, require_prometheus, short_tmpdir
+from tests.e2e.promserver import daemon, healthz, prometheus, require_prometheus
 
 USER = "prometheus"
 PASSWORD = "e2e-scrape-secret"
 
 
-@pytest.fixture
-def tmp_short() -> Iterator[Path]:
-    with short_tmpdir() as d:
-        yield d
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -115,3 +115,14 @@ def ship_fleet(central: CentralDb, tmp_path: Path) -> Fleet:
 
 __all__ = ["JOBS", "NODE", "Fleet", "central_gaps", "central_jobs", "fill", "local_gaps",
            "local_jobs", "ship_fleet"]
+
+
+# Shippers a test made, closed after it by the autouse fixture in tests/ledger/conftest.py.
+MADE_SHIPPERS: list[Shipper] = []
+
+
+def close_made_shippers() -> None:
+    while MADE_SHIPPERS:
+        s = MADE_SHIPPERS.pop()
+        s.store.close()
+        s.reader.close()

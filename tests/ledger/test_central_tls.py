@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,18 +20,7 @@ from gpuflops.ledger.ship import RawChainReader, Shipper
 from gpuflops.ledger.signing import load_or_generate
 from gpuflops.ledger.store import Ledger
 from tests.central_fixtures import CERT_LOGIN, PASSWORD, CentralDb, ClientTls
-from tests.ledger.fleet_helpers import T0, central_jobs, fill, local_jobs
-
-_made: list[Shipper] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_shippers() -> Iterator[None]:
-    yield
-    while _made:
-        s = _made.pop()
-        s.store.close()
-        s.reader.close()
+from tests.ledger.fleet_helpers import MADE_SHIPPERS, T0, central_jobs, fill, local_jobs
 
 
 def _url(db: CentralDb, login: str, **params: str) -> str:
@@ -42,9 +30,9 @@ def _url(db: CentralDb, login: str, **params: str) -> str:
 
 def _shipper(store: CentralStore, path: Path) -> Shipper:
     key, _ = load_or_generate(path.parent / "node.key")
-    _made.append(Shipper(store, RawChainReader(path), key, node="node-a", cluster="c1",
-                         period_s=5.0))
-    return _made[-1]
+    MADE_SHIPPERS.append(Shipper(store, RawChainReader(path), key, node="node-a", cluster="c1",
+                                 period_s=5.0))
+    return MADE_SHIPPERS[-1]
 
 
 def _ledger(path: Path, n: int) -> None:

@@ -7,7 +7,6 @@ import random
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,28 +17,23 @@ from gpuflops.ledger.ship import RawChainReader, Shipper
 from gpuflops.ledger.signing import generate_key, load_or_generate
 from gpuflops.ledger.store import Ledger
 from tests.central_fixtures import CentralDb
-from tests.ledger.fleet_helpers import central_gaps, central_jobs, fill, local_gaps, local_jobs
+from tests.ledger.fleet_helpers import (
+    MADE_SHIPPERS,
+    central_gaps,
+    central_jobs,
+    fill,
+    local_gaps,
+    local_jobs,
+)
 
 T0 = 1_760_000_000.0
 
 
-_made: list[Shipper] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_shippers() -> Iterator[None]:
-    yield
-    while _made:
-        s = _made.pop()
-        s.store.close()
-        s.reader.close()
-
-
 def _shipper(central: CentralDb, path: Path, key_dir: Path) -> Shipper:
     key, _ = load_or_generate(key_dir / "node.key")
-    _made.append(Shipper(central.store("gf_ship"), RawChainReader(path), key, node="node-a",
-                         cluster="c1", period_s=5.0, max_records=500))
-    return _made[-1]
+    MADE_SHIPPERS.append(Shipper(central.store("gf_ship"), RawChainReader(path), key,
+                                 node="node-a", cluster="c1", period_s=5.0, max_records=500))
+    return MADE_SHIPPERS[-1]
 
 
 def _rewrite(path: Path, seq: int) -> None:
