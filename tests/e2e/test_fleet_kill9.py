@@ -20,8 +20,9 @@ import pytest
 
 from tests.central_fixtures import init_central
 from tests.e2e.fleet_harness import Node, gpuflops, job_process, ledger_view, node_trace
-from tests.e2e.promserver import short_tmpdir, wait_for
+from tests.e2e.promserver import wait_for
 from tests.pgserver import PgCluster, require_postgres
+from tests.support import short_tmpdir
 
 PROGRAM = "chaos-ft"
 OUTAGE_S = float(os.environ.get("GPUFLOPS_OUTAGE_S", "20"))
