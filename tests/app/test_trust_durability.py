@@ -10,7 +10,6 @@ import os
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,13 +19,6 @@ from gpuflops.ledger.records import LEDGER_FILENAME
 from gpuflops.ledger.store import Ledger
 from tests.app.trust_support import DaemonProcess, cleanup, short_tmp
 from tests.jobs.jobsock_client import Client
-
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    path = short_tmp()
-    yield path
-    cleanup(path)
 
 
 def _records(d: DaemonProcess) -> list[tuple[int, str, dict[str, object]]]:

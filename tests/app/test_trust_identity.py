@@ -19,9 +19,7 @@ from tests.app.trust_support import (
     DaemonProcess,
     LocalUsers,
     as_user,
-    cleanup,
     remapped_demo,
-    short_tmp,
     spawn_as,
 )
 
@@ -35,11 +33,6 @@ def users() -> Iterator[LocalUsers]:
     u.close()
 
 
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    path = short_tmp()
-    yield path
-    cleanup(path)
 
 
 def _ledger(d: DaemonProcess) -> Ledger:

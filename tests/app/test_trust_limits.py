@@ -24,8 +24,6 @@ from tests.app.trust_support import (
     DaemonProcess,
     LocalUsers,
     as_user,
-    cleanup,
-    short_tmp,
 )
 
 
@@ -38,11 +36,6 @@ def users() -> Iterator[LocalUsers]:
     u.close()
 
 
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    path = short_tmp()
-    yield path
-    cleanup(path)
 
 
 HOARDER = r"""
