@@ -59,18 +59,22 @@ def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
 
 
 class Daemon:
-    def __init__(self, state: Path, port: int, args: list[str] | None = None) -> None:
-        self.state, self.port, self.args = state, port, args or []
+    """The daemon, or with ``instead`` another command in its place (its cost alone)."""
+
+    def __init__(self, state: Path, port: int, args: list[str] | None = None,
+                 instead: list[str] | None = None) -> None:
+        self.state, self.port, self.args, self.instead = state, port, args or [], instead
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"http://127.0.0.1:{port}/metrics"
 
     def start(self) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get(
             "PYTHONPATH", "")]))
+        cmd = self.instead or [
+            PY, "-m", "gpuflops", "daemon", "--listen", f"127.0.0.1:{self.port}",
+            "--socket", str(self.state / "s.sock"), "--state-dir", str(self.state), *self.args]
         self.proc = subprocess.Popen(
-            [PY, "-m", "gpuflops", "daemon", "--listen", f"127.0.0.1:{self.port}",
-             "--socket", str(self.state / "s.sock"), "--state-dir", str(self.state),
-             *self.args],
+            cmd,
             env=env, cwd=ROOT, stdout=(self.state / "daemon.log").open("ab"),
             stderr=subprocess.STDOUT)
 
@@ -107,7 +111,7 @@ def gpu_memory_of(pid: int) -> dict[int, int]:
 
 
 def overhead(out: Path, blocks: int, block_s: float, settle_s: float, res: dict[str, Any],
-             daemon_args: list[str]) -> None:
+             daemon_args: list[str], instead: list[str] | None = None) -> None:
     import psutil
     import pynvml
 
@@ -122,7 +126,7 @@ def overhead(out: Path, blocks: int, block_s: float, settle_s: float, res: dict[
                                          "--seconds", str(total_s), "--gap", "0"], env=env))
     time.sleep(10)  # worker start-up and the GEMM's first seconds
     state = Path(tempfile.mkdtemp(prefix="gpuflops-oh-"))
-    d = Daemon(state, 9481, daemon_args)
+    d = Daemon(state, 9481, daemon_args, instead)
     order = ["on", "off", "off", "on"] * (blocks // 4 + 1)
     windows: list[tuple[str, float, float]] = []
     cpu_s = on_s = 0.0
@@ -169,7 +173,7 @@ def overhead(out: Path, blocks: int, block_s: float, settle_s: float, res: dict[
     se = (statistics.pstdev(rates["on"]) ** 2 / len(rates["on"])
           + statistics.pstdev(rates["off"]) ** 2 / len(rates["off"])) ** 0.5 / off
     res["overhead"] = {
-        "daemon_args": daemon_args, "gpus": ngpu, "blocks": blocks, "block_s": block_s, "settle_s": settle_s,
+        "daemon_args": daemon_args, "instead": instead, "gpus": ngpu, "blocks": blocks, "block_s": block_s, "settle_s": settle_s,
         "tflops_on": on, "tflops_off": off, "slowdown": 1 - on / off, "slowdown_se": se,
         "cpu_core_share": cpu_s / on_s if on_s else None,
         "cpu_core_share_per_gpu": cpu_s / on_s / ngpu if on_s else None,
@@ -223,13 +227,16 @@ def main() -> int:
     ap.add_argument("--skip-profiler", action="store_true")
     ap.add_argument("--daemon-args", default="", help="extra daemon arguments, e.g. "
                     "'--counters nvml' for the cost without PM sampling")
+    ap.add_argument("--instead", help="a command to run in the daemon's place, e.g. "
+                    "'python3 benchmarks/hold_context.py context' for a CUDA context's cost")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {}
     for name, fn in (("profiler", lambda: None if a.skip_profiler else profiler(a.out, res)),
                      ("overhead", lambda: None if a.skip_overhead else
                       overhead(a.out, a.blocks, a.block_s, a.settle_s, res,
-                               a.daemon_args.split()))):
+                               a.daemon_args.split(),
+                               a.instead.split() if a.instead else None))):
         try:
             fn()
         except Exception as e:  # a benchmark records what failed and goes on
@@ -240,7 +247,8 @@ def main() -> int:
         (a.out / "overhead.json").write_text(json.dumps(res, indent=1, default=str))
     o = res.get("overhead")
     if o:
-        print(f"\n{' '.join(o['daemon_args']) or 'defaults'}: GPUs {o['gpus']}  "
+        what = " ".join(o["instead"] or o["daemon_args"]) or "defaults"
+        print(f"\n{what}: GPUs {o['gpus']}  "
               f"slowdown {o['slowdown']:.2%} ± {o['slowdown_se']:.2%}  "
               f"CPU {o['cpu_core_share_per_gpu']:.2%} of a core per GPU  "
               f"RSS {o['rss_bytes'] / 2**20:.1f} MiB  GPU memory "
