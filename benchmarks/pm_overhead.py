@@ -173,7 +173,8 @@ def overhead(out: Path, blocks: int, block_s: float, settle_s: float, res: dict[
     se = (statistics.pstdev(rates["on"]) ** 2 / len(rates["on"])
           + statistics.pstdev(rates["off"]) ** 2 / len(rates["off"])) ** 0.5 / off
     res["overhead"] = {
-        "daemon_args": daemon_args, "instead": instead, "gpus": ngpu, "blocks": blocks, "block_s": block_s, "settle_s": settle_s,
+        "daemon_args": daemon_args, "instead": instead, "gpus": ngpu, "blocks": blocks,
+        "block_s": block_s, "settle_s": settle_s,
         "tflops_on": on, "tflops_off": off, "slowdown": 1 - on / off, "slowdown_se": se,
         "cpu_core_share": cpu_s / on_s if on_s else None,
         "cpu_core_share_per_gpu": cpu_s / on_s / ngpu if on_s else None,
