@@ -425,10 +425,18 @@ def _ncu_rows(text: str) -> list[dict[str, Any]]:
 
 
 # Kernels that use the tensor pipes: cuBLAS (nvjet, xmma, cutlass), cuDNN and flash attention.
-TENSOR_KERNELS = "regex:^(?!nccl).*(nvjet|gemm|xmma|cutlass|sdpa|flash|fmha|attention|wgmma)"
+_TENSOR_NAMES = "(nvjet|gemm|xmma|cutlass|sdpa|flash|fmha|attention|wgmma)"
+TENSOR_KERNELS = f"regex:^(?!nccl).*{_TENSOR_NAMES}"
+# Every other kernel but NCCL's (the "rest" phase): whether any of them uses the tensor pipes.
+REST_KERNELS = f"regex:^(?!nccl)(?!.*{_TENSOR_NAMES}).*"
 
 
-def phase_executed(out: Path, names: list[str], budget_s: float) -> None:
+def phase_executed(out: Path, names: list[str], budget_s: float, *,
+                   kernel_filter: str = TENSOR_KERNELS, suffix: str = "executed",
+                   batch_s: float = 170.0) -> None:
+    """One optimizer step of each job under ncu: the ``kernels`` it matches, written to
+    ``NAME.SUFFIX.json`` (``kernel_filter``, an ncu ``--kernel-name``: the tensor kernels for
+    ``executed``, all the others for ``rest``, to find tensor work the name filter misses)."""
     # Hardware counters only (the SASS-level FP instruction counts cost ~0.25 s a kernel under
     # replay, run 21, too slow for a thousand kernels a step); tensor kernels only.
     metrics = ",".join([*NCU_OPS, NCU_CYCLES])
@@ -441,14 +449,14 @@ def phase_executed(out: Path, names: list[str], budget_s: float) -> None:
             log(f"executed: out of time, skipped {[n for n, _g in batch]}")
             continue
         procs = []
-        batch_end = time.time() + 170
+        batch_end = time.time() + batch_s
         for name, gpus in batch:
-            log(f"executed: {name} under ncu on GPU {gpus}")
+            log(f"{suffix}: {name} under ncu on GPU {gpus}")
             # NCCL kernels are left unprofiled: replaying one rank's collective while the other
             # rank does not would deadlock, and their few FLOPs are reductions, not training.
             cmd = ["ncu", "--clock-control", "none", "--profile-from-start", "off",
                    "--target-processes", "all", "--csv", "--page", "raw", "--metrics", metrics,
-                   "--kernel-name-base", "demangled", "--kernel-name", TENSOR_KERNELS,
+                   "--kernel-name-base", "demangled", "--kernel-name", kernel_filter,
                    *_job_cmd(name, "executed", out, None)]
             procs.append((name, subprocess.Popen(cmd, env=_env(gpus), cwd=ROOT,
                                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -473,8 +481,8 @@ def phase_executed(out: Path, names: list[str], budget_s: float) -> None:
                    "tensor_ops_step": tensor, "fp_flops_step": fp,
                    "tensor_cycles_step": sum(r[NCU_CYCLES] for r in rows),
                    "by_kernel": kernels, "stderr_tail": se[-2000:]}
-            (out / f"{name}.executed.json").write_text(json.dumps(rec))
-            log(f"executed: {name} rc {p.returncode}, {len(rows)} kernels, "
+            (out / f"{name}.{suffix}.json").write_text(json.dumps(rec))
+            log(f"{suffix}: {name} rc {p.returncode}, {len(rows)} kernels, "
                 f"tensor {tensor:.4g} fp {fp:.4g} per step")
 
 
@@ -586,7 +594,8 @@ def print_table(doc: dict[str, Any]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--phase", choices=["metered", "executed", "all"], default="all")
+    ap.add_argument("--phase", choices=["metered", "executed", "rest", "all"], default="all",
+                    help="rest: the kernels the executed phase's name filter leaves out")
     ap.add_argument("--jobs", default=",".join(JOBS))
     ap.add_argument("--budget-s", type=float, default=520.0, help="executed phase time limit")
     ap.add_argument("--run-job")
@@ -613,6 +622,9 @@ def main() -> int:
         phase_metered(a.out, names)
     if a.phase in ("executed", "all"):
         phase_executed(a.out, names, a.budget_s)
+    if a.phase == "rest":
+        phase_executed(a.out, names, a.budget_s, kernel_filter=REST_KERNELS, suffix="rest",
+                       batch_s=a.budget_s)
     return 0
 
 
