@@ -535,7 +535,7 @@ def combine(dirs: list[Path], gpu: str, run: str, dest: Path) -> dict[str, Any]:
         fig = metered.get(name, {})
         pipes = fig.get("gpu_pipes", {})
         tensor_raw = sum(v for k, v in pipes.items() if k.startswith("hmma:"))
-        f = fig.get("half_rate_fraction") or 0.0
+        share = fig.get("half_rate_fraction") or 0.0
         ex_step, ex_src = _executed_step(files, name, ranks[0].get("census"))
         job: dict[str, Any] = {
             "name": name, "spec": asdict(spec), "steps": steps, "micro_batches": micro_batches,
@@ -549,7 +549,7 @@ def combine(dirs: list[Path], gpu: str, run: str, dest: Path) -> dict[str, Any]:
             "analytic": fig.get("analytic"), "analytic_recompute": fig.get("recompute"),
             "compliance": fig.get("compliance"), "compliance_band": fig.get("band"),
             "half_rate_fraction": fig.get("half_rate_fraction"),
-            "hardware_tensor_raw": tensor_raw, "hardware_tensor": tensor_raw / (1 + f),
+            "hardware_tensor_raw": tensor_raw, "hardware_tensor": tensor_raw / (1 + share),
             "hardware_non_tensor": sum(v for k, v in pipes.items() if not k.startswith("hmma:")),
             "gpu_pipes": pipes,
             "declared_precision": ranks[0].get("declared_precision"),
