@@ -433,13 +433,18 @@ REST_KERNELS = f"regex:^(?!nccl)(?!.*{_TENSOR_NAMES}).*"
 
 def phase_executed(out: Path, names: list[str], budget_s: float, *,
                    kernel_filter: str = TENSOR_KERNELS, suffix: str = "executed",
-                   batch_s: float = 170.0) -> None:
-    """One optimizer step of each job under ncu: the ``kernels`` it matches, written to
-    ``NAME.SUFFIX.json`` (``kernel_filter``, an ncu ``--kernel-name``: the tensor kernels for
-    ``executed``, all the others for ``rest``, to find tensor work the name filter misses)."""
+                   batch_s: float = 170.0, cycles_only: bool = False,
+                   launch_count: int | None = None) -> None:
+    """One optimizer step of each job under ncu: the kernels ``kernel_filter`` (an ncu
+    ``--kernel-name``) matches, written to ``NAME.SUFFIX.json``: the tensor kernels for
+    ``executed``, all the others for ``rest``, to find tensor work the name filter misses.
+    ``cycles_only``: the tensor pipes' busy cycles alone, one pass a kernel; ``launch_count``:
+    at most that many kernels (the rest phase's kernels under five metrics did not finish in
+    230 s, run 27)."""
     # Hardware counters only (the SASS-level FP instruction counts cost ~0.25 s a kernel under
     # replay, run 21, too slow for a thousand kernels a step); tensor kernels only.
-    metrics = ",".join([*NCU_OPS, NCU_CYCLES])
+    metrics = NCU_CYCLES if cycles_only else ",".join([*NCU_OPS, NCU_CYCLES])
+    limit = ["--launch-count", str(launch_count)] if launch_count else []
     deadline = time.time() + budget_s
     # Not the DDP job: under ncu its ranks hung for 9 minutes (run 22, NCCL kernels left out).
     # Each of its ranks runs the single-GPU job's step on its own GPU, plus the all-reduce.
@@ -456,7 +461,7 @@ def phase_executed(out: Path, names: list[str], budget_s: float, *,
             # rank does not would deadlock, and their few FLOPs are reductions, not training.
             cmd = ["ncu", "--clock-control", "none", "--profile-from-start", "off",
                    "--target-processes", "all", "--csv", "--page", "raw", "--metrics", metrics,
-                   "--kernel-name-base", "demangled", "--kernel-name", kernel_filter,
+                   "--kernel-name-base", "demangled", "--kernel-name", kernel_filter, *limit,
                    *_job_cmd(name, "executed", out, None)]
             procs.append((name, subprocess.Popen(cmd, env=_env(gpus), cwd=ROOT,
                                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -478,6 +483,7 @@ def phase_executed(out: Path, names: list[str], budget_s: float, *,
                 k["ops"] += sum(r[c] for c in NCU_OPS)
                 k["cycles"] += r[NCU_CYCLES]
             rec = {"name": name, "rc": p.returncode, "kernels_profiled": len(rows),
+                   "launch_count": launch_count,
                    "tensor_ops_step": tensor, "fp_flops_step": fp,
                    "tensor_cycles_step": sum(r[NCU_CYCLES] for r in rows),
                    "by_kernel": kernels, "stderr_tail": se[-2000:]}
@@ -557,6 +563,17 @@ def combine(dirs: list[Path], gpu: str, run: str, dest: Path) -> dict[str, Any]:
             "callback_flops": sum(r.get("callback_flops", 0.0) for r in ranks),
             "callback_recompute": sum(r.get("callback_recompute", 0.0) for r in ranks),
         }
+        rest = files.get(f"{name}.rest.json")
+        if rest is not None and ex_step:
+            # Tensor-pipe busy cycles in kernels with no tensor ops (the rest phase): the
+            # hardware figure counts them x the full rate, the executed ops do not.
+            r = json.loads(rest.read_text())
+            ex_cycles = json.loads(files[f"{name}.executed.json"].read_text())[
+                "tensor_cycles_step"] if f"{name}.executed.json" in files else None
+            job["rest_kernels_profiled"] = r["kernels_profiled"]
+            job["rest_tensor_cycles_step"] = r["tensor_cycles_step"]
+            job["rest_share_of_tensor_cycles"] = (r["tensor_cycles_step"] / ex_cycles
+                                                  if ex_cycles else None)
         ex = files.get(f"{name}.executed.json")
         if ex is not None:
             by_kernel = json.loads(ex.read_text())["by_kernel"]
@@ -597,6 +614,8 @@ def main() -> int:
     ap.add_argument("--phase", choices=["metered", "executed", "rest", "all"], default="all",
                     help="rest: the kernels the executed phase's name filter leaves out")
     ap.add_argument("--jobs", default=",".join(JOBS))
+    ap.add_argument("--launch-count", type=int, help="rest phase: profile at most this many "
+                    "kernels")
     ap.add_argument("--budget-s", type=float, default=520.0, help="executed phase time limit")
     ap.add_argument("--run-job")
     ap.add_argument("--mode", choices=["metered", "executed"])
@@ -624,7 +643,7 @@ def main() -> int:
         phase_executed(a.out, names, a.budget_s)
     if a.phase == "rest":
         phase_executed(a.out, names, a.budget_s, kernel_filter=REST_KERNELS, suffix="rest",
-                       batch_s=a.budget_s)
+                       batch_s=a.budget_s, cycles_only=True, launch_count=a.launch_count)
     return 0
 
 
