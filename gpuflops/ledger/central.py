@@ -233,7 +233,7 @@ class CentralStore:
         return Head(int(seq), h, int(raw_seq), raw_hash, failed)
 
     def job_rows(self, ledger_id: str) -> list[tuple[Any, ...]]:
-        """The ledger's job totals as of its head, as ``JobCum.row()``s: (job, program,
+        """The ledger's job totals as of its head, as ``JobTotals.row()``s: (job, program,
         measured, ..., last_t_s, hmma_flops, half_rate_fraction)."""
         return self.fetch(
             "SELECT job, program, measured_flops, analytic_flops, tokens, recompute_flops,"

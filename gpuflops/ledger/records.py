@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -56,7 +56,12 @@ class JobKey:
 
 @dataclass(frozen=True)
 class JobTotals:
-    """Persisted per-job sums; ``recompute_flops`` is the analytic recomputation term."""
+    """Persisted per-job sums, the columns of ``job_totals`` after (job, program) in order;
+    ``recompute_flops`` is the analytic recomputation term.
+
+    ``hmma_flops`` and ``half_rate_fraction`` (ledger schema v4) come last in a row, so the
+    first ten columns keep their places.
+    """
 
     measured_flops: float = 0.0
     analytic_flops: float = 0.0
@@ -69,6 +74,30 @@ class JobTotals:
     last_t_s: float | None = None
     hmma_flops: float = 0.0  # the tensor-core (HMMA) part of measured_flops
     half_rate_fraction: float | None = None  # the job's latest kernel-census claim
+
+    def row(self, job: str, program: str) -> list[Any]:
+        """The job_totals row that rollups ship and the central store keeps."""
+        return [job, program, self.measured_flops, self.analytic_flops, self.tokens,
+                self.recompute_flops, self.estimate_t0_s, self.estimate_t1_s, self.first_t_s,
+                self.last_t_s, self.hmma_flops, self.half_rate_fraction]
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> tuple[tuple[str, str], JobTotals]:
+        """A ``row()`` (or a central job_totals row) back as (key, totals)."""
+        return (str(row[0]), str(row[1])), cls(*row_values(row))
+
+
+def _opt(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def row_values(row: Sequence[Any]) -> list[Any]:
+    """The ten figures of a ``JobTotals.row()`` after (job, program), typed; a row shipped
+    without the v4 columns reads as no HMMA FLOPs and no claim."""
+    return [float(row[2]), float(row[3]), float(row[4]), float(row[5]),
+            *(_opt(v) for v in row[6:10]),
+            float(row[10]) if len(row) > 10 else 0.0,
+            _opt(row[11]) if len(row) > 11 else None]
 
 
 @dataclass(frozen=True)

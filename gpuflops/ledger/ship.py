@@ -27,8 +27,8 @@ from types import MappingProxyType
 from typing import Any
 
 from gpuflops.ledger.central import CentralError, CentralStore, Registration
+from gpuflops.ledger.records import JobTotals
 from gpuflops.ledger.rollup import (
-    JobCum,
     RawChainError,
     RawRecord,
     Replica,
@@ -261,7 +261,7 @@ class Shipper:
             if local is None or local.hash != head.raw_hash:
                 self._fork(ledger_id, head.raw_seq, head.raw_hash,
                            "" if local is None else local.hash)
-        seed = dict(JobCum.from_row(r) for r in self.store.job_rows(ledger_id))
+        seed = dict(JobTotals.from_row(r) for r in self.store.job_rows(ledger_id))
         builder = RollupBuilder(
             ledger_id, reg.node, reg.cluster, head_seq=head.seq, head_hash=head.hash,
             raw_seq=head.raw_seq, raw_hash=head.raw_hash, replica=Replica(seed),

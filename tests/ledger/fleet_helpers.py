@@ -55,7 +55,7 @@ def fill(ledger: Ledger, rng: random.Random, n: int, t0: float) -> float:
 
 
 def local_jobs(path: Path) -> dict[tuple[str, str], tuple[Any, ...]]:
-    """Every column of a node ledger's job_totals, in ``JobCum.row()`` order."""
+    """Every column of a node ledger's job_totals, in ``JobTotals.row()`` order."""
     led = Ledger.open(path, clock=time.time, readonly=True)
     try:
         return {(k.job, k.program): (v.measured_flops, v.analytic_flops, v.tokens,

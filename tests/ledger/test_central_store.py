@@ -8,7 +8,8 @@ import pytest
 
 from gpuflops.ledger.central import CentralConfig, CentralError, CentralStore, Registration
 from gpuflops.ledger.chain import GENESIS_PREV_HASH, canonical_json, record_hash
-from gpuflops.ledger.rollup import JobCum, RawRecord, Replica, RollupBuilder
+from gpuflops.ledger.records import JobTotals
+from gpuflops.ledger.rollup import RawRecord, Replica, RollupBuilder
 from tests.central_fixtures import CentralDb
 
 
@@ -112,10 +113,10 @@ def test_password_in_url_is_refused() -> None:
                               "sslmode": "verify-full"}
 
 
-def test_job_cum_roundtrip() -> None:
+def test_job_totals_row_roundtrip() -> None:
     row = ["j", "p", 1.0, 2.0, 3.0, 4.0, None, None, 5.0, 6.0, 0.5, 0.25]
-    key, cum = JobCum.from_row(row)
+    key, cum = JobTotals.from_row(row)
     assert key == ("j", "p") and cum.row("j", "p") == row
     # A rollup shipped before the v4 columns: no HMMA FLOPs, no claim.
-    _key, old = JobCum.from_row(row[:10])
+    _key, old = JobTotals.from_row(row[:10])
     assert old.row("j", "p") == [*row[:10], 0.0, None]
