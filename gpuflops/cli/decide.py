@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from gpuflops.cli.gate import JOURNAL_FILENAME, central_or_local_options, exit_with, position
+from gpuflops.cli.position import JOURNAL_FILENAME, central_or_local_options, exit_with, position
 from gpuflops.compliance.gate import EXIT_BAD_INPUT, EXIT_CANNOT_TELL
 from gpuflops.compliance.journal import OUTCOMES, LocalJournal, new_record
 from gpuflops.compliance.thresholds import ProgramConfigError, load_programs_config
@@ -48,10 +48,6 @@ def decide_command(program: str, outcome: str, signer: str, key_path: Path, note
     pos = position(program, central_url=central_url, central_password_file=central_password_file,
                    state_dir=state_dir, config=config, journal_path=journal_path,
                    pins_path=pins_path)
-    if pos.journal.fault is not None:
-        exit_with(EXIT_CANNOT_TELL, f"the journal of {program} fails verification at record "
-                                    f"{pos.journal.fault.seq}: {pos.journal.fault.reason}; "
-                                    "nothing is appended to it")
     th = pos.threshold
     body = {"outcome": outcome, "note": note, "up_to_ratio": up_to_ratio, "evidence": {
         "compliance_flops": pos.compliance_flops, "threshold_flops": th.flops, "rule": th.rule,

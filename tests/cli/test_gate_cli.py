@@ -123,6 +123,13 @@ def test_gate_refuses_at_the_level_and_passes_after_a_recorded_decision(
                              forged.prev_hash, forged.hash, forged.signer, forged.sig)
     r = gpuflops("gate", "--program", "prog", "--planned-flops", "1", *read)
     assert r.returncode == 3 and "record 3" in r.stderr and "signature" in r.stderr
+    # And no decision is chained onto it.
+    r = gpuflops("decide", "--program", "prog", "--outcome", "halt", "--by", "alice",
+                 "--key", str(key), "--note", "on a forged journal", *decide)
+    assert r.returncode == 3 and "record 3" in r.stderr and "signature" in r.stderr
+    with c.admin() as admin:
+        after = journal_rows(admin.journal("prog"))["prog"]
+    assert [x.seq for x in after] == [*(x.seq for x in journal_rows(rows)["prog"]), forged.seq]
     r = gpuflops("verify", *read)
     assert r.returncode == 1 and "journal of program prog record 3" in r.stderr
 
