@@ -563,24 +563,23 @@ def combine(dirs: list[Path], gpu: str, run: str, dest: Path) -> dict[str, Any]:
             "callback_flops": sum(r.get("callback_flops", 0.0) for r in ranks),
             "callback_recompute": sum(r.get("callback_recompute", 0.0) for r in ranks),
         }
+        ex_path = files.get(f"{name}.executed.json")
+        ex = json.loads(ex_path.read_text()) if ex_path is not None else None
+        if ex is not None:
+            job["executed_kernels"] = sorted(
+                ({"kernel": k, **v, "ops_per_tensor_cycle": v["ops"] / v["cycles"]
+                  if v["cycles"] else None} for k, v in ex["by_kernel"].items()),
+                key=lambda k: -k["ops"])[:25]
         rest = files.get(f"{name}.rest.json")
         if rest is not None and ex_step:
             # Tensor-pipe busy cycles in kernels with no tensor ops (the rest phase): the
             # hardware figure counts them x the full rate, the executed ops do not.
             r = json.loads(rest.read_text())
-            ex_cycles = json.loads(files[f"{name}.executed.json"].read_text())[
-                "tensor_cycles_step"] if f"{name}.executed.json" in files else None
+            ex_cycles = ex["tensor_cycles_step"] if ex is not None else None
             job["rest_kernels_profiled"] = r["kernels_profiled"]
             job["rest_tensor_cycles_step"] = r["tensor_cycles_step"]
             job["rest_share_of_tensor_cycles"] = (r["tensor_cycles_step"] / ex_cycles
                                                   if ex_cycles else None)
-        ex = files.get(f"{name}.executed.json")
-        if ex is not None:
-            by_kernel = json.loads(ex.read_text())["by_kernel"]
-            job["executed_kernels"] = sorted(
-                ({"kernel": k, **v, "ops_per_tensor_cycle": v["ops"] / v["cycles"]
-                  if v["cycles"] else None} for k, v in by_kernel.items()),
-                key=lambda k: -k["ops"])[:25]
         jobs.append(job)
     doc = {"gpu": gpu, "run": run, "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                              time.gmtime()),
